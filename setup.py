@@ -1,0 +1,34 @@
+"""taskmoe-fairseq: Task-level Mixture-of-Experts for fairseq.
+
+Install torch first (``pip install torch==2.13.0`` takes the CPU wheel on the
+project's machines); the requirement below is a range, so an installed torch
+is kept rather than replaced by a multi-GB CUDA build.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="taskmoe-fairseq",
+    version="0.1.0",
+    description="Task-level Mixture-of-Experts (Kudugunta et al., 2021) as a fairseq plugin: "
+    "train one multilingual MoE, serve each language pair from an extracted sub-network",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["taskmoe_fairseq", "taskmoe_fairseq.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "torch>=2.1",
+        # upstream fairseq 0.12.2 does not import on Python 3.11; ve-fairseq is upstream main
+        # with the dataclass default fixed, and provides the `fairseq` module and fairseq-* CLIs.
+        "ve-fairseq==0.12.3",
+        "fairscale==0.4.13",
+        "sentencepiece>=0.1.99",
+        "sacrebleu>=2.3",
+        "numpy",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+        "bench": ["matplotlib>=3.7"],
+    },
+    license="MIT",
+)

@@ -1,0 +1,93 @@
+"""Compatibility shims for fairseq on current torch, applied once on plugin import.
+
+* Safe loading (torch >= 2.6 loads with ``weights_only=True``): fairseq
+  checkpoints pickle their legacy config as ``argparse.Namespace`` and, with
+  ``--eval-bleu``, a few numpy scalars. We allow-list exactly those globals;
+  safe loading itself stays on.
+* A checkpoint that still fails (unknown global, truncated or corrupt file)
+  becomes one line that names the file and the fix instead of an unpickling
+  traceback from inside fairseq.
+"""
+
+import argparse
+import functools
+import logging
+import os
+import pickle
+import zipfile
+
+import numpy
+import torch
+
+from taskmoe_fairseq.errors import usage_error
+
+logger = logging.getLogger(__name__)
+
+
+def _numpy_globals():
+    """The numpy globals that ``--eval-bleu`` checkpoints pickle (numpy 1.x and 2.x names)."""
+    found = [numpy.ndarray, numpy.dtype]
+    multiarray = getattr(numpy, "_core", None) or numpy.core
+    found.append(multiarray.multiarray._reconstruct)
+    dtypes = getattr(numpy, "dtypes", None)
+    if dtypes is not None:
+        found.append(dtypes.Int64DType)
+    return found
+
+
+SAFE_GLOBALS = [argparse.Namespace, *_numpy_globals()]
+
+
+def describe_load_failure(path: str, error: BaseException) -> str:
+    """One-line diagnosis of why ``torch.load(path)`` failed safe loading."""
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if not os.path.exists(path):
+        return f"{path}: no such checkpoint file"
+    if os.path.getsize(path) == 0 or isinstance(error, (EOFError, zipfile.BadZipFile)):
+        return f"{path}: the checkpoint is empty or truncated; re-copy it or re-save it from training"
+    if "Unsupported global" in first_line or "Weights only load failed" in first_line:
+        return (
+            f"{path}: refused by torch's safe loader ({first_line}); it holds a type outside "
+            "taskmoe_fairseq.compat.SAFE_GLOBALS. Re-save it with a trusted tool, or, if you trust "
+            "the file, add that type with torch.serialization.add_safe_globals"
+        )
+    return f"{path}: not a readable torch checkpoint ({first_line}); the file is corrupt or of another kind"
+
+
+def safe_torch_load(path: str):
+    """``torch.load`` with the safe loader (allow-list above); bad files raise a one-line error."""
+    try:
+        with open(path, "rb") as handle:
+            return torch.load(handle, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        raise usage_error(describe_load_failure(path, error)) from None
+
+
+def _wrap_fairseq_checkpoint_loader():
+    """Turn safe-load failures inside fairseq's loader into one-line errors."""
+    from fairseq import checkpoint_utils
+
+    original = checkpoint_utils.load_checkpoint_to_cpu
+    if getattr(original, "_taskmoe_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
+        try:
+            return original(path, arg_overrides=arg_overrides, load_on_all_ranks=load_on_all_ranks)
+        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as error:
+            raise usage_error(describe_load_failure(path, error)) from None
+        except RuntimeError as error:
+            # torch reports truncated zip archives as RuntimeError; anything else is not ours.
+            message = str(error)
+            if "PytorchStreamReader" in message or "Weights only load failed" in message:
+                raise usage_error(describe_load_failure(path, error)) from None
+            raise
+
+    load_checkpoint_to_cpu._taskmoe_wrapped = True
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+
+
+def apply():
+    torch.serialization.add_safe_globals(SAFE_GLOBALS)
+    _wrap_fairseq_checkpoint_loader()

@@ -1,0 +1,3 @@
+from taskmoe_fairseq.criterions.moe_label_smoothed_cross_entropy import MoeLabelSmoothedCrossEntropyCriterion
+
+__all__ = ["MoeLabelSmoothedCrossEntropyCriterion"]

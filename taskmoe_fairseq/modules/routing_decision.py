@@ -1,0 +1,85 @@
+"""What a gate decides for one MoE layer, and what it reports for logging."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class RoutingInputs:
+    """Per-sentence facts a gate may route on (batch size ``B``, model dim ``C``).
+
+    ``src_lang_id`` / ``tgt_lang_id``: LongTensor ``[B]`` of 0-based indices into
+    the model's language list; ``sentence_summary``: ``[B, C]`` representation
+    for sentence routing (``None``: the layer uses the mean of its input's
+    non-pad tokens).
+    """
+
+    src_lang_id: Optional[Tensor] = None
+    tgt_lang_id: Optional[Tensor] = None
+    num_langs: int = 0
+    sentence_summary: Optional[Tensor] = None
+
+
+@dataclass
+class RoutingDecision:
+    """Top-k routing of ``R`` rows (tokens, or sentences when ``per_sentence``).
+
+    ``expert_index``: LongTensor ``[R, K]``; ``expert_weight``: float32 ``[R, K]``,
+    zero for an assignment dropped by capacity; ``gate_loss``: scalar
+    load-balancing loss (1.0 when balanced); ``expert_load``: float32 ``[E]``,
+    share of token-assignments per expert; ``dropped_share``: share of
+    token-assignments dropped by capacity.
+    """
+
+    expert_index: Tensor
+    expert_weight: Tensor
+    per_sentence: bool
+    gate_loss: Tensor
+    expert_load: Tensor
+    dropped_share: Tensor
+
+
+def top_k_weights(probs: Tensor, top_k: int):
+    """Top-k experts of gate probabilities ``[R, E]`` and their weights ``[R, K]``.
+
+    As in GShard, the k weights are renormalised to sum to 1; with k = 1 the raw
+    probability is kept (Switch Transformer), so the gate still gets a gradient.
+    """
+    weights, index = probs.topk(top_k, dim=-1)
+    if top_k > 1:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
+    return weights, index
+
+
+def load_balancing_loss(probs: Tensor, top1: Tensor, row_tokens: Optional[Tensor] = None) -> Tensor:
+    """GShard's auxiliary loss ``E * sum_e mean_prob_e * top1_share_e``.
+
+    Args:
+        probs: float32 ``[R, E]`` gate probabilities.
+        top1: LongTensor ``[R]``, each row's first expert.
+        row_tokens: float ``[R]`` tokens each row stands for (sentence and task
+            gates route a whole sentence with one row); ``None`` means 1 each.
+    Returns:
+        scalar; exactly 1.0 for perfectly balanced routing, up to E when all
+        tokens go to one expert.
+    """
+    num_experts = probs.size(-1)
+    if row_tokens is None:
+        row_tokens = probs.new_ones(probs.size(0))
+    total = row_tokens.sum().clamp_min(1.0)
+    mean_prob = (probs * row_tokens[:, None]).sum(0) / total
+    top1_share = probs.new_zeros(num_experts).index_add_(0, top1, row_tokens) / total
+    return num_experts * (mean_prob * top1_share).sum()
+
+
+def expert_load(index: Tensor, weight: Tensor, num_experts: int, row_tokens: Optional[Tensor] = None) -> Tensor:
+    """Share of kept token-assignments per expert, float32 ``[E]`` (no gradient)."""
+    with torch.no_grad():
+        kept = (weight > 0).float()
+        if row_tokens is not None:
+            kept = kept * row_tokens[:, None]
+        load = kept.new_zeros(num_experts).index_add_(0, index.reshape(-1), kept.reshape(-1))
+        return load / load.sum().clamp_min(1.0)

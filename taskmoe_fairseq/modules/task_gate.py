@@ -1,0 +1,50 @@
+"""Task-level gate, ``G = GATE(task_id)`` (Kudugunta et al., 2021, section 2).
+
+The gate is a learned table of ``[num_tasks, E]`` logits: it never sees the
+tokens, so every token of a task uses the same k experts with the same weights
+and nothing is dropped. That is what lets :mod:`taskmoe_fairseq.extract` keep
+only those k experts per task-routed layer.
+"""
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from taskmoe_fairseq.modules.routing_decision import (
+    RoutingDecision,
+    expert_load,
+    load_balancing_loss,
+    top_k_weights,
+)
+
+
+class TaskGate(nn.Module):
+    per_sentence = True
+
+    def __init__(self, num_tasks: int, num_experts: int, top_k: int = 2):
+        super().__init__()
+        # Random, not zero, logits: with equal logits every task would start on the same experts.
+        self.task_logits = nn.Parameter(torch.randn(num_tasks, num_experts))
+        self.num_experts = num_experts
+        self.top_k = top_k
+
+    def route_tasks(self, tasks: Tensor):
+        """Probabilities ``[T, E]``, top-k weights ``[T, K]`` and experts ``[T, K]`` of task ids ``[T]``."""
+        probs = self.task_logits.float()[tasks].softmax(dim=-1)
+        weights, index = top_k_weights(probs, self.top_k)
+        return probs, weights, index
+
+    def forward(self, task_ids: Tensor, sentence_tokens: Tensor) -> RoutingDecision:
+        """``task_ids``: LongTensor ``[B]``; ``sentence_tokens``: float ``[B]``."""
+        # Once per distinct task in the batch, not per token or sentence.
+        tasks, sentence_task = torch.unique(task_ids, return_inverse=True)
+        probs, weights, index = self.route_tasks(tasks)
+        task_tokens = sentence_tokens.new_zeros(tasks.size(0)).index_add_(0, sentence_task, sentence_tokens)
+        return RoutingDecision(
+            expert_index=index[sentence_task],
+            expert_weight=weights[sentence_task],
+            per_sentence=True,
+            gate_loss=load_balancing_loss(probs, index[:, 0], task_tokens),
+            expert_load=expert_load(index, weights, self.num_experts, task_tokens),
+            dropped_share=probs.new_zeros(()),
+        )

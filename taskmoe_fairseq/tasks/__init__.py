@@ -1,0 +1,3 @@
+from taskmoe_fairseq.tasks.multilingual_translation_taskmoe import MultilingualTranslationTaskMoeTask
+
+__all__ = ["MultilingualTranslationTaskMoeTask"]
