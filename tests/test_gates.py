@@ -1,0 +1,110 @@
+import math
+
+import pytest
+import torch
+
+from taskmoe_fairseq.modules.routing_decision import load_balancing_loss
+from taskmoe_fairseq.modules.static_gate import StaticTaskGate
+from taskmoe_fairseq.modules.task_gate import TaskGate
+from taskmoe_fairseq.modules.token_gate import TokenTopKGate
+
+
+def test_task_gate_sends_every_token_of_a_task_to_the_same_k_experts():
+    torch.manual_seed(0)
+    gate = TaskGate(num_tasks=5, num_experts=8, top_k=2)
+    task_ids = torch.tensor([3, 1, 3, 3, 0, 1])
+    decision = gate(task_ids, sentence_tokens=torch.tensor([4.0, 2, 7, 1, 3, 5]))
+    assert decision.per_sentence
+    for task in task_ids.unique():
+        rows = (task_ids == task).nonzero().squeeze(1)
+        assert (decision.expert_index[rows] == decision.expert_index[rows[0]]).all()
+        assert torch.equal(decision.expert_weight[rows], decision.expert_weight[rows[0]].expand(len(rows), -1))
+    torch.testing.assert_close(decision.expert_weight.sum(-1), torch.ones(6))
+    assert (decision.expert_index[:, 0] != decision.expert_index[:, 1]).all()
+    assert float(decision.dropped_share) == 0.0
+
+
+def test_task_gate_decision_does_not_depend_on_the_rest_of_the_batch():
+    torch.manual_seed(0)
+    gate = TaskGate(num_tasks=4, num_experts=8, top_k=2)
+    alone = gate(torch.tensor([2]), torch.tensor([5.0]))
+    mixed = gate(torch.tensor([0, 2, 1, 3]), torch.tensor([1.0, 5, 9, 2]))
+    assert torch.equal(alone.expert_index[0], mixed.expert_index[1])
+    assert torch.equal(alone.expert_weight[0], mixed.expert_weight[1])
+
+
+def test_load_balancing_loss_is_one_when_perfectly_balanced_and_e_when_collapsed():
+    experts = 4
+    uniform = torch.full((8, experts), 1.0 / experts)
+    balanced_top1 = torch.arange(8) % experts
+    assert float(load_balancing_loss(uniform, balanced_top1)) == pytest.approx(1.0)
+    collapsed = torch.zeros(8, experts)
+    collapsed[:, 0] = 1.0
+    assert float(load_balancing_loss(collapsed, torch.zeros(8, dtype=torch.long))) == pytest.approx(experts)
+
+
+def test_token_gate_aux_loss_is_one_for_balanced_orthogonal_tokens():
+    gate = TokenTopKGate(model_dim=4, num_experts=4, top_k=2, capacity_factor=0)
+    gate.eval()
+    with torch.no_grad():
+        gate.wg.weight.copy_(torch.eye(4))
+    # near-zero logits: probabilities are uniform (mean 1/E per expert), yet each
+    # token's first choice is its own expert, two tokens per expert
+    tokens = torch.eye(4).repeat(2, 1) * 1e-6
+    decision = gate(tokens)
+    assert float(decision.gate_loss) == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(decision.expert_index[:, 0], torch.arange(8) % 4)
+
+
+def test_token_gate_respects_capacity_and_counts_dropped_assignments():
+    torch.manual_seed(0)
+    gate = TokenTopKGate(model_dim=4, num_experts=4, top_k=2, capacity_factor=1.0, second_expert_policy="all")
+    gate.train()
+    with torch.no_grad():
+        gate.wg.weight.zero_()
+        gate.wg.weight[0, 0] = 10.0  # everyone's first choice is expert 0
+        gate.wg.weight[1, 0] = 5.0  # and second choice expert 1
+    tokens = torch.zeros(16, 4)
+    tokens[:, 0] = 1.0
+    decision = gate(tokens)
+    capacity = math.ceil(1.0 * 2 * 16 / 4)  # 8 slots per expert
+    kept = decision.expert_weight > 0
+    for expert in range(4):
+        assert int((kept & (decision.expert_index == expert)).sum()) <= capacity
+    # 16 first choices for expert 0 (8 kept), 16 second choices for expert 1 (8 kept)
+    assert float(decision.dropped_share) == pytest.approx(16 / 32)
+    # slots go in token order: the first 8 tokens keep both experts
+    assert kept[:8].all() and not kept[8:].any()
+
+
+def test_token_gate_drops_nothing_at_evaluation_by_default():
+    gate = TokenTopKGate(model_dim=4, num_experts=4, top_k=2, capacity_factor=1.0)
+    gate.eval()
+    with torch.no_grad():
+        gate.wg.weight.zero_()
+        gate.wg.weight[0, 0] = 10.0
+    tokens = torch.zeros(16, 4)
+    tokens[:, 0] = 1.0
+    decision = gate(tokens)
+    assert (decision.expert_weight > 0).all()
+    assert float(decision.dropped_share) == 0.0
+
+
+def test_random_second_expert_policy_only_acts_in_training():
+    torch.manual_seed(0)
+    gate = TokenTopKGate(model_dim=8, num_experts=4, top_k=2, capacity_factor=0, second_expert_policy="random")
+    tokens = torch.randn(200, 8)
+    gate.train()
+    trained = gate(tokens)
+    assert (trained.expert_weight[:, 1] == 0).any()
+    gate.eval()
+    evaluated = gate(tokens)
+    assert (evaluated.expert_weight > 0).all()
+
+
+def test_static_gate_assigns_k_distinct_experts_deterministically():
+    gate = StaticTaskGate(num_experts=8, top_k=2)
+    decision = gate(torch.tensor([0, 1, 5, 1]), torch.ones(4))
+    assert decision.expert_index.tolist() == [[0, 1], [2, 3], [2, 3], [2, 3]]
+    assert torch.equal(decision.expert_weight, torch.full((4, 2), 0.5))
+    assert float(decision.gate_loss) == 0.0
