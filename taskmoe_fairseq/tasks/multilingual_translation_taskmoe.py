@@ -89,9 +89,8 @@ class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
 
     def __init__(self, args, langs, dicts, training):
         super().__init__(args, langs, dicts, training)
-        self.data_manager = TaskMoeDatasetManager.setup_data_manager(
-            args, self.lang_pairs, langs, dicts, self.sampling_method
-        )
+        # (MultilingualDatasetManager.setup_data_manager hard-codes its own class)
+        self.data_manager = TaskMoeDatasetManager(args, self.lang_pairs, langs, dicts, self.sampling_method)
 
     def language_ids(self, src_lang: str, tgt_lang: str):
         return self.langs.index(src_lang), self.langs.index(tgt_lang)
@@ -117,7 +116,11 @@ class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
             return super().valid_step(sample, model, criterion)
         num_langs = len(self.langs)
         pair_ids = net_input["src_lang_id"] * num_langs + net_input["tgt_lang_id"]
-        total_loss, total_size, merged = 0.0, 0, {}
+        total_loss, total_size, merged, per_pair = 0.0, 0, {}, {}
+        # Every rank must log the same keys (fairseq all-reduces them by name), whichever pairs it saw.
+        for name in self.lang_pairs:
+            for prefix in (PAIR_LOSS, PAIR_NLL_LOSS, PAIR_SAMPLE_SIZE, PAIR_NTOKENS):
+                per_pair[prefix + name] = 0.0
         for pair_id in pair_ids.unique().tolist():
             rows = (pair_ids == pair_id).nonzero().squeeze(1)
             loss, sample_size, log = super().valid_step(
@@ -127,10 +130,12 @@ class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
             for key, value in log.items():
                 merged[key] = merged.get(key, 0) + value
             name = f"{self.langs[pair_id // num_langs]}-{self.langs[pair_id % num_langs]}"
-            merged[PAIR_LOSS + name] = log.get("loss", 0)
-            merged[PAIR_NLL_LOSS + name] = log.get("nll_loss", 0)
-            merged[PAIR_SAMPLE_SIZE + name] = log.get("sample_size", sample_size)
-            merged[PAIR_NTOKENS + name] = log.get("ntokens", 0)
+            # plain floats on every rank: fairseq reduces tensors and numbers in separate buffers
+            per_pair[PAIR_LOSS + name] = float(log.get("loss", 0))
+            per_pair[PAIR_NLL_LOSS + name] = float(log.get("nll_loss", 0))
+            per_pair[PAIR_SAMPLE_SIZE + name] = float(log.get("sample_size", sample_size))
+            per_pair[PAIR_NTOKENS + name] = float(log.get("ntokens", 0))
+        merged.update(per_pair)
         return total_loss, total_size, merged
 
     def reduce_metrics(self, logging_outputs, criterion):
@@ -141,6 +146,7 @@ class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
                 return sum(float(log.get(prefix + pair, 0)) for log in logging_outputs)
 
             sample_size, ntokens = total(PAIR_SAMPLE_SIZE), total(PAIR_NTOKENS)
+            # (a pair with no validation data logs nothing)
             if sample_size > 0:
                 metrics.log_scalar(f"loss_{pair}", total(PAIR_LOSS) / sample_size / math.log(2), sample_size, round=3)
             if ntokens > 0:
