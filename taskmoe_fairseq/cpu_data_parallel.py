@@ -8,8 +8,9 @@ a batch never used)::
 
     python -m taskmoe_fairseq.cpu_data_parallel --nprocs 2 -- DATA --user-dir taskmoe_fairseq ... --save-dir ckpt
 
-Resuming works on every rank: checkpoints are read with the safe loader and the
-allow-list of :mod:`taskmoe_fairseq.compat`.
+Resuming works on every rank: each rank reads the checkpoint itself with the
+safe loader and the allow-list of :mod:`taskmoe_fairseq.compat`
+(``--load-checkpoint-on-all-dp-ranks``).
 """
 
 import argparse
@@ -40,6 +41,9 @@ def rank_command(train_args, nprocs: int, rank: int, port: int):
         "--distributed-backend", "gloo",
         "--distributed-init-method", f"tcp://127.0.0.1:{port}",
         "--ddp-backend", "legacy_ddp",
+        # every rank reads the checkpoint with the safe loader; fairseq's default broadcasts
+        # rank 0's in-memory copy, whose DictConfig the safe loader (rightly) refuses
+        "--load-checkpoint-on-all-dp-ranks",
     ]
 
 
