@@ -1,0 +1,110 @@
+"""Running the real fairseq CLIs (and ours) on the bundled real-text fixture."""
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PLUGIN = os.path.join(REPO, "taskmoe_fairseq")
+BUNDLED = os.path.join(REPO, "examples", "data", "bundled", "libreoffice-6pairs.tar.xz")
+
+LANGS = "en,de,fr,ru"
+FIXTURE_LANGS = ("de", "fr", "ru")
+LANG_PAIRS = [f"{a}-{b}" for xx in FIXTURE_LANGS for a, b in (("en", xx), (xx, "en"))]
+TRAIN_LINES, VALID_LINES, TEST_LINES = 400, 40, 24
+
+# one thread per process: the CI machine has 2 cores and runs two CLIs at a time
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=REPO, PYTHONWARNINGS="ignore")
+
+TASK_ARGS = [
+    "--user-dir", PLUGIN,
+    "--task", "multilingual_translation_taskmoe",
+    "--lang-pairs", ",".join(LANG_PAIRS),
+    "--langs", LANGS,
+    "--encoder-langtok", "tgt",
+    "--decoder-langtok",
+]
+
+
+def run(command, check=True, stdin=None, timeout=600):
+    result = subprocess.run(
+        command, env=ENV, capture_output=True, text=True, input=stdin, timeout=timeout, cwd=REPO
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)}\nexit {result.returncode}\n--- stderr (tail)\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def make_raw_fixture(out_dir):
+    """A 3-language slice (both directions = 6 tasks) of the bundled LibreOffice corpus."""
+    with tarfile.open(BUNDLED) as archive:
+        archive.extractall(out_dir, filter="data")
+    source = os.path.join(out_dir, "libreoffice-6pairs", "raw")
+    raw = os.path.join(out_dir, "raw")
+    os.makedirs(raw, exist_ok=True)
+    for xx in FIXTURE_LANGS:
+        for split, limit in (("train", TRAIN_LINES), ("valid", VALID_LINES), ("test", TEST_LINES)):
+            for lang in ("en", xx):
+                name = f"{split}.en-{xx}.{lang}"
+                with open(os.path.join(source, name), encoding="utf-8") as src:
+                    lines = [line for _, line in zip(range(limit), src)]
+                with open(os.path.join(raw, name), "w", encoding="utf-8") as dst:
+                    dst.writelines(lines)
+    return raw
+
+
+def train_command(data, save_dir, encoder_routing, decoder_routing, max_update, extra=()):
+    return [
+        "fairseq-train", data, *TASK_ARGS,
+        "--arch", "taskmoe_transformer_tiny",
+        "--encoder-moe-routing", encoder_routing,
+        "--decoder-moe-routing", decoder_routing,
+        "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--optimizer", "adam", "--lr", "0.003", "--max-tokens", "1500",
+        "--max-update", str(max_update), "--save-dir", save_dir, "--no-epoch-checkpoints",
+        "--cpu", "--seed", "1", "--log-format", "simple", "--log-interval", "5",
+        "--required-batch-size-multiple", "1", "--num-workers", "0",
+        *extra,
+    ]
+
+
+def generate_command(data, checkpoint, pair, beam):
+    source, target = pair.split("-")
+    return [
+        "fairseq-generate", data, *TASK_ARGS,
+        "--source-lang", source, "--target-lang", target,
+        "--path", checkpoint, "--gen-subset", "test",
+        "--beam", str(beam), "--max-len-a", "1.2", "--max-len-b", "10",
+        "--batch-size", "16", "--required-batch-size-multiple", "1",
+        "--cpu",
+    ]
+
+
+def parse_generation(stdout):
+    """``{sentence id: (hypothesis, score, [positional scores])}`` from fairseq-generate output."""
+    hypotheses, positional = {}, {}
+    for line in stdout.splitlines():
+        match = re.match(r"^([HP])-(\d+)\t(.*)$", line)
+        if not match:
+            continue
+        kind, sentence, rest = match.group(1), int(match.group(2)), match.group(3)
+        if kind == "H":
+            score, text = rest.split("\t", 1)
+            hypotheses[sentence] = (text, float(score))
+        else:
+            positional[sentence] = [float(value) for value in rest.split()]
+    return {sentence: (text, score, positional.get(sentence, [])) for sentence, (text, score) in hypotheses.items()}
+
+
+def run_many(commands, workers=2):
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(run, commands))
+
+
+def python_module(module, *args):
+    return [sys.executable, "-m", module, *args]

@@ -1,0 +1,67 @@
+"""fairseq-preprocess -> fairseq-train -> resume -> fairseq-generate, through the real CLIs,
+on real LibreOffice text in three languages (six tasks)."""
+
+import os
+import re
+
+from cli_helpers import LANG_PAIRS, TEST_LINES, generate_command, parse_generation, run, run_many, train_command
+from taskmoe_fairseq.compat import safe_torch_load
+
+
+def updates_in(log: str) -> int:
+    return max(int(n) for n in re.findall(r"num_updates[ =](\d+)", log))
+
+
+def test_binarized_layout_is_fairseqs_standard_multilingual_layout(data_dir):
+    for lang in ("en", "de", "fr", "ru"):
+        assert os.path.exists(os.path.join(data_dir, f"dict.{lang}.txt"))
+    for split in ("train", "valid", "test"):
+        for xx in ("de", "fr", "ru"):
+            for lang in ("en", xx):
+                assert os.path.exists(os.path.join(data_dir, f"{split}.en-{xx}.{lang}.bin"))
+
+
+def test_train_logs_gate_loss_expert_load_and_per_pair_validation_loss(trained):
+    trained.get("token", "target")
+    log = trained.log("token", "target", 12, ()).stderr + trained.log("token", "target", 12, ()).stdout
+    assert "moe_gate_loss" in log and "moe_drop_enc1" in log and "moe_balance_dec1" in log
+    valid = [line for line in log.splitlines() if "valid on 'valid' subset" in line][-1]
+    for pair in LANG_PAIRS:
+        assert f"loss_{pair} " in valid
+
+
+def test_checkpoint_holds_plain_config_and_loads_with_the_safe_loader(trained):
+    state = safe_torch_load(trained.get("token", "target"))  # weights_only=True + our allow-list
+    assert isinstance(state["cfg"], dict)
+    assert not any("omegaconf" in type(value).__module__ for value in state["cfg"].values())
+    assert state["cfg"]["model"].taskmoe_langs == ["en", "de", "fr", "ru"]
+
+
+def test_resume_continues_from_the_checkpoint(trained, data_dir, tmp_path):
+    first = trained.get("token", "target")
+    save_dir = str(tmp_path)
+    os.link(first, os.path.join(save_dir, "checkpoint_last.pt"))
+    result = run(train_command(data_dir, save_dir, "token", "target", 16))
+    log = result.stdout + result.stderr
+    assert "Loaded checkpoint" in log and "@ 12 updates" in log
+    assert updates_in(log) == 16
+
+
+def test_generate_translates_every_pair_from_the_full_checkpoint(trained, data_dir):
+    checkpoint = trained.get("token", "target")
+    results = run_many([generate_command(data_dir, checkpoint, pair, beam=2) for pair in LANG_PAIRS])
+    for pair, result in zip(LANG_PAIRS, results):
+        hypotheses = parse_generation(result.stdout)
+        assert len(hypotheses) == TEST_LINES, pair
+        assert "BLEU" in result.stdout, pair
+        # the target-language tag is a forced prefix and is stripped from the output
+        assert not any(text.startswith("__") for text, _, _ in hypotheses.values())
+
+
+def test_two_process_cpu_data_parallel_trains_and_resumes(ddp_checkpoint):
+    checkpoint, (first, resumed) = ddp_checkpoint
+    first_log, resumed_log = first.stdout + first.stderr, resumed.stdout + resumed.stderr
+    assert "distributed init (rank 0)" in first_log and "distributed init (rank 1)" in first_log
+    assert updates_in(first_log) == 6
+    assert "Loaded checkpoint" in resumed_log and updates_in(resumed_log) == 12
+    assert os.path.exists(checkpoint)
