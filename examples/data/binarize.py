@@ -1,0 +1,459 @@
+#!/usr/bin/env python3
+"""Train a shared SentencePiece model and binarize en-xx raw text for fairseq.
+
+Input: ``RAW/{train,valid,test}.en-<xx>.{en,<xx>}`` (as written by ``build_corpus.py`` or found
+in the bundled archive).  Output in ``BIN``:
+
+* ``spm.model`` / ``spm.vocab``: one unigram SentencePiece model trained on the training text of
+  every language (byte fallback, so no text ever becomes ``<unk>``; identity normalisation, so
+  decoded output keeps the references' characters, e.g. full-width Chinese punctuation);
+* ``dict.txt`` and identical ``dict.<lang>.txt`` for ``en`` and every ``<xx>`` (the SentencePiece
+  vocabulary in fairseq's ``piece count`` format, without ``<unk> <s> </s> <pad>``);
+* ``{split}.en-<xx>.{en,<xx>}.{bin,idx}`` from one ``fairseq-preprocess`` run per pair with
+  ``--srcdict``/``--tgtdict`` set to that shared dictionary;
+* ``raw/{valid,test}.en-<xx>.{en,<xx>}``: detokenised copies of the references for sacrebleu;
+* ``spm/``: the piece-encoded text fed to fairseq-preprocess; ``binarize.json``: what was done.
+
+The layout is what fairseq's ``translation_multi_simple_epoch`` task reads; it finds the
+reverse direction (``xx-en``) in the ``en-xx`` files itself.  Stages whose outputs exist are
+skipped (``--force`` redoes them).
+
+Example::
+
+    python examples/data/binarize.py --raw /tmp/taskmoe_corpus/raw --out /tmp/taskmoe_bin
+"""
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+SPLITS = ("train", "valid", "test")
+META_PIECES = 3 + 256  # <unk> <s> </s> + byte-fallback pieces
+
+
+class UserError(Exception):
+    """An error reported to the user as one line, without a traceback."""
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def warn(msg):
+    print("warning: " + msg, file=sys.stderr, flush=True)
+
+
+def read_lines(path, limit=None):
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if limit is not None and len(out) >= limit:
+                break
+            out.append(" ".join(line.split()))  # same whitespace rule as the corpus builder
+    return out
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_lines(path, lines):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            for line in lines:
+                f.write(line + "\n")
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_copy(src, dst):
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    tmp = dst + ".tmp"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def discover(raw, langs):
+    """Return {lang: [splits]} for the en-<lang> pairs present in RAW."""
+    if not os.path.isdir(raw):
+        raise UserError("raw text folder not found: %s" % raw)
+    found = {}
+    for name in os.listdir(raw):
+        m = re.fullmatch(r"(train|valid|test)\.en-([A-Za-z_]+)\.en", name)
+        if m and os.path.isfile(os.path.join(raw, "%s.en-%s.%s" % (m.group(1), m.group(2), m.group(2)))):
+            found.setdefault(m.group(2), set()).add(m.group(1))
+    if langs:
+        missing = [l for l in langs if "train" not in found.get(l, ())]
+        if missing:
+            raise UserError("no training files for %s in %s (expected train.en-%s.{en,%s})"
+                            % (",".join("en-" + l for l in missing), raw, missing[0], missing[0]))
+    else:
+        langs = sorted(l for l, s in found.items() if "train" in s)
+        if not langs:
+            raise UserError("no train.en-<xx>.{en,<xx>} files in %s" % raw)
+    return {l: [s for s in SPLITS if s in found[l]] for l in langs}
+
+
+def load_pair(raw, split, lang, limit=None):
+    """Return (en_lines, xx_lines) of one split, checking they are parallel."""
+    en = read_lines(os.path.join(raw, "%s.en-%s.en" % (split, lang)), limit)
+    xx = read_lines(os.path.join(raw, "%s.en-%s.%s" % (split, lang, lang)), limit)
+    if len(en) != len(xx):
+        raise UserError("%s.en-%s: %d English lines but %d %s lines" % (split, lang, len(en),
+                                                                         len(xx), lang))
+    return en, xx
+
+
+# ----------------------------------------------------------------------------- sentencepiece
+
+
+def keep_frequent_chars(lines, budget):
+    """Remove from ``lines`` every character outside the ``budget`` most frequent ones.
+
+    Used only for the SentencePiece training text when the vocabulary is too small to hold a
+    piece for every character that ``character_coverage`` asks for (SentencePiece refuses a
+    coverage below 0.98): the removed characters get no piece of their own and are encoded
+    with byte fallback.
+    """
+    counts = {}
+    for line in lines:
+        for ch in line:
+            if ch != " ":
+                counts[ch] = counts.get(ch, 0) + 1
+    keep = set(sorted(counts, key=lambda c: (-counts[c], c))[:max(budget, 1)])
+    keep.add(" ")
+    out = []
+    for line in lines:
+        line = "".join(ch for ch in line if ch in keep)
+        line = " ".join(line.split())
+        if line:
+            out.append(line)
+    return out, len(counts)
+
+
+def train_spm(args, lines, model_path):
+    """Train the shared unigram model; fit the vocabulary size and character set to the data."""
+    import sentencepiece as spm
+
+    vocab, coverage = args.vocab_size, args.character_coverage
+    if vocab < META_PIECES + 20:
+        raise UserError("--vocab-size %d is too small: byte fallback alone needs %d pieces; "
+                        "use at least %d" % (vocab, META_PIECES, META_PIECES + 20))
+    workdir = tempfile.mkdtemp(dir=args.out, prefix=".tmp-spm.")
+    text = os.path.join(workdir, "train.txt")
+
+    def write_text(text_lines):
+        with open(text, "w", encoding="utf-8") as f:
+            for line in text_lines:
+                f.write(line + "\n")
+
+    try:
+        write_text(lines)
+        for _attempt in range(6):
+            prefix = os.path.join(workdir, "spm")
+            try:
+                spm.SentencePieceTrainer.train(
+                    input=text, model_prefix=prefix, model_type="unigram", vocab_size=vocab,
+                    character_coverage=coverage, byte_fallback=True, split_digits=True,
+                    normalization_rule_name="identity", input_sentence_size=args.spm_sentences,
+                    shuffle_input_sentence=True, seed_sentencepiece_size=200000,
+                    num_threads=max(1, args.workers), minloglevel=2)
+                break
+            except RuntimeError as e:
+                msg = str(e)
+                too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a "
+                                     r"value <= (\d+)", msg)
+                too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
+                if too_high:
+                    new = int(too_high.group(2))
+                    warn("vocabulary size %d is too large for this data; using %d" % (vocab, new))
+                    vocab = new
+                elif too_small:
+                    budget = (vocab - META_PIECES) // 2
+                    lines, n_chars = keep_frequent_chars(lines, budget)
+                    warn("vocabulary size %d is too small for the %d characters that coverage "
+                         "%.4f needs; only the %d most frequent of %d characters get pieces, the "
+                         "others use byte fallback" % (vocab, int(too_small.group(2)) - META_PIECES,
+                                                       coverage, budget, n_chars))
+                    write_text(lines)
+                else:
+                    line = msg.strip().splitlines()[-1] if msg.strip() else repr(e)
+                    raise UserError("sentencepiece training failed: %s" % line)
+        else:
+            raise UserError("sentencepiece training failed: could not fit --vocab-size %d to the "
+                            "data; try another value" % args.vocab_size)
+        os.replace(prefix + ".vocab", model_path[:-len(".model")] + ".vocab")
+        os.replace(prefix + ".model", model_path)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return vocab, coverage
+
+
+def write_fairseq_dict(sp, path):
+    """fairseq dictionary from the SentencePiece vocabulary (control and unk pieces left out)."""
+    rows = []
+    for i in range(sp.get_piece_size()):
+        if sp.is_control(i) or sp.is_unknown(i):
+            continue
+        piece = sp.id_to_piece(i)
+        if not piece or any(c.isspace() for c in piece):
+            continue  # cannot happen with whitespace-normalised input; keep the format valid
+        rows.append("%s 1" % piece)
+    atomic_write_lines(path, rows)
+    return len(rows)
+
+
+# ----------------------------------------------------------------------------- fairseq-preprocess
+
+
+def preprocess_cmd(args, lang, splits, spm_dir, dest, dict_path, workers):
+    cmd = [args.fairseq_preprocess, "--source-lang", "en", "--target-lang", lang,
+           "--destdir", dest, "--srcdict", dict_path, "--tgtdict", dict_path,
+           "--workers", str(workers), "--dataset-impl", "mmap"]
+    for split in splits:
+        cmd += ["--%spref" % split, os.path.join(spm_dir, "%s.en-%s" % (split, lang))]
+    return cmd
+
+
+def pair_outputs(out, lang, splits):
+    return [os.path.join(out, "%s.en-%s.%s.%s" % (split, lang, side, ext))
+            for split in splits for side in ("en", lang) for ext in ("bin", "idx")]
+
+
+def run_preprocess(args, jobs, dict_path, spm_dir):
+    """Run fairseq-preprocess for every (lang, splits) in ``jobs``, --workers at a time."""
+    if not jobs:
+        return {}
+    parallel = max(1, min(args.workers, len(jobs)))
+    per_job_workers = max(1, args.workers // parallel)
+    pending = list(jobs)
+    running = []
+    stats = {}
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    while pending or running:
+        while pending and len(running) < parallel:
+            lang, splits = pending.pop(0)
+            tmp = tempfile.mkdtemp(dir=args.out, prefix=".tmp-en-%s." % lang)
+            cmd = preprocess_cmd(args, lang, splits, spm_dir, tmp, dict_path, per_job_workers)
+            logf = open(os.path.join(tmp, "stdout.log"), "w+", encoding="utf-8")
+            try:
+                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+            except FileNotFoundError:
+                raise UserError("fairseq-preprocess not found (install fairseq, or pass "
+                                "--fairseq-preprocess PATH)")
+            running.append((proc, lang, splits, tmp, logf, time.time()))
+        time.sleep(0.2)
+        for item in list(running):
+            proc, lang, splits, tmp, logf, t0 = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            logf.seek(0)
+            output = logf.read()
+            logf.close()
+            if proc.returncode != 0:
+                lines = [l for l in output.strip().splitlines() if l.strip()]
+                for p, *_ in running:
+                    p.kill()
+                raise UserError("fairseq-preprocess en-%s failed: %s"
+                                % (lang, lines[-1] if lines else "exit %d" % proc.returncode))
+            replaced = [float(x) for x in re.findall(r"([0-9.]+)% replaced", output)]
+            for path in pair_outputs(tmp, lang, splits):
+                if not os.path.exists(path):
+                    raise UserError("fairseq-preprocess en-%s wrote no %s"
+                                    % (lang, os.path.basename(path)))
+                os.replace(path, os.path.join(args.out, os.path.basename(path)))
+            shutil.rmtree(tmp, ignore_errors=True)
+            stats[lang] = {"max_unk_percent": max(replaced) if replaced else None}
+            log("[fairseq] en-%s binarized (%s) in %.1fs, <unk> at most %s%%"
+                % (lang, ",".join(splits), time.time() - t0,
+                   max(replaced) if replaced else "?"))
+    return stats
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train a shared SentencePiece model on en-xx raw text and binarize every pair "
+                    "with fairseq-preprocess (one shared dictionary).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--raw", required=True,
+                   help="folder with {train,valid,test}.en-<xx>.{en,<xx>} (e.g. CORPUS/raw)")
+    p.add_argument("--out", required=True, help="output folder for fairseq (BIN)")
+    p.add_argument("--vocab-size", type=int, default=8000,
+                   help="SentencePiece vocabulary size (lowered with a warning if the data is "
+                        "too small)")
+    p.add_argument("--langs", default=None,
+                   help="comma-separated non-English languages (default: every en-<xx> in --raw)")
+    p.add_argument("--max-train-per-pair", type=int, default=None,
+                   help="use only the first N training pairs of each language")
+    p.add_argument("--workers", type=int, default=2, help="CPU processes/threads to use")
+    p.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="SentencePiece character_coverage (rarer characters use byte fallback)")
+    p.add_argument("--spm-sentences", type=int, default=1000000,
+                   help="SentencePiece input_sentence_size (random sample of training lines)")
+    p.add_argument("--fairseq-preprocess", default="fairseq-preprocess",
+                   help="fairseq-preprocess command")
+    p.add_argument("--force", action="store_true", help="redo every stage")
+    args = p.parse_args(argv)
+    args.langs = [l.strip() for l in args.langs.split(",") if l.strip()] if args.langs else None
+    if args.max_train_per_pair is not None and args.max_train_per_pair < 1:
+        p.error("--max-train-per-pair must be positive")
+    if not 0 < args.character_coverage <= 1:
+        p.error("--character-coverage must be in (0, 1]")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    pairs = discover(args.raw, args.langs)
+    langs = list(pairs)
+    os.makedirs(args.out, exist_ok=True)
+    args.out = os.path.abspath(args.out)
+    if shutil.which(args.fairseq_preprocess) is None and not os.path.exists(args.fairseq_preprocess):
+        raise UserError("fairseq-preprocess not found on PATH (install fairseq, e.g. "
+                        "pip install ve-fairseq)")
+    try:
+        import sentencepiece as spm
+    except ImportError:
+        raise UserError("the sentencepiece Python package is missing (pip install sentencepiece)")
+
+    meta_path = os.path.join(args.out, "binarize.json")
+    old = {}
+    if os.path.exists(meta_path):
+        with open(meta_path, encoding="utf-8") as f:
+            old = json.load(f)
+    settings = {"raw": os.path.abspath(args.raw), "langs": langs,
+                "vocab_size": args.vocab_size, "character_coverage": args.character_coverage,
+                "max_train_per_pair": args.max_train_per_pair, "spm_sentences": args.spm_sentences}
+    force = bool(args.force or (old and old.get("settings") != settings))
+    if force and old and not args.force:
+        warn("settings differ from the previous run in %s; redoing every stage" % args.out)
+
+    # ---- 1. SentencePiece model on all training text
+    model_path = os.path.join(args.out, "spm.model")
+    t = time.time()
+    limit = args.max_train_per_pair
+    if force or not os.path.exists(model_path):
+        lines, seen_en = [], set()
+        for lang in langs:
+            en, xx = load_pair(args.raw, "train", lang, limit)
+            for line in en:  # English appears once per pair: count each sentence once
+                if line not in seen_en:
+                    seen_en.add(line)
+                    lines.append(line)
+            lines.extend(xx)
+        log("[spm] training a %d-piece unigram model on %d lines (%s)"
+            % (args.vocab_size, len(lines), ",".join(["en"] + langs)))
+        vocab, coverage = train_spm(args, lines, model_path)
+        log("[spm] wrote %s (vocab %d, character_coverage %.4f) in %.1fs"
+            % (model_path, vocab, coverage, time.time() - t))
+        force = True  # everything downstream depends on the model
+    else:
+        vocab, coverage = old.get("spm", {}).get("vocab_size"), old.get("spm", {}).get("coverage")
+        log("[spm] reusing %s" % model_path)
+    sp = spm.SentencePieceProcessor(model_file=model_path)
+    vocab = sp.get_piece_size()
+
+    # ---- 2. fairseq dictionary shared by all languages
+    dict_path = os.path.join(args.out, "dict.txt")
+    if force or not os.path.exists(dict_path):
+        n = write_fairseq_dict(sp, dict_path)
+        log("[dict] wrote %s (%d pieces)" % (dict_path, n))
+
+    # ---- 3. piece-encoded text
+    spm_dir = os.path.join(args.out, "spm")
+    counts = {}
+    t = time.time()
+    for lang in langs:
+        counts["en-" + lang] = {}
+        for split in pairs[lang]:
+            n_lines = None
+            for side in ("en", lang):
+                dst = os.path.join(spm_dir, "%s.en-%s.%s" % (split, lang, side))
+                if not force and os.path.exists(dst):
+                    with open(dst, encoding="utf-8") as f:
+                        n_lines = sum(1 for _ in f)
+                    continue
+                src = os.path.join(args.raw, "%s.en-%s.%s" % (split, lang, side))
+                lines = read_lines(src, limit if split == "train" else None)
+                pieces = sp.encode(lines, out_type=str, num_threads=max(1, args.workers))
+                atomic_write_lines(dst, (" ".join(p) for p in pieces))
+                n_lines = len(lines)
+            counts["en-" + lang][split] = n_lines
+    log("[encode] %s in %.1fs" % (", ".join("%s %s" % (p, "/".join(str(c[s]) for s in c))
+                                            for p, c in counts.items()), time.time() - t))
+
+    # ---- 4. fairseq-preprocess, one run per pair, shared dictionary
+    jobs = [(lang, pairs[lang]) for lang in langs
+            if force or not all(os.path.exists(p) for p in pair_outputs(args.out, lang, pairs[lang]))]
+    t = time.time()
+    pre_stats = run_preprocess(args, jobs, dict_path, spm_dir)
+    if jobs:
+        log("[fairseq] %d pairs in %.1fs" % (len(jobs), time.time() - t))
+    for lang in ["en"] + langs:  # every language has the same dictionary file
+        atomic_copy(dict_path, os.path.join(args.out, "dict.%s.txt" % lang))
+
+    # ---- 5. raw references for scoring
+    for lang in langs:
+        for split in ("valid", "test"):
+            if split in pairs[lang]:
+                for side in ("en", lang):
+                    name = "%s.en-%s.%s" % (split, lang, side)
+                    dst = os.path.join(args.out, "raw", name)
+                    if force or not os.path.exists(dst):
+                        atomic_copy(os.path.join(args.raw, name), dst)
+
+    meta = {
+        "command": " ".join(shlex.quote(a) for a in ["python"] + sys.argv),
+        "settings": settings,
+        "spm": {"model": "spm.model", "type": "unigram", "vocab_size": vocab, "coverage": coverage,
+                "byte_fallback": True, "normalization": "identity", "split_digits": True},
+        "dictionary": "dict.txt (copied to dict.<lang>.txt for en," + ",".join(langs) + ")",
+        "lang_pairs": ["en-" + l for l in langs],
+        "lines": counts,
+        "preprocess": dict(old.get("preprocess", {}), **pre_stats),
+        "fairseq_hint": "--task translation_multi_simple_epoch --langs en,%s --lang-pairs %s "
+                        "--encoder-langtok tgt --decoder-langtok"
+                        % (",".join(langs), ",".join("en-%s,%s-en" % (l, l) for l in langs)),
+    }
+    tmp = meta_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, meta_path)
+    log("done: %s (%.1fs)" % (args.out, time.time() - t_start))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as e:
+        print("error: %s" % e, file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
