@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import pickle
+import re
 import zipfile
 
 import numpy
@@ -40,17 +41,22 @@ SAFE_GLOBALS = [argparse.Namespace, *_numpy_globals()]
 
 def describe_load_failure(path: str, error: BaseException) -> str:
     """One-line diagnosis of why ``torch.load(path)`` failed safe loading."""
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    message = str(error)
     if not os.path.exists(path):
         return f"{path}: no such checkpoint file"
-    if os.path.getsize(path) == 0 or isinstance(error, (EOFError, zipfile.BadZipFile)):
-        return f"{path}: the checkpoint is empty or truncated; re-copy it or re-save it from training"
-    if "Unsupported global" in first_line or "Weights only load failed" in first_line:
+    if os.path.getsize(path) == 0 or not zipfile.is_zipfile(path):
         return (
-            f"{path}: refused by torch's safe loader ({first_line}); it holds a type outside "
-            "taskmoe_fairseq.compat.SAFE_GLOBALS. Re-save it with a trusted tool, or, if you trust "
-            "the file, add that type with torch.serialization.add_safe_globals"
+            f"{path}: the checkpoint is truncated or corrupt (not a complete torch archive); "
+            "re-copy it or re-save it"
         )
+    unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    if unsupported:
+        return (
+            f"{path}: refused by torch's safe loader: it holds {unsupported.group(1)}, which is not on "
+            "taskmoe_fairseq.compat.SAFE_GLOBALS; re-save it without that object, or, only if you "
+            "trust the file, allow the type with torch.serialization.add_safe_globals"
+        )
+    first_line = message.strip().splitlines()[0] if message.strip() else type(error).__name__
     return f"{path}: not a readable torch checkpoint ({first_line}); the file is corrupt or of another kind"
 
 
@@ -59,7 +65,7 @@ def safe_torch_load(path: str):
     try:
         with open(path, "rb") as handle:
             return torch.load(handle, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001  (torch.load is all this does: any failure is the file's)
         raise usage_error(describe_load_failure(path, error)) from None
 
 
@@ -75,12 +81,11 @@ def _wrap_fairseq_checkpoint_loader():
     def load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False):
         try:
             return original(path, arg_overrides=arg_overrides, load_on_all_ranks=load_on_all_ranks)
-        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as error:
-            raise usage_error(describe_load_failure(path, error)) from None
-        except RuntimeError as error:
-            # torch reports truncated zip archives as RuntimeError; anything else is not ours.
-            message = str(error)
-            if "PytorchStreamReader" in message or "Weights only load failed" in message:
+        except Exception as error:  # noqa: BLE001
+            # The safe loader refused it, or the file is not a complete torch archive (torch then
+            # fails with EOFError, IndexError, RuntimeError...); other errors are not the file's.
+            unreadable = os.path.isfile(path) and not zipfile.is_zipfile(path)
+            if isinstance(error, pickle.UnpicklingError) or unreadable:
                 raise usage_error(describe_load_failure(path, error)) from None
             raise
 

@@ -178,7 +178,8 @@ def count_params(state: dict) -> int:
     return sum(t.numel() for t in state.values() if torch.is_tensor(t))
 
 
-def print_report(report: dict, stream=sys.stdout):
+def print_report(report: dict, stream=None):
+    stream = stream or sys.stdout
     stream.write(
         f"\n{report['lang_pair']}: parameters {report['params_before']:,} -> {report['params_after']:,} "
         f"({report['params_after'] / report['params_before']:.1%})"

@@ -1,0 +1,178 @@
+"""Bad input stops with one line that names the problem and the fix; never a traceback,
+never a half-written file."""
+
+import decimal
+import os
+
+import pytest
+import torch
+
+from cli_helpers import TASK_ARGS, generate_command, python_module, run, train_command
+from taskmoe_fairseq import extract
+from taskmoe_fairseq.compat import safe_torch_load
+
+
+def assert_one_line_error(result, expected):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert expected in result.stderr, result.stderr[-3000:]
+
+
+def with_option(command, option, value=None):
+    command = [part for part in command]
+    if option in command:
+        index = command.index(option)
+        del command[index: index + (2 if value is not None else 1)]
+    return command + ([option, value] if value is not None else [option])
+
+
+def without(command, *options_with_values, flags=()):
+    command = list(command)
+    for option in options_with_values:
+        index = command.index(option)
+        del command[index: index + 2]
+    return [part for part in command if part not in flags]
+
+
+@pytest.fixture
+def train(data_dir, tmp_path):
+    return train_command(data_dir, str(tmp_path / "ckpt"), "token", "target", 1)
+
+
+def test_unknown_routing_name(train):
+    result = run(with_option(train, "--decoder-moe-routing", "by-magic"), check=False)
+    assert_one_line_error(result, "--decoder-moe-routing: invalid choice: 'by-magic'")
+
+
+def test_task_routing_without_language_tags(train):
+    result = run(without(train, "--encoder-langtok", flags=("--decoder-langtok",)), check=False)
+    assert_one_line_error(result, "no target-language tag")
+    assert "--encoder-langtok tgt" in result.stderr
+
+
+def test_top_k_greater_than_expert_count(train):
+    result = run(with_option(with_option(train, "--moe-expert-count", "4"), "--moe-top-k", "6"), check=False)
+    assert_one_line_error(result, "--moe-top-k 6 must be between 1 and --moe-expert-count (4)")
+
+
+def test_language_pair_using_a_language_outside_langs(train):
+    command = list(train)
+    command[command.index("--lang-pairs") + 1] = "en-de,en-ja"
+    assert_one_line_error(run(command, check=False), "--lang-pairs uses ja, which --langs (en,de,fr,ru) lacks")
+
+
+def test_generate_for_a_pair_not_in_lang_pairs(trained, data_dir):
+    command = generate_command(data_dir, trained.get("token", "target"), "de-fr", beam=1)
+    assert_one_line_error(run(command, check=False), "unknown language pair de-fr: the model knows en-de,de-en")
+
+
+def test_generate_with_the_stock_task_on_a_task_routed_model(trained, data_dir):
+    command = generate_command(data_dir, trained.get("token", "target"), "en-de", beam=1)
+    command[command.index("multilingual_translation_taskmoe")] = "translation_multi_simple_epoch"
+    assert_one_line_error(run(command, check=False), "run it with --task multilingual_translation_taskmoe")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "unsafe global"])
+def test_checkpoint_that_fails_safe_loading(damage, trained, data_dir, tmp_path):
+    good = trained.get("token", "target")
+    bad = str(tmp_path / "bad.pt")
+    if damage == "truncated":
+        data = open(good, "rb").read()
+        open(bad, "wb").write(data[: len(data) // 2])
+        expected = "truncated"
+    else:
+        state = safe_torch_load(good)
+        state["extra_state"]["note"] = decimal.Decimal("1.5")  # not on the allow-list
+        torch.save(state, bad)
+        expected = "refused by torch's safe loader"
+    assert_one_line_error(run(generate_command(data_dir, bad, "en-de", beam=1), check=False), expected)
+
+
+# ---- python -m taskmoe_fairseq.extract ------------------------------------------------
+
+
+def run_extract(capsys, *argv):
+    status = extract.main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_extract_missing_truncated_and_corrupt_files(capsys, trained, tmp_path):
+    status, _, err = run_extract(capsys, "--checkpoint", str(tmp_path / "nope.pt"), "--lang-pair", "en-de", "--report-only")
+    assert status == 2 and "no such checkpoint file" in err
+    data = open(trained.get("token", "target"), "rb").read()
+    (tmp_path / "half.pt").write_bytes(data[: len(data) // 3])
+    status, _, err = run_extract(capsys, "--checkpoint", str(tmp_path / "half.pt"), "--lang-pair", "en-de", "--report-only")
+    assert status == 2 and "truncated" in err
+    (tmp_path / "noise.pt").write_bytes(os.urandom(4096))
+    status, _, err = run_extract(capsys, "--checkpoint", str(tmp_path / "noise.pt"), "--lang-pair", "en-de", "--report-only")
+    assert status == 2 and "corrupt" in err
+    assert err.count("\n") == 1
+
+
+def test_extract_rejects_a_checkpoint_that_is_not_taskmoe(capsys, trained, tmp_path):
+    state = safe_torch_load(trained.get("token", "target"))
+    state["cfg"]["model"].arch = "transformer"
+    torch.save(state, tmp_path / "dense.pt")
+    status, _, err = run_extract(capsys, "--checkpoint", str(tmp_path / "dense.pt"), "--lang-pair", "en-de", "--report-only")
+    assert status == 2 and "not a TaskMoE checkpoint (architecture 'transformer')" in err
+
+
+def test_extract_unknown_pair_lists_the_known_ones(capsys, trained):
+    status, _, err = run_extract(capsys, "--checkpoint", trained.get("token", "target"), "--lang-pair", "en-ja", "--report-only")
+    assert status == 2
+    assert "unknown language pair en-ja; the model knows en-de,de-en,en-fr,fr-en,en-ru,ru-en" in err
+
+
+def test_extract_with_nothing_to_strip(capsys, trained, tmp_path):
+    token_token = trained.get("token", "token", 1)
+    status, _, err = run_extract(capsys, "--checkpoint", token_token, "--lang-pair", "en-de", "--output", str(tmp_path / "x.pt"))
+    assert status == 2 and "nothing to strip" in err and "--plain-copy" in err
+    assert not (tmp_path / "x.pt").exists()
+    status, _, _ = run_extract(capsys, "--checkpoint", token_token, "--lang-pair", "en-de", "--output", str(tmp_path / "x.pt"), "--plain-copy")
+    assert status == 0
+    assert safe_torch_load(str(tmp_path / "x.pt"))["model"].keys() == safe_torch_load(token_token)["model"].keys()
+
+
+def test_extract_refuses_to_overwrite_and_reports_unwritable_folders(capsys, trained, tmp_path):
+    full = trained.get("token", "target")
+    (tmp_path / "taken.pt").write_bytes(b"keep me")
+    status, _, err = run_extract(capsys, "--checkpoint", full, "--lang-pair", "en-de", "--output", str(tmp_path / "taken.pt"))
+    assert status == 2 and "exists; pass --force" in err
+    assert (tmp_path / "taken.pt").read_bytes() == b"keep me"
+    status, _, err = run_extract(capsys, "--checkpoint", full, "--all-lang-pairs", "--output-dir", str(tmp_path / "taken.pt" / "sub"))
+    assert status == 2 and "cannot write to" in err
+    status, _, err = run_extract(capsys, "--checkpoint", full, "--lang-pair", "en-de", "--output", str(tmp_path / "taken.pt"), "--force")
+    assert status == 0 and (tmp_path / "taken.pt").read_bytes() != b"keep me"
+
+
+def test_extract_report_only_writes_nothing(capsys, trained, tmp_path):
+    before = set(os.listdir(os.path.dirname(trained.get("token", "target"))))
+    status, out, _ = run_extract(capsys, "--checkpoint", trained.get("token", "target"), "--all-lang-pairs", "--report-only")
+    assert status == 0 and out.count("decoder.1") == 6
+    assert set(os.listdir(os.path.dirname(trained.get("token", "target")))) == before
+
+
+def test_extract_never_leaves_a_half_written_file(capsys, trained, tmp_path, monkeypatch):
+    def failing_save(obj, stream, *args, **kwargs):
+        stream.write(b"partial bytes")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError):
+        extract.main(["--checkpoint", trained.get("token", "target"), "--lang-pair", "en-de", "--output", str(tmp_path / "en-de.pt")])
+    assert os.listdir(tmp_path) == []
+
+
+def test_extract_refuses_an_already_extracted_checkpoint(capsys, trained, tmp_path):
+    full = trained.get("token", "target")
+    assert run_extract(capsys, "--checkpoint", full, "--lang-pair", "en-de", "--output", str(tmp_path / "en-de.pt"))[0] == 0
+    status, _, err = run_extract(capsys, "--checkpoint", str(tmp_path / "en-de.pt"), "--lang-pair", "en-de", "--report-only")
+    assert status == 2 and "already extracted for en-de" in err
+
+
+def test_extract_cli_prints_one_line_without_traceback(trained):
+    result = run(python_module("taskmoe_fairseq.extract", "--checkpoint", trained.get("token", "target"), "--lang-pair", "xx-yy", "--report-only"), check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("taskmoe_fairseq.extract: error: unknown language pair xx-yy")
+    assert "Traceback" not in result.stderr
