@@ -6,7 +6,7 @@ FFN sublayer changes, and it also receives the padding mask and the
 :class:`RoutingInputs` of the batch.
 """
 
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch.nn as nn
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
@@ -15,18 +15,22 @@ from torch import Tensor
 from taskmoe_fairseq.modules.routing_decision import RoutingInputs
 
 
-class MoeEncoderLayer(TransformerEncoderLayerBase):
+class ExpertsOwnTheFeedForward:
+    """Mixin: fairseq's layer builds no dense ``fc1``/``fc2``; the experts hold those weights."""
+
+    def build_fc1(self, *args):
+        return None
+
+    def build_fc2(self, *args):
+        return None
+
+
+class MoeEncoderLayer(ExpertsOwnTheFeedForward, TransformerEncoderLayerBase):
     """Encoder layer: self-attention, then ``moe_ffn`` in place of ``fc1``/``fc2``."""
 
     def __init__(self, cfg, moe_ffn: nn.Module):
         super().__init__(cfg)
         self.moe = moe_ffn
-
-    def build_fc1(self, *args):  # the experts own the FFN weights
-        return None
-
-    def build_fc2(self, *args):
-        return None
 
     def forward(self, x: Tensor, encoder_padding_mask: Optional[Tensor], routing: RoutingInputs):
         """``x``: ``[T, B, C]``; ``encoder_padding_mask``: ``[B, T]`` (True = pad) or None."""
@@ -48,7 +52,7 @@ class MoeEncoderLayer(TransformerEncoderLayerBase):
         return x
 
 
-class MoeDecoderLayer(TransformerDecoderLayerBase):
+class MoeDecoderLayer(ExpertsOwnTheFeedForward, TransformerDecoderLayerBase):
     """Decoder layer: self-attention, encoder attention, then ``moe_ffn``.
 
     Supports fairseq's standard decoder layer (pre- or post-norm, incremental
@@ -60,12 +64,6 @@ class MoeDecoderLayer(TransformerDecoderLayerBase):
     def __init__(self, cfg, moe_ffn: nn.Module, no_encoder_attn: bool = False):
         super().__init__(cfg, no_encoder_attn=no_encoder_attn)
         self.moe = moe_ffn
-
-    def build_fc1(self, *args):
-        return None
-
-    def build_fc2(self, *args):
-        return None
 
     def forward(
         self,

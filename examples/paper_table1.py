@@ -1,0 +1,289 @@
+#!/usr/bin/env python3
+"""The paper's Table 1 at small scale: routing granularity vs translation quality.
+
+Kudugunta et al. (2021), Table 1, compares encoder/decoder routings on WMT (30 directions, 32
+experts). This script trains, with equal budgets (same number of updates, same batch, same
+active parameters per token), each configuration on the real corpus built by
+``examples/data/build_corpus.py`` + ``binarize.py`` (12 directions, en <-> de fr es ru ja zh),
+translates every test set with ``fairseq-generate``, scores it with sacrebleu (BLEU and chrF on
+SentencePiece-decoded text) and writes, under ``--out``:
+
+* ``table1.md`` / ``table1.json``: average, xx->en and en->xx BLEU (and chrF) per configuration,
+  per-direction scores, the command, configuration, hardware and wall times;
+* ``table1_bleu.png``: a per-direction bar chart;
+* ``routing_heatmap.png``: for each decoder MoE layer of the token/target model, the gate's
+  probability of every expert for every target language, and which languages share experts.
+
+"dense" is a TaskMoE with E = k = 2 and static routing: every token uses both experts with
+weight 1/2, i.e. a dense FFN of width 2 x FFN, the same active parameters per token as the
+top-2 MoE models.
+
+Usage::
+
+    python examples/data/build_corpus.py --out /tmp/corpus
+    python examples/data/binarize.py --raw /tmp/corpus/raw --out /tmp/corpus_bin
+    python examples/paper_table1.py --data /tmp/corpus_bin --updates 1200 --out docs/table1
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "examples"))
+from quickstart import BLEU_TOKENIZE, LANGS, PAIRS, XX, progress_line, run, task_args  # noqa: E402
+
+# name -> (encoder routing, decoder routing, extra fairseq-train options); the paper's row order
+CONFIGS = {
+    "dense": ("static-target", "static-target", ["--moe-expert-count", "2"]),
+    "static": ("static-target", "static-target", []),
+    "token/token": ("token", "token", []),
+    "sentence/sentence": ("sentence", "sentence", []),
+    "pair/pair": ("pair", "pair", []),
+    "target/target": ("target", "target", []),
+    "token/pair": ("token", "pair", []),
+    "token/target": ("token", "target", []),
+}
+# the paper's Table 1 (WMT, 32 experts): avg / xx2en / en2xx BLEU
+PAPER = {
+    "dense": (20.0, 23.7, 17.5), "static": (17.6, 25.0, 10.2), "token/token": (22.6, 24.9, 20.4),
+    "sentence/sentence": (19.9, 24.1, 16.8), "pair/pair": (21.4, 25.2, 16.9),
+    "target/target": (22.9, 25.6, 20.2), "token/pair": (23.0, 26.2, 20.3), "token/target": (23.6, 26.0, 21.1),
+}
+
+
+def slug(name):
+    return name.replace("/", "-")
+
+
+def train(options, name, save_dir):
+    encoder, decoder, extra = CONFIGS[name]
+    done = os.path.join(save_dir, "done.json")
+    if os.path.exists(done):
+        return json.load(open(done))
+    started = time.time()
+    command = [
+        "fairseq-train", options.data, *task_args(),
+        "--arch", "taskmoe_transformer_small",
+        "--encoder-embed-dim", str(options.dim), "--decoder-embed-dim", str(options.dim),
+        "--encoder-ffn-embed-dim", str(4 * options.dim), "--decoder-ffn-embed-dim", str(4 * options.dim),
+        "--share-all-embeddings", "--moe-expert-count", str(options.experts), "--moe-top-k", "2",
+        "--encoder-moe-routing", encoder, "--decoder-moe-routing", decoder,
+        "--criterion", "moe_label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "3e-3",
+        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "200",
+        "--max-tokens", str(options.max_tokens), "--dropout", "0.1",
+        "--sampling-method", "temperature", "--sampling-temperature", "5",
+        "--max-update", str(options.updates), "--save-dir", save_dir, "--no-epoch-checkpoints",
+        "--disable-validation",
+        "--cpu", "--seed", "1", "--log-format", "simple", "--log-interval", "100", *extra,
+    ]
+    print(f"  training {name}: {' '.join(command[1:3])} ... --encoder-moe-routing {encoder} --decoder-moe-routing {decoder} {' '.join(extra)}", flush=True)
+    run(command, save_dir + ".log", show=r"train_inner|done training")
+    info = {"train_seconds": time.time() - started, "command": " ".join(command)}
+    json.dump(info, open(done, "w"))
+    return info
+
+
+def evaluate(options, name, checkpoint, processor):
+    import sacrebleu
+
+    scores = {}
+    for pair in PAIRS:
+        source, target = pair.split("-")
+        output = run([
+            "fairseq-generate", options.data, *task_args(), "--source-lang", source, "--target-lang", target,
+            "--path", checkpoint, "--gen-subset", "test", "--beam", str(options.beam),
+            "--max-len-a", "1.2", "--max-len-b", "10", "--batch-size", "128",
+            "--required-batch-size-multiple", "1", "--cpu",
+        ])
+        hypotheses = {}
+        for line in output.splitlines():
+            match = re.match(r"^H-(\d+)\t\S+\t(.*)$", line)
+            if match:
+                hypotheses[int(match.group(1))] = processor.decode_pieces(match.group(2).split())
+        xx = target if target != "en" else source
+        references = open(os.path.join(options.data, "raw", f"test.en-{xx}.{target}"), encoding="utf-8").read().splitlines()
+        outputs = [hypotheses[i] for i in sorted(hypotheses)]
+        scores[pair] = {
+            "bleu": sacrebleu.corpus_bleu(outputs, [references], tokenize=BLEU_TOKENIZE.get(target, "13a")).score,
+            "chrf": sacrebleu.corpus_chrf(outputs, [references]).score,
+        }
+        print(f"    {name} {pair}: BLEU {scores[pair]['bleu']:.1f} chrF {scores[pair]['chrf']:.1f}", flush=True)
+    return scores
+
+
+def averages(scores, metric):
+    def mean(values):
+        return sum(values) / len(values)
+
+    xx_en = mean([scores[f"{xx}-en"][metric] for xx in XX])
+    en_xx = mean([scores[f"en-{xx}"][metric] for xx in XX])
+    return mean([s[metric] for s in scores.values()]), xx_en, en_xx
+
+
+def routing_heatmap(checkpoint, path):
+    """Gate probabilities of every expert for every target language, per decoder MoE layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from taskmoe_fairseq.compat import safe_torch_load
+
+    state = safe_torch_load(checkpoint)
+    args, model = state["cfg"]["model"], state["model"]
+    langs = list(args.taskmoe_langs)
+    layers = sorted(key for key in model if key.startswith("decoder.") and key.endswith("gate.task_logits"))
+    figure, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.2), squeeze=False)
+    sharing = []
+    for axis, key in zip(axes[0], layers):
+        probs = model[key].float().softmax(-1)  # [languages, experts]
+        top = probs.topk(args.moe_top_k, dim=-1).indices
+        axis.imshow(probs.numpy(), cmap="viridis", aspect="auto")
+        axis.set_yticks(range(len(langs)), [f"->{lang}" for lang in langs])
+        axis.set_xticks(range(probs.size(1)))
+        axis.set_xlabel("expert")
+        layer = key.split(".")[2]
+        axis.set_title(f"decoder layer {layer}: gate probability")
+        groups = {}
+        for lang, experts in zip(langs, top.tolist()):
+            groups.setdefault(tuple(sorted(experts)), []).append(lang)
+        shared = {}
+        for expert in range(probs.size(1)):
+            users = [lang for lang, experts in zip(langs, top.tolist()) if expert in experts]
+            if len(users) > 1:
+                shared[expert] = users
+        sharing.append({"layer": f"decoder.{layer}", "experts_of": dict(zip(langs, top.tolist())), "shared_experts": shared})
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return sharing
+
+
+def bar_chart(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    figure, axis = plt.subplots(figsize=(14, 4))
+    width = 0.8 / len(names)
+    for index, name in enumerate(names):
+        values = [results[name]["scores"][pair]["bleu"] for pair in PAIRS]
+        axis.bar([p + index * width for p in range(len(PAIRS))], values, width, label=name)
+    axis.set_xticks([p + 0.4 - width / 2 for p in range(len(PAIRS))], PAIRS)
+    axis.set_ylabel("BLEU (sacrebleu)")
+    axis.legend(ncol=4, fontsize=8)
+    axis.set_title("Per-direction BLEU by encoder/decoder routing")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def hardware():
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="binarized corpus from examples/data/binarize.py")
+    parser.add_argument("--out", default=os.path.join(REPO, "docs", "table1"))
+    parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "table1"))
+    parser.add_argument("--updates", type=int, default=1200, help="updates per configuration (equal budget)")
+    parser.add_argument("--max-tokens", type=int, default=4096)
+    parser.add_argument("--dim", type=int, default=128, help="d_model (FFN 4x)")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--beam", type=int, default=1)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="subset, comma-separated")
+    options = parser.parse_args(argv)
+    import sentencepiece
+
+    if not os.path.exists(os.path.join(options.data, "spm.model")):
+        sys.exit(f"paper_table1: {options.data} has no spm.model; build it with examples/data/binarize.py")
+    names = options.configs.split(",")
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown:
+        sys.exit(f"paper_table1: unknown configuration {','.join(unknown)}; choose from {','.join(CONFIGS)}")
+    processor = sentencepiece.SentencePieceProcessor(model_file=os.path.join(options.data, "spm.model"))
+    os.makedirs(options.out, exist_ok=True)
+    os.makedirs(options.workdir, exist_ok=True)
+    started = time.time()
+    results = {}
+    for name in names:
+        save_dir = os.path.join(options.workdir, slug(name))
+        info = train(options, name, save_dir)
+        scores_path = os.path.join(save_dir, "scores.json")
+        if os.path.exists(scores_path):
+            scores = json.load(open(scores_path))
+        else:
+            scores = evaluate(options, name, os.path.join(save_dir, "checkpoint_last.pt"), processor)
+            json.dump(scores, open(scores_path, "w"), indent=1)
+        results[name] = {"train_seconds": info["train_seconds"], "command": info["command"], "scores": scores}
+
+    lines = [
+        "| encoder / decoder routing | BLEU avg | xx→en | en→xx | chrF avg | paper avg / xx→en / en→xx | train time |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, result in results.items():
+        avg, xx_en, en_xx = averages(result["scores"], "bleu")
+        chrf = averages(result["scores"], "chrf")[0]
+        result.update(bleu_avg=avg, bleu_xx_en=xx_en, bleu_en_xx=en_xx, chrf_avg=chrf)
+        paper = " / ".join(f"{v:.1f}" for v in PAPER[name])
+        lines.append(f"| {name} | {avg:.1f} | {xx_en:.1f} | {en_xx:.1f} | {chrf:.1f} | {paper} | {result['train_seconds'] / 60:.0f} min |")
+    per_direction = ["| routing | " + " | ".join(PAIRS) + " |", "|---|" + "---|" * len(PAIRS)]
+    for name, result in results.items():
+        per_direction.append(f"| {name} | " + " | ".join(f"{result['scores'][p]['bleu']:.1f}" for p in PAIRS) + " |")
+    bar_chart(results, os.path.join(options.out, "table1_bleu.png"))
+    sharing = None
+    if "token/target" in results:
+        sharing = routing_heatmap(os.path.join(options.workdir, "token-target", "checkpoint_last.pt"),
+                                  os.path.join(options.out, "routing_heatmap.png"))
+    command = "python examples/paper_table1.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    elapsed = time.time() - started
+    report = [
+        "# The paper's Table 1 at small scale",
+        "",
+        f"Command: `{command}`  ",
+        f"Data: {options.data} (12 directions, en <-> {', '.join(XX)}); configuration: taskmoe_transformer_small "
+        f"with d_model {options.dim}, FFN {4 * options.dim}, 3+3 layers, MoE in layer 2 of each side, "
+        f"E = {options.experts}, k = 2, {options.updates} updates of {options.max_tokens} tokens, "
+        f"temperature sampling T = 5, greedy decoding (beam {options.beam}).  ",
+        f"Hardware: {hardware()}; wall time {elapsed / 60:.0f} min for this invocation "
+        "(configurations already trained are reused).  ",
+        "BLEU: sacrebleu on SentencePiece-decoded output (tokenize 13a; zh 'zh', ja 'char'); chrF: sacrebleu defaults.",
+        "",
+        *lines,
+        "",
+        "## Per direction (BLEU)",
+        "",
+        *per_direction,
+        "",
+        "![per-direction BLEU](table1_bleu.png)",
+    ]
+    if sharing:
+        report += ["", "## Which target languages share decoder experts (token/target)", "",
+                   "![routing heatmap](routing_heatmap.png)", ""]
+        for layer in sharing:
+            experts = ", ".join(f"{lang}: {sorted(e)}" for lang, e in layer["experts_of"].items())
+            shared = "; ".join(f"expert {e}: {', '.join(users)}" for e, users in layer["shared_experts"].items()) or "none"
+            report.append(f"* {layer['layer']}: top-2 experts per target language — {experts}. Shared: {shared}.")
+    with open(os.path.join(options.out, "table1.md"), "w", encoding="utf-8") as out:
+        out.write("\n".join(report) + "\n")
+    with open(os.path.join(options.out, "table1.json"), "w", encoding="utf-8") as out:
+        json.dump({"command": command, "hardware": hardware(), "options": vars(options), "results": results,
+                   "routing_sharing": sharing, "paper": PAPER}, out, indent=1)
+    print("\n".join(lines))
+    print(f"wrote {options.out}/table1.md, table1.json, table1_bleu.png" + (", routing_heatmap.png" if sharing else ""))
+
+
+if __name__ == "__main__":
+    main()
