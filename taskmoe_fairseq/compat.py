@@ -15,6 +15,7 @@ import logging
 import os
 import pickle
 import re
+import warnings
 import zipfile
 
 import numpy
@@ -93,6 +94,17 @@ def _wrap_fairseq_checkpoint_loader():
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
 
 
+def _import_fairseq_quietly():
+    """Import fairseq without its import-time nags (fairscale's FutureWarnings about
+    ``torch.cuda.amp``, a tensorboardX hint), so ``import taskmoe_fairseq`` prints nothing."""
+    logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"fairscale")
+        import fairseq.checkpoint_utils  # noqa: F401
+        import fairseq.tasks  # noqa: F401
+
+
 def apply():
+    _import_fairseq_quietly()
     torch.serialization.add_safe_globals(SAFE_GLOBALS)
     _wrap_fairseq_checkpoint_loader()
