@@ -118,10 +118,11 @@ class MoeFeedForward(nn.Module):
 
     def _dispatch_sentences(self, x: Tensor, decision: RoutingDecision) -> Tensor:
         """Run each group of sentences that shares an expert set through those k experts."""
-        groups, sentence_group = torch.unique(decision.expert_index, dim=0, return_inverse=True)
+        index = decision.expert_index
+        if bool((index == index[:1]).all()):  # the usual case in generation: one language pair per batch
+            return combine_experts(x, [self.experts[e] for e in index[0].tolist()], decision.expert_weight)
+        groups, sentence_group = torch.unique(index, dim=0, return_inverse=True)
         expert_sets = groups.tolist()
-        if len(expert_sets) == 1:  # the usual case in generation: one language pair per batch
-            return combine_experts(x, [self.experts[e] for e in expert_sets[0]], decision.expert_weight)
         out = torch.empty_like(x)
         for group, expert_set in enumerate(expert_sets):
             sentences = (sentence_group == group).nonzero().squeeze(1)
