@@ -133,7 +133,7 @@ def generate(data, checkpoint, pair, processor, log_path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "quickstart"))
-    parser.add_argument("--minutes", type=float, default=8.0, help="training wall time (default 8)")
+    parser.add_argument("--minutes", type=float, default=10.0, help="training wall time (default 10)")
     parser.add_argument("--max-update", type=int, default=100000)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--test-lines", type=int, default=100, help="test sentences per direction (default 100 of 300)")
