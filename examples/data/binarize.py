@@ -34,12 +34,10 @@ import sys
 import tempfile
 import time
 
+from script_support import UserError, run_main  # noqa: E402  (sibling module)
+
 SPLITS = ("train", "valid", "test")
 META_PIECES = 3 + 256  # <unk> <s> </s> + byte-fallback pieces
-
-
-class UserError(Exception):
-    """An error reported to the user as one line, without a traceback."""
 
 
 def log(msg):
@@ -449,11 +447,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print("error: %s" % e, file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

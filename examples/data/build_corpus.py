@@ -51,6 +51,8 @@ import tempfile
 import time
 import unicodedata
 
+from script_support import UserError, run_main  # noqa: E402  (sibling module)
+
 ALL_LANGS = ("de", "fr", "es", "ru", "ja", "zh")
 SOURCES = ("help", "ui", "ddtp")
 LIBREOFFICE_SOURCES = ("help", "ui")
@@ -75,10 +77,6 @@ LANG_INFO = {
 
 HELP_ROOT = "usr/share/libreoffice/help"
 UI_ROOT = "usr/lib/libreoffice/program/resource"
-
-
-class UserError(Exception):
-    """An error reported to the user as one line, without a traceback."""
 
 
 def log(msg):
@@ -918,11 +916,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print("error: %s" % e, file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

@@ -30,13 +30,11 @@ import sys
 import tarfile
 import tempfile
 
+from script_support import UserError, run_main  # noqa: E402  (sibling module)
+
 SPLITS = ("train", "valid", "test")
 ALL_LANGS = ("de", "fr", "es", "ru", "ja", "zh")
 FIXED_MTIME = 1700000000  # 2023-11-14; any constant keeps the archive reproducible
-
-
-class UserError(Exception):
-    """An error reported to the user as one line, without a traceback."""
 
 
 def read_lines(path):
@@ -323,11 +321,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as e:
-        print("error: %s" % e, file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)
