@@ -51,7 +51,7 @@ def test_moe_layer_matches_per_token_reference(routing, with_padding):
         padding_mask = torch.zeros(B, T, dtype=torch.bool)
         padding_mask[0, :2] = True
         padding_mask[2, :4] = True
-    inputs = RoutingInputs(src_lang_id=torch.tensor([0, 1, 0, 2]), tgt_lang_id=torch.tensor([1, 0, 1, 1]), num_langs=LANGS)
+    inputs = RoutingInputs(src_lang_id=torch.tensor([0, 1, 0, 2]), tgt_lang_id=torch.tensor([1, 0, 1, 1]))
     with torch.no_grad():
         got = layer(x, padding_mask, inputs)
         want = reference(layer, x, padding_mask, inputs)
@@ -64,7 +64,7 @@ def test_moe_layer_matches_per_token_reference(routing, with_padding):
 def test_moe_layer_backward_reaches_gate_and_used_experts():
     torch.manual_seed(0)
     layer = MoeFeedForward("target", C, F, E, K, num_langs=LANGS).train()
-    inputs = RoutingInputs(src_lang_id=torch.tensor([0, 1, 0, 2]), tgt_lang_id=torch.tensor([1, 1, 1, 1]), num_langs=LANGS)
+    inputs = RoutingInputs(src_lang_id=torch.tensor([0, 1, 0, 2]), tgt_lang_id=torch.tensor([1, 1, 1, 1]))
     out = layer(torch.randn(T, B, C), None, inputs)
     (out.sum() + layer.last_decision.gate_loss).backward()
     assert layer.gate.task_logits.grad[1].abs().sum() > 0
@@ -77,4 +77,4 @@ def test_moe_layer_backward_reaches_gate_and_used_experts():
 def test_missing_language_ids_give_one_line_error():
     layer = MoeFeedForward("target", C, F, E, K, num_langs=LANGS)
     with pytest.raises(SystemExit, match="needs each sentence's languages.*multilingual_translation_taskmoe"):
-        layer(torch.randn(T, B, C), None, RoutingInputs(num_langs=LANGS))
+        layer(torch.randn(T, B, C), None, RoutingInputs())

@@ -93,7 +93,6 @@ class TaskMoeTransformerDecoder(TransformerDecoderBase):
         routing = RoutingInputs(
             src_lang_id=_first(encoder_out, "src_lang_id"),
             tgt_lang_id=_first(encoder_out, "tgt_lang_id"),
-            num_langs=len(self.cfg.taskmoe_langs or []),
             sentence_summary=(
                 masked_mean(enc, padding_mask)
                 if enc is not None and self.cfg.decoder_moe_routing == routing_kinds.SENTENCE

@@ -45,7 +45,7 @@ class TaskMoeTransformerEncoder(TransformerEncoderBase):
         x = x * (1 - encoder_padding_mask.unsqueeze(-1).type_as(x) * has_pads.type_as(x))
         x = x.transpose(0, 1)  # B x T x C -> T x B x C
 
-        routing = RoutingInputs(src_lang_id=src_lang_id, tgt_lang_id=tgt_lang_id, num_langs=len(self.cfg.taskmoe_langs or []))
+        routing = RoutingInputs(src_lang_id=src_lang_id, tgt_lang_id=tgt_lang_id)
         padding_mask = encoder_padding_mask if has_pads else None
         encoder_states = [x] if return_all_hiddens else []
         for layer in self.layers:

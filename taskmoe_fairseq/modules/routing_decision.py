@@ -19,7 +19,6 @@ class RoutingInputs:
 
     src_lang_id: Optional[Tensor] = None
     tgt_lang_id: Optional[Tensor] = None
-    num_langs: int = 0
     sentence_summary: Optional[Tensor] = None
 
 
