@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 
-from script_support import UserError, run_main  # noqa: E402  (sibling module)
+from script_support import UserError, atomic_write_bytes, run_main  # noqa: E402  (sibling module)
 
 SPLITS = ("train", "valid", "test")
 META_PIECES = 3 + 256  # <unk> <s> </s> + byte-fallback pieces
@@ -58,26 +58,9 @@ def read_lines(path, limit=None):
     return out
 
 
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write_lines(path, lines):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for line in lines:
-                f.write(line + "\n")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write one line per item, UTF-8, atomically."""
+    atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
 
 
 def atomic_copy(src, dst):

@@ -51,7 +51,7 @@ import tempfile
 import time
 import unicodedata
 
-from script_support import UserError, run_main  # noqa: E402  (sibling module)
+from script_support import UserError, atomic_write_bytes, run_main  # noqa: E402  (sibling module)
 
 ALL_LANGS = ("de", "fr", "es", "ru", "ja", "zh")
 SOURCES = ("help", "ui", "ddtp")
@@ -87,24 +87,9 @@ def log(msg):
 # ----------------------------------------------------------------------------- small file helpers
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
 def atomic_write_text(path, text):
-    """Write ``text`` to ``path`` through a temporary file in the same folder and os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_lines(path, lines):

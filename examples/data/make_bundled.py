@@ -28,9 +28,8 @@ import lzma
 import os
 import sys
 import tarfile
-import tempfile
 
-from script_support import UserError, run_main  # noqa: E402  (sibling module)
+from script_support import UserError, atomic_write_bytes, run_main  # noqa: E402  (sibling module)
 
 SPLITS = ("train", "valid", "test")
 ALL_LANGS = ("de", "fr", "es", "ru", "ja", "zh")
@@ -40,23 +39,6 @@ FIXED_MTIME = 1700000000  # 2023-11-14; any constant keeps the archive reproduci
 def read_lines(path):
     with open(path, encoding="utf-8") as f:
         return f.read().split("\n")[:-1]
-
-
-def atomic_write_bytes(path, data):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_pair(raw, meta, split, lang):

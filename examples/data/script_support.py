@@ -1,6 +1,8 @@
-"""What the data scripts share: one-line user errors and the entry-point wrapper."""
+"""What the data scripts share: one-line user errors, atomic writes, the entry-point wrapper."""
 
+import os
 import sys
+import tempfile
 
 
 class UserError(Exception):
@@ -17,3 +19,22 @@ def run_main(main):
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def atomic_write_bytes(path, data):
+    """Write ``data`` to ``path`` through a temporary file in the same folder and os.replace,
+    so a reader never sees a half-written file; the result gets the usual (umask) mode."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
