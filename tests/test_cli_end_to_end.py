@@ -1,6 +1,8 @@
 """fairseq-preprocess -> fairseq-train -> resume -> fairseq-generate, through the real CLIs,
 on real LibreOffice text in three languages (six tasks)."""
 
+import hashlib
+import json
 import os
 import re
 
@@ -19,6 +21,15 @@ def test_binarized_layout_is_fairseqs_standard_multilingual_layout(data_dir):
         for xx in ("de", "fr", "ru"):
             for lang in ("en", xx):
                 assert os.path.exists(os.path.join(data_dir, f"{split}.en-{xx}.{lang}.bin"))
+
+
+def test_binarize_manifest_records_versions_counts_and_true_checksums(data_dir):
+    meta = json.load(open(os.path.join(data_dir, "binarize.json")))
+    assert {"sentencepiece", "torch", "python"} <= set(meta["packages"])
+    assert meta["lines"]["en-de"]["test"] == sum(1 for _ in open(os.path.join(data_dir, "raw", "test.en-de.de")))
+    assert {"spm.model", "dict.txt", "train.en-fr.fr.bin", "raw/test.en-ru.ru"} <= set(meta["sha256"])
+    for name, digest in meta["sha256"].items():
+        assert hashlib.sha256(open(os.path.join(data_dir, name), "rb").read()).hexdigest() == digest, name
 
 
 def test_train_logs_gate_loss_expert_load_and_per_pair_validation_loss(trained):

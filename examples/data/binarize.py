@@ -12,7 +12,8 @@ in the bundled archive).  Output in ``BIN``:
 * ``{split}.en-<xx>.{en,<xx>}.{bin,idx}`` from one ``fairseq-preprocess`` run per pair with
   ``--srcdict``/``--tgtdict`` set to that shared dictionary;
 * ``raw/{valid,test}.en-<xx>.{en,<xx>}``: detokenised copies of the references for sacrebleu;
-* ``spm/``: the piece-encoded text fed to fairseq-preprocess; ``binarize.json``: what was done.
+* ``spm/``: the piece-encoded text fed to fairseq-preprocess; ``binarize.json``: what was done
+  (command, settings, tool versions, lines per pair and split, sha256 of every file above).
 
 The layout is what fairseq's ``translation_multi_simple_epoch`` task reads; it finds the
 reverse direction (``xx-en``) in the ``en-xx`` files itself.  Stages whose outputs exist are
@@ -34,7 +35,7 @@ import sys
 import tempfile
 import time
 
-from script_support import UserError, atomic_write_bytes, run_main  # noqa: E402  (sibling module)
+from script_support import UserError, atomic_write_bytes, run_main, sha256_file  # noqa: E402  (sibling module)
 
 SPLITS = ("train", "valid", "test")
 META_PIECES = 3 + 256  # <unk> <s> </s> + byte-fallback pieces
@@ -274,6 +275,30 @@ def run_preprocess(args, jobs, dict_path, spm_dir):
 # ----------------------------------------------------------------------------- main
 
 
+def package_versions():
+    """Versions of what produced the files (the binarized format is fairseq's)."""
+    from importlib import metadata
+
+    versions = {"python": sys.version.split()[0]}
+    for name in ("sentencepiece", "ve-fairseq", "fairseq", "torch", "numpy"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def checksums(out):
+    """sha256 of the model, dictionaries, binarized data and references (not the spm/ scratch text)."""
+    files = {}
+    for folder in ("", "raw"):
+        for name in sorted(os.listdir(os.path.join(out, folder))):
+            path = os.path.join(out, folder, name)
+            if os.path.isfile(path) and not name.startswith(".") and name != "binarize.json":
+                files[os.path.join(folder, name)] = sha256_file(path)
+    return files
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train a shared SentencePiece model on en-xx raw text and binarize every pair "
@@ -410,6 +435,7 @@ def main(argv=None):
     meta = {
         "command": " ".join(shlex.quote(a) for a in ["python"] + sys.argv),
         "settings": settings,
+        "packages": package_versions(),
         "spm": {"model": "spm.model", "type": "unigram", "vocab_size": vocab, "coverage": coverage,
                 "byte_fallback": True, "normalization": "identity", "split_digits": True},
         "dictionary": "dict.txt (copied to dict.<lang>.txt for en," + ",".join(langs) + ")",
@@ -420,11 +446,8 @@ def main(argv=None):
                         "--encoder-langtok tgt --decoder-langtok"
                         % (",".join(langs), ",".join("en-%s,%s-en" % (l, l) for l in langs)),
     }
-    tmp = meta_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, meta_path)
+    meta["sha256"] = checksums(args.out)
+    atomic_write_bytes(meta_path, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
     log("done: %s (%.1fs)" % (args.out, time.time() - t_start))
     return 0
 

@@ -26,7 +26,6 @@ import io
 import json
 import lzma
 import os
-import sys
 import tarfile
 
 from script_support import UserError, atomic_write_bytes, run_main  # noqa: E402  (sibling module)

@@ -1,5 +1,6 @@
-"""What the data scripts share: one-line user errors, atomic writes, the entry-point wrapper."""
+"""What the data scripts share: one-line user errors, atomic writes, checksums, the entry-point wrapper."""
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -19,6 +20,14 @@ def run_main(main):
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path, data):
