@@ -63,15 +63,17 @@ def progress_line(line):
     return line.rstrip()[-160:]
 
 
-def run(command, log_path=None, show=None):
-    """Run a CLI; stream lines matching ``show`` as progress; keep the whole log in ``log_path``."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")  # progress as it happens
+def run(command, log_path=None, show=None, env=None, prefix=""):
+    """Run a CLI; stream lines matching ``show`` as progress (each starting with ``prefix``); keep
+    the whole log in ``log_path``. ``env``: extra environment variables."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1", **(env or {}))  # progress as it happens
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as process:
         lines = []
         for line in process.stdout:
             lines.append(line)
             if show and re.search(show, line):
-                print("    " + progress_line(line), flush=True)
+                sys.stdout.write("    " + prefix + progress_line(line) + "\n")  # one write: callers may use threads
+                sys.stdout.flush()
     output = "".join(lines)
     if log_path:
         with open(log_path, "w", encoding="utf-8") as log:
