@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from cli_helpers import TASK_ARGS, generate_command, python_module, run, train_command
+from cli_helpers import generate_command, python_module, run, train_command
 from taskmoe_fairseq import extract
 from taskmoe_fairseq.compat import safe_torch_load
 

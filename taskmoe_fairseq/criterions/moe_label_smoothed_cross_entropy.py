@@ -15,7 +15,6 @@ perfectly balanced, E is everything on one expert); with
 import re
 from dataclasses import dataclass, field
 
-import torch
 from fairseq import metrics
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (

@@ -1,6 +1,6 @@
 """fairseq's Transformer decoder with MoE FFNs in every ``--decoder-moe-freq``-th layer."""
 
-from typing import Any, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from fairseq.modules import transformer_layer
 from fairseq.models.transformer import TransformerDecoderBase
