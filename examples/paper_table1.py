@@ -10,7 +10,7 @@ SentencePiece-decoded text) and writes, under ``--out``:
 
 * ``table1.md`` / ``table1.json``: average, xx->en and en->xx BLEU (and chrF) per configuration,
   per-direction scores, the command, configuration, hardware and wall times;
-* ``table1_bleu.png``: a per-direction bar chart;
+* ``table1_bleu.png``: per-direction bar charts of BLEU and chrF;
 * ``routing_heatmap.png``: for each decoder MoE layer of the token/target model, the gate's
   probability of every expert for every target language, and which languages share experts.
 
@@ -34,7 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "examples"))
+sys.path[:0] = [REPO, os.path.join(REPO, "examples")]  # this checkout's plugin and example helpers
 from data.script_support import atomic_write_bytes  # noqa: E402
 from quickstart import BLEU_TOKENIZE, PAIRS, XX, run, task_args  # noqa: E402
 
@@ -114,9 +114,31 @@ def train(options, name, save_dir):
     return info
 
 
-def evaluate(options, name, checkpoint, processor):
+def references_of(data, pair):
+    source, target = pair.split("-")
+    xx = target if target != "en" else source
+    with open(os.path.join(data, "raw", f"test.en-{xx}.{target}"), encoding="utf-8") as lines:
+        return lines.read().splitlines()
+
+
+def hypotheses_path(save_dir, pair):
+    return os.path.join(save_dir, "hypotheses", f"test.{pair}.txt")
+
+
+def read_hypotheses(save_dir):
+    """Detokenised test hypotheses per direction, or None when any is missing."""
+    paths = {pair: hypotheses_path(save_dir, pair) for pair in PAIRS}
+    if not all(os.path.exists(path) for path in paths.values()):
+        return None
+    return {pair: open(path, encoding="utf-8").read().split("\n")[:-1] for pair, path in paths.items()}
+
+
+def evaluate(options, name, save_dir, processor):
+    """Translate every test set with fairseq-generate; keep the detokenised hypotheses
+    (``hypotheses/test.<pair>.txt``, for the bootstrap) and return sacrebleu's BLEU and chrF."""
     import sacrebleu
 
+    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
     scores = {}
     for pair in PAIRS:
         source, target = pair.split("-")
@@ -131,15 +153,65 @@ def evaluate(options, name, checkpoint, processor):
             match = re.match(r"^H-(\d+)\t\S+\t(.*)$", line)
             if match:
                 hypotheses[int(match.group(1))] = processor.decode_pieces(match.group(2).split())
-        xx = target if target != "en" else source
-        references = open(os.path.join(options.data, "raw", f"test.en-{xx}.{target}"), encoding="utf-8").read().splitlines()
-        outputs = [hypotheses[i] for i in sorted(hypotheses)]
+        references = references_of(options.data, pair)
+        if sorted(hypotheses) != list(range(len(references))):
+            sys.exit(f"paper_table1: fairseq-generate gave {len(hypotheses)} hypotheses for the {len(references)} "
+                     f"{pair} test sentences ({checkpoint})")
+        outputs = [hypotheses[i] for i in range(len(references))]
+        atomic_write_bytes(hypotheses_path(save_dir, pair), "".join(line + "\n" for line in outputs).encode("utf-8"))
         scores[pair] = {
             "bleu": sacrebleu.corpus_bleu(outputs, [references], tokenize=BLEU_TOKENIZE.get(target, "13a")).score,
             "chrf": sacrebleu.corpus_chrf(outputs, [references]).score,
         }
         say(f"    {name} {pair}: BLEU {scores[pair]['bleu']:.1f} chrF {scores[pair]['chrf']:.1f}")
     return scores
+
+
+def bootstrap(options, hypotheses, samples=1000):
+    """Paired bootstrap resampling (Koehn 2004; sacrebleu's ``--paired-bs`` statistics) of the
+    average BLEU. The test sets are multi-way (sentence i has the same English in all 12
+    directions), so one resample of the 500 sentence indices is shared by every direction and
+    every configuration. Returns, per configuration, ``[samples]`` arrays of the average, xx->en
+    and en->xx BLEU."""
+    import numpy as np
+    from sacrebleu.metrics import BLEU
+
+    references = {pair: references_of(options.data, pair) for pair in PAIRS}
+    size = len(references[PAIRS[0]])
+    resamples = np.random.default_rng(1).integers(0, size, size=(samples, size))
+    result = {}
+    for name, outputs in hypotheses.items():
+        per_direction = {}
+        for pair in PAIRS:
+            metric = BLEU(tokenize=BLEU_TOKENIZE.get(pair.split("-")[1], "13a"))
+            stats = np.array(metric._extract_corpus_statistics(outputs[pair], [references[pair]]))  # [size, 2 + 2n]
+            per_direction[pair] = np.array([metric._compute_score_from_stats(stats[index].sum(0)).score
+                                            for index in resamples])
+        result[name] = {
+            "avg": np.mean([per_direction[pair] for pair in PAIRS], axis=0),
+            "xx_en": np.mean([per_direction[f"{xx}-en"] for xx in XX], axis=0),
+            "en_xx": np.mean([per_direction[f"en-{xx}"] for xx in XX], axis=0),
+        }
+    return result
+
+
+def interval(values):
+    import numpy as np
+
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def parameter_counts(checkpoint):
+    """Total parameters, and parameters one token uses (k of the E experts of each MoE layer)."""
+    from taskmoe_fairseq.compat import safe_torch_load
+
+    state = safe_torch_load(checkpoint)
+    args = state["cfg"]["model"]
+    total = sum(value.numel() for value in state["model"].values())
+    experts = sum(value.numel() for key, value in state["model"].items() if ".moe.experts." in key)
+    unused = experts * (args.moe_expert_count - args.moe_top_k) / args.moe_expert_count
+    return total, int(total - unused)
 
 
 def averages(scores, metric):
@@ -164,6 +236,8 @@ def routing_heatmap(checkpoint, path):
     args, model = state["cfg"]["model"], state["model"]
     langs = list(args.taskmoe_langs)
     layers = sorted(key for key in model if key.startswith("decoder.") and key.endswith("gate.task_logits"))
+    if not layers:
+        sys.exit(f"paper_table1: {checkpoint} has no task-routed decoder MoE layer to draw")
     figure, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.2), squeeze=False)
     sharing = []
     for axis, key in zip(axes[0], layers):
@@ -191,21 +265,23 @@ def routing_heatmap(checkpoint, path):
 
 
 def bar_chart(results, path):
+    """Per-direction BLEU (top) and chrF (bottom), one bar per configuration."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(results)
-    figure, axis = plt.subplots(figsize=(14, 4))
+    figure, axes = plt.subplots(2, 1, figsize=(14, 7), sharex=True)
     width = 0.8 / len(names)
-    for index, name in enumerate(names):
-        values = [results[name]["scores"][pair]["bleu"] for pair in PAIRS]
-        axis.bar([p + index * width for p in range(len(PAIRS))], values, width, label=name)
-    axis.set_xticks([p + 0.4 - width / 2 for p in range(len(PAIRS))], PAIRS)
-    axis.set_ylabel("BLEU (sacrebleu)")
-    axis.legend(ncol=4, fontsize=8)
-    axis.set_title("Per-direction BLEU by encoder/decoder routing")
+    for axis, metric, label in zip(axes, ("bleu", "chrf"), ("BLEU", "chrF")):
+        for index, name in enumerate(names):
+            values = [results[name]["scores"][pair][metric] for pair in PAIRS]
+            axis.bar([p + index * width for p in range(len(PAIRS))], values, width, label=name)
+        axis.set_ylabel(f"{label} (sacrebleu)")
+        axis.set_title(f"Per-direction {label} by encoder/decoder routing")
+    axes[1].set_xticks([p + 0.4 - width / 2 for p in range(len(PAIRS))], PAIRS)
+    axes[0].legend(ncol=4, fontsize=8)
     figure.tight_layout()
     save_figure(figure, path)
     plt.close(figure)
@@ -232,6 +308,11 @@ def main(argv=None):
     options = parser.parse_args(argv)
     import sentencepiece
 
+    try:
+        import matplotlib  # noqa: F401  (the figures; checked before hours of training)
+    except ImportError:
+        sys.exit("paper_table1: matplotlib is missing; install it with pip install -e '.[bench]'")
+
     if not os.path.exists(os.path.join(options.data, "spm.model")):
         sys.exit(f"paper_table1: {options.data} has no spm.model; build it with examples/data/binarize.py")
     names = options.configs.split(",")
@@ -247,29 +328,50 @@ def main(argv=None):
         save_dir = os.path.join(options.workdir, slug(name))
         info = train(options, name, save_dir)
         scores_path = os.path.join(save_dir, "scores.json")
-        if os.path.exists(scores_path):
+        if os.path.exists(scores_path) and read_hypotheses(save_dir) is not None:
             scores = json.load(open(scores_path))
         else:
-            scores = evaluate(options, name, os.path.join(save_dir, "checkpoint_last.pt"), processor)
+            scores = evaluate(options, name, save_dir, processor)
             write_json(scores_path, scores)
-        return {"train_seconds": info["train_seconds"], "jobs": info.get("jobs", 1), "command": info["command"], "scores": scores}
+        total, active = parameter_counts(os.path.join(save_dir, "checkpoint_last.pt"))
+        return {"train_seconds": info["train_seconds"], "jobs": info.get("jobs", 1), "command": info["command"],
+                "parameters": total, "active_parameters_per_token": active, "scores": scores}
 
     with ThreadPoolExecutor(max_workers=options.jobs) as pool:  # the work is in the fairseq subprocesses
         results = dict(zip(names, pool.map(train_and_score, names)))
 
+    resampled = bootstrap(options, {name: read_hypotheses(os.path.join(options.workdir, slug(name))) for name in names})
+    baseline = "dense" if "dense" in names else names[0]
     lines = [
-        "| encoder / decoder routing | BLEU avg | xx→en | en→xx | chrF avg | paper avg / xx→en / en→xx | train time |",
-        "|---|---|---|---|---|---|---|",
+        f"| encoder / decoder routing | BLEU avg [95% CI] | xx→en | en→xx | chrF avg / xx→en / en→xx "
+        f"| Δ BLEU avg vs {baseline} [95% CI] | parameters: total / per token | paper BLEU avg / xx→en / en→xx | train time |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, result in results.items():
         avg, xx_en, en_xx = averages(result["scores"], "bleu")
-        chrf = averages(result["scores"], "chrf")[0]
-        result.update(bleu_avg=avg, bleu_xx_en=xx_en, bleu_en_xx=en_xx, chrf_avg=chrf)
+        chrf = averages(result["scores"], "chrf")
+        difference = resampled[name]["avg"] - resampled[baseline]["avg"]
+        result.update(bleu_avg=avg, bleu_xx_en=xx_en, bleu_en_xx=en_xx, bleu_avg_ci95=interval(resampled[name]["avg"]),
+                      bleu_xx_en_ci95=interval(resampled[name]["xx_en"]), bleu_en_xx_ci95=interval(resampled[name]["en_xx"]),
+                      chrf_avg=chrf[0], chrf_xx_en=chrf[1], chrf_en_xx=chrf[2],
+                      bleu_avg_minus_baseline=avg - averages(results[baseline]["scores"], "bleu")[0],
+                      bleu_avg_minus_baseline_ci95=interval(difference))
+        low, high = result["bleu_avg_ci95"]
+        delta = "—" if name == baseline else (
+            f"{result['bleu_avg_minus_baseline']:+.2f} [{result['bleu_avg_minus_baseline_ci95'][0]:+.2f}, "
+            f"{result['bleu_avg_minus_baseline_ci95'][1]:+.2f}]")
         paper = " / ".join(f"{v:.1f}" for v in PAPER[name])
-        lines.append(f"| {name} | {avg:.1f} | {xx_en:.1f} | {en_xx:.1f} | {chrf:.1f} | {paper} | {result['train_seconds'] / 60:.0f} min |")
-    per_direction = ["| routing | " + " | ".join(PAIRS) + " |", "|---|" + "---|" * len(PAIRS)]
-    for name, result in results.items():
-        per_direction.append(f"| {name} | " + " | ".join(f"{result['scores'][p]['bleu']:.1f}" for p in PAIRS) + " |")
+        lines.append(
+            f"| {name} | {avg:.2f} [{low:.2f}, {high:.2f}] | {xx_en:.2f} | {en_xx:.2f} | "
+            f"{chrf[0]:.1f} / {chrf[1]:.1f} / {chrf[2]:.1f} | {delta} | "
+            f"{result['parameters'] / 1e6:.2f}M / {result['active_parameters_per_token'] / 1e6:.2f}M | {paper} | "
+            f"{result['train_seconds'] / 60:.0f} min |")
+    per_direction = []
+    for metric in ("bleu", "chrf"):
+        per_direction += ["", f"### {metric.upper() if metric == 'bleu' else 'chrF'}", "",
+                          "| routing | " + " | ".join(PAIRS) + " |", "|---|" + "---|" * len(PAIRS)]
+        for name, result in results.items():
+            per_direction.append(f"| {name} | " + " | ".join(f"{result['scores'][p][metric]:.1f}" for p in PAIRS) + " |")
     bar_chart(results, os.path.join(options.out, "table1_bleu.png"))
     sharing = None
     if "token/target" in results:
@@ -287,17 +389,19 @@ def main(argv=None):
         f"temperature sampling T = 5, greedy decoding (beam {options.beam}).  ",
         f"Hardware: {hardware()}; {options.jobs} configuration(s) trained at once with "
         f"{thread_env(options)['OMP_NUM_THREADS']} thread(s) each, so 'train time' is the wall time of one configuration "
-        f"sharing the machine; wall time {elapsed / 60:.0f} min for this invocation "
-        "(configurations already trained are reused).  ",
-        "BLEU: sacrebleu on SentencePiece-decoded output (tokenize 13a; zh 'zh', ja 'char'); chrF: sacrebleu defaults.",
+        f"sharing the machine (all trainings: {sum(r['train_seconds'] for r in results.values()) / 60:.0f} min, "
+        f"divided by {options.jobs} running at once); this invocation took {elapsed / 60:.0f} min "
+        "(configurations already trained or scored are reused).  ",
+        "BLEU: sacrebleu on SentencePiece-decoded output (tokenize 13a; zh 'zh', ja 'char'); chrF: sacrebleu defaults. "
+        "95% intervals: paired bootstrap over the 500 multi-way test sentences (1,000 resamples shared by all "
+        "directions and configurations). Parameters per token: the MoE layers count k of their E experts.",
         "",
         *lines,
         "",
-        "## Per direction (BLEU)",
-        "",
+        "## Per direction",
         *per_direction,
         "",
-        "![per-direction BLEU](table1_bleu.png)",
+        "![per-direction BLEU and chrF](table1_bleu.png)",
     ]
     if sharing:
         report += ["", "## Which target languages share decoder experts (token/target)", "",
