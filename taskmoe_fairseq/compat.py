@@ -96,12 +96,23 @@ def _wrap_fairseq_checkpoint_loader():
 
 def _import_fairseq_quietly():
     """Import fairseq without its import-time nags (fairscale's FutureWarnings about
-    ``torch.cuda.amp``, a tensorboardX hint), so ``import taskmoe_fairseq`` prints nothing."""
+    ``torch.cuda.amp``, a tensorboardX hint), so ``import taskmoe_fairseq`` prints nothing.
+
+    fairseq's speech tasks call ``logging.basicConfig(level=DEBUG)`` when imported; in a program
+    that has not configured logging itself, that would turn on every library's debug output
+    (matplotlib's font search, for one), so the root logger is put back as it was. The fairseq
+    CLIs configure logging before they load a plugin and are not affected."""
     logging.getLogger("fairseq.tasks.text_to_speech").setLevel(logging.WARNING)
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"fairscale")
         import fairseq.checkpoint_utils  # noqa: F401
         import fairseq.tasks  # noqa: F401
+    if not handlers:
+        root.setLevel(level)
+        for handler in root.handlers[:]:
+            root.removeHandler(handler)
 
 
 def apply():

@@ -10,6 +10,12 @@ def test_importing_the_plugin_prints_nothing():
     assert result.stdout == "" and result.stderr == ""
 
 
+def test_importing_the_plugin_leaves_the_programs_logging_alone():
+    # fairseq's speech tasks call logging.basicConfig(level=DEBUG) at import time
+    code = "import logging, taskmoe_fairseq; root = logging.getLogger(); print(root.level, len(root.handlers))"
+    assert run([sys.executable, "-c", code]).stdout.split() == ["30", "0"]
+
+
 def test_importing_registers_task_model_presets_and_criterion():
     import taskmoe_fairseq  # noqa: F401
     from fairseq.criterions import CRITERION_REGISTRY
