@@ -238,17 +238,18 @@ def routing_heatmap(checkpoint, path):
     layers = sorted(key for key in model if key.startswith("decoder.") and key.endswith("gate.task_logits"))
     if not layers:
         sys.exit(f"paper_table1: {checkpoint} has no task-routed decoder MoE layer to draw")
-    figure, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.2), squeeze=False)
+    figure, axes = plt.subplots(1, len(layers), figsize=(6 * len(layers), 3.2), squeeze=False)
     sharing = []
     for axis, key in zip(axes[0], layers):
         probs = model[key].float().softmax(-1)  # [languages, experts]
         top = probs.topk(args.moe_top_k, dim=-1).indices
-        axis.imshow(probs.numpy(), cmap="viridis", aspect="auto")
+        image = axis.imshow(probs.numpy(), cmap="viridis", aspect="auto", vmin=0)
+        figure.colorbar(image, ax=axis, label="gate probability")
         axis.set_yticks(range(len(langs)), [f"->{lang}" for lang in langs])
         axis.set_xticks(range(probs.size(1)))
         axis.set_xlabel("expert")
         layer = key.split(".")[2]
-        axis.set_title(f"decoder layer {layer}: gate probability")
+        axis.set_title(f"decoder layer {layer} (0-based): target language -> expert")
         groups = {}
         for lang, experts in zip(langs, top.tolist()):
             groups.setdefault(tuple(sorted(experts)), []).append(lang)
