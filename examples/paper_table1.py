@@ -416,6 +416,9 @@ def main(argv=None):
                {"command": command, "hardware": hardware(), "wall_seconds": elapsed, "options": vars(options),
                 "results": results, "routing_sharing": sharing, "paper": PAPER})
     print("\n".join(lines))
+    for layer in sharing or []:
+        print(f"{layer['layer']} (token/target), experts shared by target languages: "
+              + ("; ".join(f"{e}: {', '.join(users)}" for e, users in layer["shared_experts"].items()) or "none"))
     print(f"wrote {options.out}/table1.md, table1.json, table1_bleu.png" + (", routing_heatmap.png" if sharing else ""))
 
 
