@@ -103,8 +103,28 @@ def make_config(quick: bool) -> dict:
         vocab=8000,
         src_len=20,  # longest source; lengths vary in [src_len - 6, src_len], left-padded
     )
-    if quick:
-        run = dict(
+    run = dict(
+        experts=[8, 32, 128],
+        tgt_len=20,
+        decode_rounds=3,
+        batch1_sentences=6,
+        diagnose_batch1_sentences=4,
+        train_rounds=3,
+        train_sentences=32,
+        memory=True,
+        memory_every_e=True,
+        memory_decode=("beam4", 4),
+        profile_decode=True,
+        profile_every_e=True,
+        diagnose=True,
+        diagnose_every_e=True,
+        diagnose_settings=["greedy b1", "greedy b64"],
+        profile_runs=2,
+        train_warmup=2,
+        train_experts=None,
+    )
+    if quick:  # --quick: a smoke run of every section, smaller everywhere
+        run.update(
             experts=[8, 32],
             tgt_len=10,
             decode_rounds=1,
@@ -112,38 +132,14 @@ def make_config(quick: bool) -> dict:
             diagnose_batch1_sentences=3,
             train_rounds=1,
             train_sentences=16,
-            memory=True,
             memory_every_e=False,
             memory_decode=("greedy", 1),
-            profile_decode=True,
             profile_every_e=False,
-            diagnose=True,
             diagnose_every_e=False,
             diagnose_settings=["greedy b1"],
             profile_runs=1,
             train_warmup=1,
             train_experts=[32],
-        )
-    else:
-        run = dict(
-            experts=[8, 32, 128],
-            tgt_len=20,
-            decode_rounds=3,
-            batch1_sentences=6,
-            diagnose_batch1_sentences=4,
-            train_rounds=3,
-            train_sentences=32,
-            memory=True,
-            memory_every_e=True,
-            memory_decode=("beam4", 4),
-            profile_decode=True,
-            profile_every_e=True,
-            diagnose=True,
-            diagnose_every_e=True,
-            diagnose_settings=["greedy b1", "greedy b64"],
-            profile_runs=2,
-            train_warmup=2,
-            train_experts=None,
         )
     return {**shape, **run}
 
