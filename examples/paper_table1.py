@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "examples")]  # this checkout's plugin and example helpers
 from data.script_support import atomic_write_bytes  # noqa: E402
-from quickstart import BLEU_TOKENIZE, PAIRS, XX, run, task_args  # noqa: E402
+from quickstart import BLEU_TOKENIZE, PAIRS, XX, generate, run, task_args, test_references  # noqa: E402
 
 # name -> (encoder routing, decoder routing, extra fairseq-train options); the paper's row order
 CONFIGS = {
@@ -114,13 +113,6 @@ def train(options, name, save_dir):
     return info
 
 
-def references_of(data, pair):
-    source, target = pair.split("-")
-    xx = target if target != "en" else source
-    with open(os.path.join(data, "raw", f"test.en-{xx}.{target}"), encoding="utf-8") as lines:
-        return lines.read().splitlines()
-
-
 def hypotheses_path(save_dir, pair):
     return os.path.join(save_dir, "hypotheses", f"test.{pair}.txt")
 
@@ -141,23 +133,10 @@ def evaluate(options, name, save_dir, processor):
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
     scores = {}
     for pair in PAIRS:
-        source, target = pair.split("-")
-        output = run([
-            "fairseq-generate", options.data, *task_args(), "--source-lang", source, "--target-lang", target,
-            "--path", checkpoint, "--gen-subset", "test", "--beam", str(options.beam),
-            "--max-len-a", "1.2", "--max-len-b", "10", "--batch-size", "128",
-            "--required-batch-size-multiple", "1", "--cpu",
-        ], env=thread_env(options))
-        hypotheses = {}
-        for line in output.splitlines():
-            match = re.match(r"^H-(\d+)\t\S+\t(.*)$", line)
-            if match:
-                hypotheses[int(match.group(1))] = processor.decode_pieces(match.group(2).split())
-        references = references_of(options.data, pair)
-        if sorted(hypotheses) != list(range(len(references))):
-            sys.exit(f"paper_table1: fairseq-generate gave {len(hypotheses)} hypotheses for the {len(references)} "
-                     f"{pair} test sentences ({checkpoint})")
-        outputs = [hypotheses[i] for i in range(len(references))]
+        target = pair.split("-")[1]
+        outputs, _ = generate(options.data, checkpoint, pair, processor, beam=options.beam, batch_size=128,
+                              env=thread_env(options))
+        references = test_references(options.data, pair)
         atomic_write_bytes(hypotheses_path(save_dir, pair), "".join(line + "\n" for line in outputs).encode("utf-8"))
         scores[pair] = {
             "bleu": sacrebleu.corpus_bleu(outputs, [references], tokenize=BLEU_TOKENIZE.get(target, "13a")).score,
@@ -176,7 +155,7 @@ def bootstrap(options, hypotheses, samples=1000):
     import numpy as np
     from sacrebleu.metrics import BLEU
 
-    references = {pair: references_of(options.data, pair) for pair in PAIRS}
+    references = {pair: test_references(options.data, pair) for pair in PAIRS}
     size = len(references[PAIRS[0]])
     resamples = np.random.default_rng(1).integers(0, size, size=(samples, size))
     result = {}
@@ -250,9 +229,6 @@ def routing_heatmap(checkpoint, path):
         axis.set_xlabel("expert")
         layer = key.split(".")[2]
         axis.set_title(f"decoder layer {layer} (0-based): target language -> expert")
-        groups = {}
-        for lang, experts in zip(langs, top.tolist()):
-            groups.setdefault(tuple(sorted(experts)), []).append(lang)
         shared = {}
         for expert in range(probs.size(1)):
             users = [lang for lang, experts in zip(langs, top.tolist()) if expert in experts]

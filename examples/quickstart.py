@@ -115,21 +115,35 @@ def decode_pieces(text, processor):
     return processor.decode_pieces(text.split())
 
 
-def generate(data, checkpoint, pair, processor, log_path):
+def test_references(data, pair):
+    """The raw references of ``pair``'s test set (``xx-en`` reads the ``en-xx`` files)."""
+    source, target = pair.split("-")
+    en_xx = "en-" + (target if target != "en" else source)
+    with open(os.path.join(data, "raw", f"test.{en_xx}.{target}"), encoding="utf-8") as lines:
+        return lines.read().splitlines()
+
+
+def generate(data, checkpoint, pair, processor, log_path=None, beam=4, batch_size=64, env=None):
+    """Translate ``pair``'s test set with fairseq-generate; return the detokenised hypotheses in
+    test-set order and fairseq's target tokens/s."""
     source, target = pair.split("-")
     output = run([
         "fairseq-generate", data, *task_args(), "--source-lang", source, "--target-lang", target,
-        "--path", checkpoint, "--gen-subset", "test", "--beam", "4",
-        "--max-len-a", "1.2", "--max-len-b", "10", "--batch-size", "64",
+        "--path", checkpoint, "--gen-subset", "test", "--beam", str(beam),
+        "--max-len-a", "1.2", "--max-len-b", "10", "--batch-size", str(batch_size),
         "--required-batch-size-multiple", "1", "--cpu",
-    ], log_path)
+    ], log_path, env=env)
     hypotheses = {}
     for line in output.splitlines():
         match = re.match(r"^H-(\d+)\t\S+\t(.*)$", line)
         if match:
             hypotheses[int(match.group(1))] = decode_pieces(match.group(2), processor)
+    expected = len(test_references(data, pair))
+    if sorted(hypotheses) != list(range(expected)):
+        sys.exit(f"{os.path.basename(sys.argv[0])}: fairseq-generate gave {len(hypotheses)} hypotheses for the "
+                 f"{expected} {pair} test sentences ({checkpoint})")
     speed = re.search(r"Translated .* \(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", output)
-    return [hypotheses[i] for i in sorted(hypotheses)], float(speed.group(2))
+    return [hypotheses[i] for i in range(expected)], float(speed.group(2))
 
 
 def main(argv=None):
@@ -179,8 +193,7 @@ def main(argv=None):
         full_hyps, full_speed = generate(data, checkpoint, pair, processor, os.path.join(extracted, f"{pair}.full.log"))
         ext_hyps, ext_speed = generate(data, os.path.join(extracted, f"{pair}.pt"), pair, processor,
                                        os.path.join(extracted, f"{pair}.extracted.log"))
-        en_xx = "en-" + (target if target != "en" else pair.split("-")[0])
-        references = open(os.path.join(data, "raw", f"test.{en_xx}.{target}"), encoding="utf-8").read().splitlines()
+        references = test_references(data, pair)
         tokenize = BLEU_TOKENIZE.get(target, "13a")
         report = json.load(open(os.path.join(extracted, f"{pair}.report.json")))
         row = {
