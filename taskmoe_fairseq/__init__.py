@@ -5,9 +5,10 @@ Loaded with ``--user-dir taskmoe_fairseq``; importing it registers the task
 presets) and the criterion ``moe_label_smoothed_cross_entropy``.
 """
 
-from taskmoe_fairseq import compat
+from taskmoe_fairseq import compat, errors
 
 compat.apply()
+errors.install_excepthook()  # fairseq's CLIs print a TaskMoeError as one line
 
 from taskmoe_fairseq import criterions, models, tasks  # noqa: E402,F401  (registers them)
 

@@ -61,9 +61,14 @@ def describe_load_failure(path: str, error: BaseException) -> str:
     return f"{path}: not a readable torch checkpoint ({first_line}); the file is corrupt or of another kind"
 
 
-def safe_torch_load(path: str):
-    """``torch.load`` with the safe loader (allow-list above); bad files raise a one-line error."""
+def safe_torch_load(path: str, mmap: bool = False):
+    """``torch.load`` with the safe loader (allow-list above); bad files raise a one-line error.
+
+    ``mmap``: map the file instead of reading it (tensors are paged in when used, so a
+    checkpoint's optimizer state is never read)."""
     try:
+        if mmap and zipfile.is_zipfile(path):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         with open(path, "rb") as handle:
             return torch.load(handle, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001  (torch.load is all this does: any failure is the file's)

@@ -20,19 +20,16 @@ import copy
 import json
 import os
 import sys
-import tempfile
-from typing import Dict, List, Optional
+import types
+from typing import List
 
 import torch
+from fairseq.data import Dictionary
 
 from taskmoe_fairseq import compat
-from taskmoe_fairseq.errors import TaskMoeUsageError, usage_error
-from taskmoe_fairseq.models.moe_options import SIDES, is_moe_layer
-from taskmoe_fairseq.modules import routing_kinds
-from taskmoe_fairseq.modules.static_gate import StaticTaskGate
-from taskmoe_fairseq.modules.task_gate import TaskGate
-
-EXPERT_PARAMS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
+from taskmoe_fairseq.errors import run_cli, usage_error
+from taskmoe_fairseq.files import atomic_write
+from taskmoe_fairseq.models.extraction import extractable_layers
 
 
 def model_args(state: dict, path: str) -> argparse.Namespace:
@@ -60,122 +57,45 @@ def known_pairs(args) -> List[str]:
     return pairs.split(",") if isinstance(pairs, str) else list(pairs or [])
 
 
-def extractable_layers(args) -> List[tuple]:
-    """``(side, layer index, routing)`` of every task-routed or static MoE layer."""
-    layers = []
-    for side in SIDES:
-        routing = getattr(args, f"{side}_moe_routing")
-        if not routing_kinds.is_extractable(routing):
-            continue
-        for index in range(getattr(args, f"{side}_layers")):
-            if is_moe_layer(args, side, index):
-                layers.append((side, index, routing))
-    return layers
+def _dictionary(size: int) -> Dictionary:
+    """A dictionary of ``size`` symbols: the model needs only its size and special indices."""
+    dictionary = Dictionary()
+    while len(dictionary) < size:
+        dictionary.add_symbol(f"<{len(dictionary)}>")
+    return dictionary
 
 
-def route_pair(args, model_state: dict, prefix: str, routing: str, pair: str):
-    """The experts ``[K]`` and weights ``[K]`` (float32) the layer's gate gives ``pair``,
-    computed by the same gate code the model runs."""
-    langs = list(args.taskmoe_langs)
-    src, tgt = pair.split("-")
-    key = routing_kinds.task_key(routing)
-    task = routing_kinds.task_ids(key, torch.tensor([langs.index(src)]), torch.tensor([langs.index(tgt)]), len(langs))
-    if routing_kinds.is_static(routing):
-        weights, index = StaticTaskGate(args.moe_expert_count, args.moe_top_k).route_tasks(task)
-    else:
-        gate = TaskGate(routing_kinds.num_tasks(key, len(langs)), args.moe_expert_count, args.moe_top_k)
-        gate.load_state_dict({"task_logits": model_state[prefix + "gate.task_logits"]})
-        with torch.no_grad():
-            _, weights, index = gate.route_tasks(task)
-    return index[0], weights[0].float()
+def load_model(checkpoint: dict, args):
+    """The full model of a checkpoint, built from its args and loaded with its weights
+    (old layouts upgraded by the model's ``upgrade_state_dict_named``)."""
+    from taskmoe_fairseq.models.taskmoe_transformer import TaskMoeTransformerModel
+
+    state = checkpoint["model"]
+    source = _dictionary(state["encoder.embed_tokens.weight"].size(0))
+    target = source if args.share_all_embeddings else _dictionary(state["decoder.embed_tokens.weight"].size(0))
+    task = types.SimpleNamespace(
+        source_dictionary=source, target_dictionary=target, langs=list(args.taskmoe_langs), provides_language_ids=True
+    )
+    model = TaskMoeTransformerModel.build_model(copy.deepcopy(args), task)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
 
 
-def merge_experts(experts: List[Dict[str, torch.Tensor]], weights: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """One expert of width ``k * ffn`` equal to ``sum_k w_k * expert_k`` (exact in real arithmetic)."""
-    dtype = experts[0]["fc2.weight"].dtype
-    scale = [weight.to(dtype) for weight in weights]
-    return {
-        "fc1.weight": torch.cat([expert["fc1.weight"] for expert in experts], dim=0),
-        "fc1.bias": torch.cat([expert["fc1.bias"] for expert in experts], dim=0),
-        "fc2.weight": torch.cat([w * expert["fc2.weight"] for w, expert in zip(scale, experts)], dim=1),
-        "fc2.bias": sum(w * expert["fc2.bias"] for w, expert in zip(scale, experts)),
-    }
-
-
-def extract_pair(args, model_state: dict, pair: str, merge: bool):
-    """The sub-network state dict for ``pair`` and one report row per extracted layer."""
-    layers = extractable_layers(args)
-    prefixes = [f"{side}.layers.{index}.moe." for side, index, _ in layers]
-    state = {key: value for key, value in model_state.items() if not key.startswith(tuple(prefixes))}
-    rows = []
-    for (side, index, routing), prefix in zip(layers, prefixes):
-        experts, gate_weights = route_pair(args, model_state, prefix, routing, pair)
-        kept = [{name: model_state[f"{prefix}experts.{int(e)}.{name}"] for name in EXPERT_PARAMS} for e in experts]
-        weights = gate_weights
-        if merge:
-            kept, weights = [merge_experts(kept, gate_weights)], torch.ones(1)
-        for slot, expert in enumerate(kept):
-            for name, tensor in expert.items():
-                # clone: saving a view would write the full model's storage
-                state[f"{prefix}experts.{slot}.{name}"] = tensor.clone()
-        state[prefix + "expert_weights"] = weights.clone()
-        rows.append(
-            {
-                "layer": f"{side}.{index}",
-                "routing": routing,
-                "experts_before": args.moe_expert_count,
-                "experts_kept": [int(e) for e in experts],
-                "gate_weights": [round(float(w), 6) for w in gate_weights],
-                "params_before": sum(t.numel() for k, t in model_state.items() if k.startswith(prefix)),
-                "params_after": sum(t.numel() for k, t in state.items() if k.startswith(prefix)),
-            }
-        )
-    return state, rows
-
-
-def extracted_checkpoint(checkpoint: dict, args, model_state: dict, pair: Optional[str], merge: bool) -> dict:
-    new_args = copy.deepcopy(args)
-    new_args.moe_extracted_lang_pair = pair
-    new_args.moe_merged_experts = bool(merge and pair)
+def extracted_checkpoint(checkpoint: dict, model) -> dict:
+    """The checkpoint of an extracted model: its args and weights, no optimizer state."""
     cfg = dict(checkpoint.get("cfg") or {})
-    if cfg:
-        cfg["model"] = new_args
     out = {key: value for key, value in checkpoint.items() if key not in ("model", "cfg", "args", "last_optimizer_state")}
-    out["model"] = model_state
+    out["model"] = model.state_dict()
     if cfg:
+        cfg["model"] = model.args
         out["cfg"] = cfg
     else:
-        out["args"] = new_args
+        out["args"] = model.args
     return out
 
 
-def atomic_torch_save(obj, path: str, force: bool):
-    if os.path.exists(path) and not force:
-        raise usage_error(f"{path} exists; pass --force to overwrite it")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=".extract-", suffix=".tmp", dir=folder)
-    except OSError as error:
-        raise usage_error(f"cannot write to {folder} ({error.strerror}); choose a writable --output/--output-dir") from None
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            if isinstance(obj, (bytes, str)):
-                stream.write(obj.encode() if isinstance(obj, str) else obj)
-            else:
-                torch.save(obj, stream)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual mode
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
-def count_params(state: dict) -> int:
-    return sum(t.numel() for t in state.values() if torch.is_tensor(t))
+def save_checkpoint(obj, path: str):
+    atomic_write(path, lambda stream: torch.save(obj, stream))
 
 
 def print_report(report: dict, stream=None):
@@ -218,22 +138,38 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def output_paths(options, pairs: List[str]) -> List[str]:
+    """Where each pair goes; every problem with a path is one line, before anything is read or written."""
+    if options.report_only:
+        return [None] * len(pairs)
+    if len(pairs) > 1 and not options.output_dir:
+        raise usage_error(f"{len(pairs)} pairs need --output-dir (one <pair>.pt each), not --output")
+    if not options.output and not options.output_dir:
+        raise usage_error("say where to write: --output FILE (one pair) or --output-dir DIR")
+    if options.output_dir and os.path.exists(options.output_dir) and not os.path.isdir(options.output_dir):
+        raise usage_error(f"--output-dir {options.output_dir} is a file; pass a folder")
+    paths = [options.output] if options.output else [os.path.join(options.output_dir, f"{pair}.pt") for pair in pairs]
+    source = os.path.realpath(options.checkpoint)
+    for path in paths:
+        if os.path.isdir(path):
+            raise usage_error(f"{path} is a folder; pass a file name with --output, or use --output-dir")
+        for written in (path, os.path.splitext(path)[0] + ".report.json"):
+            if os.path.realpath(written) == source:
+                raise usage_error(f"{written} is the input checkpoint, which is never modified; choose another output")
+        if os.path.exists(path) and not options.force:
+            raise usage_error(f"{path} exists; pass --force to overwrite it")
+    return paths
+
+
 def run(options) -> List[dict]:
-    checkpoint = compat.safe_torch_load(options.checkpoint)
+    checkpoint = compat.safe_torch_load(options.checkpoint, mmap=True)
     args = model_args(checkpoint, options.checkpoint)
     pairs_known = known_pairs(args)
-    if options.all_lang_pairs:
-        pairs = pairs_known
-    else:
-        pairs = options.lang_pair or options.lang_pairs.split(",")
+    pairs = pairs_known if options.all_lang_pairs else (options.lang_pair or options.lang_pairs.split(","))
     unknown = [pair for pair in pairs if pair not in pairs_known]
     if unknown:
         raise usage_error(f"unknown language pair {','.join(unknown)}; the model knows {','.join(pairs_known)}")
-    if not options.report_only:
-        if len(pairs) > 1 and not options.output_dir:
-            raise usage_error(f"{len(pairs)} pairs need --output-dir (one <pair>.pt each), not --output")
-        if not options.output and not options.output_dir:
-            raise usage_error("say where to write: --output FILE (one pair) or --output-dir DIR")
+    paths = output_paths(options, pairs)
 
     layers = extractable_layers(args)
     if not layers:
@@ -246,41 +182,36 @@ def run(options) -> List[dict]:
             raise usage_error(message + "; pass --plain-copy to write an unchanged copy")
         print(message + "; writing unchanged copies", file=sys.stderr)
 
-    model_state = checkpoint["model"]
+    model = load_model(checkpoint, args)
+    params_before = sum(p.numel() for p in model.state_dict().values())
     file_bytes = os.path.getsize(options.checkpoint)
     reports = []
-    for pair in pairs:
+    for pair, path in zip(pairs, paths):
         if layers:
-            state, rows = extract_pair(args, model_state, pair, options.merge_experts)
+            extracted, rows = model.extract(pair, merge=options.merge_experts)
         else:
-            state, rows = model_state, []
+            extracted, rows = model, []
         report = {
             "lang_pair": pair,
             "source_checkpoint": os.path.abspath(options.checkpoint),
             "merge_experts": bool(options.merge_experts),
-            "params_before": count_params(model_state),
-            "params_after": count_params(state),
+            "params_before": params_before,
+            "params_after": sum(p.numel() for p in extracted.state_dict().values()),
             "file_bytes_before": file_bytes,
             "layers": rows,
         }
-        if not options.report_only:
-            output = options.output or os.path.join(options.output_dir, f"{pair}.pt")
-            atomic_torch_save(extracted_checkpoint(checkpoint, args, state, pair if layers else None, options.merge_experts), output, options.force)
-            report["output"] = os.path.abspath(output)
-            report["file_bytes_after"] = os.path.getsize(output)
-            atomic_torch_save(json.dumps(report, indent=2) + "\n", os.path.splitext(output)[0] + ".report.json", True)
+        if path is not None:
+            save_checkpoint(extracted_checkpoint(checkpoint, extracted), path)
+            report["output"] = os.path.abspath(path)
+            report["file_bytes_after"] = os.path.getsize(path)
+            atomic_write(os.path.splitext(path)[0] + ".report.json", (json.dumps(report, indent=2) + "\n").encode())
         print_report(report)
         reports.append(report)
     return reports
 
 
 def main(argv=None):
-    try:
-        run(parse_args(argv))
-    except TaskMoeUsageError as error:
-        print(f"taskmoe_fairseq.extract: error: {error.message}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("taskmoe_fairseq.extract", lambda a: run(parse_args(a)) and 0, argv)
 
 
 if __name__ == "__main__":

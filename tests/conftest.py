@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_helpers import (  # noqa: E402
@@ -11,6 +12,10 @@ from cli_helpers import (  # noqa: E402
     run,
     train_command,
 )
+
+# In-process tests run tiny models: one intra-op thread is faster than two that wait on each
+# other, and it leaves the second core to the CLI subprocesses some tests start.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

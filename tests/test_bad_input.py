@@ -176,3 +176,60 @@ def test_extract_cli_prints_one_line_without_traceback(trained):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("taskmoe_fairseq.extract: error: unknown language pair xx-yy")
     assert "Traceback" not in result.stderr
+
+
+def test_extract_output_problems_are_one_line_and_never_touch_the_input(capsys, trained, tmp_path):
+    full = trained.get("token", "target")
+    before = open(full, "rb").read()
+    (tmp_path / "folder").mkdir()
+    status, _, err = run_extract(capsys, "--checkpoint", full, "--lang-pair", "en-de", "--output", str(tmp_path / "folder"), "--force")
+    assert status == 2 and "is a folder" in err and err.count("\n") == 1
+    status, _, err = run_extract(capsys, "--checkpoint", full, "--lang-pair", "en-de", "--output", full, "--force")
+    assert status == 2 and "is the input checkpoint, which is never modified" in err
+    link = tmp_path / "same.pt"
+    os.symlink(full, link)
+    status, _, err = run_extract(capsys, "--checkpoint", str(link), "--lang-pair", "en-de", "--output", full, "--force")
+    assert status == 2 and "is the input checkpoint" in err
+    (tmp_path / "file").write_bytes(b"x")
+    status, _, err = run_extract(capsys, "--checkpoint", full, "--all-lang-pairs", "--output-dir", str(tmp_path / "file"))
+    assert status == 2 and "is a file; pass a folder" in err
+    assert open(full, "rb").read() == before
+
+
+def test_extract_syncs_the_file_before_renaming_it(capsys, trained, tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or real_replace(a, b))
+    status, _, _ = run_extract(capsys, "--checkpoint", trained.get("token", "target"), "--lang-pair", "en-de", "--output", str(tmp_path / "en-de.pt"))
+    assert status == 0
+    assert events[:2] == ["fsync", "replace"]  # the checkpoint, then its report
+    assert events.count("replace") == 2
+
+
+def test_extract_maps_the_checkpoint_instead_of_reading_it(capsys, trained, tmp_path, monkeypatch):
+    calls = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
+    status, _, _ = run_extract(capsys, "--checkpoint", trained.get("token", "target"), "--lang-pair", "en-de", "--report-only")
+    assert status == 0 and calls and all(call.get("mmap") and call.get("weights_only") for call in calls)
+
+
+@pytest.mark.parametrize("tool", ["fairseq-generate", "fairseq-interactive"])
+def test_an_extracted_checkpoint_asked_for_another_pair_stops_with_one_line(tool, trained, data_dir, tmp_path):
+    full = trained.get("token", "target")
+    assert extract.main(["--checkpoint", full, "--lang-pair", "en-de", "--output", str(tmp_path / "en-de.pt")]) == 0
+    command = generate_command(data_dir, str(tmp_path / "en-de.pt"), "de-en", beam=1)
+    stdin = None
+    if tool == "fairseq-interactive":
+        command = ["fairseq-interactive", *command[1:command.index("--gen-subset")], "--cpu"]
+        stdin = "▁hallo\n"
+    result = run(command, check=False, stdin=stdin)
+    assert_one_line_error(result, "is the en-de sub-network; it cannot translate de-en")
+    assert "H-" not in result.stdout
+
+
+def test_usage_errors_are_exceptions_a_server_can_catch():
+    from taskmoe_fairseq.errors import TaskMoeError
+
+    assert issubclass(TaskMoeError, Exception) and not issubclass(TaskMoeError, SystemExit)

@@ -35,7 +35,7 @@ def test_binarize_manifest_records_versions_counts_and_true_checksums(data_dir):
 def test_train_logs_gate_loss_expert_load_and_per_pair_validation_loss(trained):
     trained.get("token", "target")
     log = trained.log("token", "target", 12, ()).stderr + trained.log("token", "target", 12, ()).stdout
-    assert "moe_gate_loss" in log and "moe_drop_enc1" in log and "moe_balance_dec1" in log
+    assert "moe_gate_loss" in log and "moe_drop_encoder.1" in log and "moe_balance_decoder.1" in log
     valid = [line for line in log.splitlines() if "valid on 'valid' subset" in line][-1]
     for pair in LANG_PAIRS:
         assert f"loss_{pair} " in valid
@@ -58,10 +58,11 @@ def test_resume_continues_from_the_checkpoint(trained, data_dir, tmp_path):
     assert updates_in(log) == 16
 
 
-def test_generate_translates_every_pair_from_the_full_checkpoint(trained, data_dir):
+def test_generate_translates_from_the_full_checkpoint(trained, data_dir):
     checkpoint = trained.get("token", "target")
-    results = run_many([generate_command(data_dir, checkpoint, pair, beam=2) for pair in LANG_PAIRS])
-    for pair, result in zip(LANG_PAIRS, results):
+    pairs = ["en-ru", "de-en"]  # one into, one out of English (every pair's routing: test_extraction.py)
+    results = run_many([generate_command(data_dir, checkpoint, pair, beam=2) for pair in pairs])
+    for pair, result in zip(pairs, results):
         hypotheses = parse_generation(result.stdout)
         assert len(hypotheses) == TEST_LINES, pair
         assert "BLEU" in result.stdout, pair

@@ -108,3 +108,34 @@ def test_static_gate_assigns_k_distinct_experts_deterministically():
     assert decision.expert_index.tolist() == [[0, 1], [2, 3], [2, 3], [2, 3]]
     assert torch.equal(decision.expert_weight, torch.full((4, 2), 0.5))
     assert float(decision.gate_loss) == 0.0
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 4])
+def test_sampling_policy_attaches_each_weight_to_its_own_expert(top_k):
+    """The weight of every kept expert is its renormalised gate probability (k >= 3 used to be re-sorted)."""
+    torch.manual_seed(0)
+    gate = TokenTopKGate(model_dim=8, num_experts=6, top_k=top_k, capacity_factor=0, second_expert_policy="sampling")
+    gate.train()
+    tokens = torch.randn(500, 8)
+    decision = gate(tokens)
+    probs = (tokens @ gate.wg.weight.t()).softmax(-1)
+    chosen = probs.gather(1, decision.expert_index)
+    want = chosen if top_k == 1 else chosen / chosen.sum(-1, keepdim=True)
+    torch.testing.assert_close(decision.expert_weight, want)
+    assert torch.equal(decision.expert_index[:, 0], probs.argmax(-1))  # the first choice is never sampled
+    assert (decision.expert_index.sort(-1).values.diff(dim=-1) > 0).all()  # k distinct experts
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gate_parameters_stay_float32_when_the_model_is_converted(dtype):
+    from taskmoe_fairseq.modules.sentence_gate import SentenceTopKGate
+    from taskmoe_fairseq.modules.extracted_feed_forward import ExtractedFeedForward
+
+    for gate in (TaskGate(3, 4), TokenTopKGate(8, 4), SentenceTopKGate(8, 4)):
+        before = {name: p.detach().clone() for name, p in gate.named_parameters()}
+        gate.to(dtype)
+        for name, p in gate.named_parameters():
+            assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
+    extracted = ExtractedFeedForward(8, 16, 2).to(dtype)
+    assert extracted.expert_weights.dtype == torch.float32
+    assert extracted.experts[0].fc1.weight.dtype == dtype  # the experts do convert

@@ -1,30 +1,36 @@
-import itertools
-
 import pytest
 import torch
 from fairseq.models.transformer import TransformerModel
 
 from model_helpers import build_model, fake_task, model_args, random_batch
+from taskmoe_fairseq.errors import TaskMoeError
 from taskmoe_fairseq.modules import routing_kinds
 
 ROUTINGS = routing_kinds.ROUTING_CHOICES
 
 
-@pytest.mark.parametrize("encoder_routing,decoder_routing", list(itertools.product(ROUTINGS, ROUTINGS)))
+# every routing on each side, against three different routings on the other (24 of the 64 pairs)
+COMBINATIONS = [(ROUTINGS[i], ROUTINGS[(i + shift) % len(ROUTINGS)]) for shift in (0, 3, 5) for i in range(len(ROUTINGS))]
+
+
+@pytest.mark.parametrize("encoder_routing,decoder_routing", COMBINATIONS)
 def test_forward_and_backward_for_every_routing_combination(encoder_routing, decoder_routing):
     model, task = build_model(encoder_routing, decoder_routing)
     model.train()
     batch = random_batch(task.source_dictionary)
-    logits, _ = model(**batch)
+    logits, extra = model(**batch)
     assert logits.shape == (4, 6, len(task.target_dictionary))
     assert torch.isfinite(logits).all()
-    gate_loss = sum(moe.last_decision.gate_loss for _, moe in model.moe_layers())
-    (logits.logsumexp(-1).mean() + 0.01 * gate_loss).backward()
+    aux = extra["moe_aux"]  # the gate losses come with the output, one per MoE layer
+    assert sorted(a.layer for a in aux) == ["decoder.1", "encoder.1"]
+    (logits.logsumexp(-1).mean() + 0.01 * sum(a.gate_loss for a in aux)).backward()
     assert [name for name, _ in model.moe_layers()] == ["encoder.1", "decoder.1"]
     assert model.encoder.embed_tokens.weight.grad is not None
-    for _, moe in model.moe_layers():
-        if moe.gate.__class__.__name__ != "StaticTaskGate":
-            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in moe.gate.parameters())
+    gates = [moe.gate for _, moe in model.moe_layers() if moe.routes_tokens] + list(model.encoder.moe_router.gates.values())
+    assert len(gates) == 2
+    for gate in gates:
+        if gate.__class__.__name__ != "StaticTaskGate":
+            assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gate.parameters())
 
 
 def test_without_moe_layers_it_is_exactly_fairseqs_transformer():
@@ -62,12 +68,12 @@ def test_incremental_decoding_with_reordered_beams_matches_teacher_forcing(decod
 
 
 def test_top_k_above_expert_count_is_a_one_line_error():
-    with pytest.raises(SystemExit, match="--moe-top-k 5 must be between 1 and --moe-expert-count"):
+    with pytest.raises(TaskMoeError, match="--moe-top-k 5 must be between 1 and --moe-expert-count"):
         build_model(moe_expert_count=4, moe_top_k=5)
 
 
 def test_task_routing_needs_the_taskmoe_task():
-    with pytest.raises(SystemExit, match="routes by language; run it with --task multilingual_translation_taskmoe"):
+    with pytest.raises(TaskMoeError, match="routes by language; run it with --task multilingual_translation_taskmoe"):
         build_model("token", "target", task=fake_task(provides_language_ids=False))
     build_model("token", "token", task=fake_task(provides_language_ids=False))  # token routing needs no ids
 
@@ -77,5 +83,90 @@ def test_language_order_must_match_the_checkpoint():
     args = model.args
     from taskmoe_fairseq.models.taskmoe_transformer import TaskMoeTransformerModel
 
-    with pytest.raises(SystemExit, match="trained with --langs en,de,fr.*pass --langs en,de,fr"):
+    with pytest.raises(TaskMoeError, match="trained with --langs en,de,fr.*pass --langs en,de,fr"):
         TaskMoeTransformerModel.build_model(args, fake_task(langs=["de", "en", "fr"]))
+
+
+@pytest.mark.parametrize("option", ["moe_expert_count", "moe_top_k"])
+def test_zero_experts_or_zero_top_k_is_an_error_not_the_preset(option):
+    with pytest.raises(TaskMoeError, match="--moe-expert-count must be at least 1|--moe-top-k 0 must be between"):
+        build_model(**{option: 0})
+
+
+def test_layerdrop_trains_and_reports_only_the_layers_that_ran():
+    model, task = build_model("token", "token", encoder_layerdrop=0.5, decoder_layerdrop=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    names = set()
+    for step in range(8):
+        model.train()
+        batch = random_batch(task.source_dictionary, seed=step)
+        logits, extra = model(**batch)
+        names.update(a.layer for a in extra["moe_aux"])
+        loss = logits.logsumexp(-1).mean() + sum(a.gate_loss for a in extra["moe_aux"])
+        optimizer.zero_grad()
+        loss.backward()  # a stale gate loss from an earlier step would fail here ("backward ... second time")
+        optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            _, extra = model(**batch)
+        assert sorted(a.layer for a in extra["moe_aux"]) == ["decoder.1", "encoder.1"]  # no LayerDrop in eval
+    assert names <= {"encoder.1", "decoder.1"}
+
+
+@pytest.mark.parametrize("routing", [("token", "target"), ("sentence", "token")])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(routing):
+    results = []
+    for checkpoint in (False, True):
+        model, task = build_model(*routing, checkpoint_activations=checkpoint)
+        model.train()
+        batch = random_batch(task.source_dictionary)
+        torch.manual_seed(5)
+        logits, extra = model(**batch)
+        loss = logits.logsumexp(-1).mean() + sum(a.gate_loss for a in extra["moe_aux"])
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_plain, grads_plain), (loss_ckpt, grads_ckpt) = results
+    layer = build_model(*routing, checkpoint_activations=True)[0].decoder.layers[1]
+    assert hasattr(layer, "precheckpoint_forward")  # fairseq's wrapper is really applied
+    torch.testing.assert_close(loss_ckpt, loss_plain)
+    assert grads_ckpt.keys() == grads_plain.keys()
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_generation_routes_once_per_batch_not_once_per_decoding_step(monkeypatch):
+    """Task and sentence gates run in the encoder's forward; beam search steps reuse the decision."""
+    from fairseq.sequence_generator import SequenceGenerator
+
+    from taskmoe_fairseq.modules.sentence_gate import SentenceTopKGate
+    from taskmoe_fairseq.modules.task_gate import TaskGate
+
+    calls = []
+    for gate_class in (TaskGate, SentenceTopKGate):
+        original = gate_class.forward
+        monkeypatch.setattr(gate_class, "forward", lambda self, *a, _o=original, **k: calls.append(1) or _o(self, *a, **k))
+    model, task = build_model("sentence", "target")
+    model.eval()
+    batch = random_batch(task.source_dictionary)
+    generator = SequenceGenerator([model], task.target_dictionary, beam_size=4, max_len_b=12, min_len=12)
+    net_input = {k: batch[k] for k in ("src_tokens", "src_lengths", "src_lang_id", "tgt_lang_id")}
+    hypotheses = generator.generate([model], {"net_input": net_input})
+    assert len(hypotheses) == 4 and len(hypotheses[0][0]["tokens"]) >= 12
+    assert len(calls) == 2  # one encoder gate + one decoder gate, once
+
+
+def test_checkpoints_with_gates_inside_their_layers_still_load():
+    """Before the router, per-sentence gates lived at ``<side>.layers.<i>.moe.gate``."""
+    model, task = build_model("sentence", "target")
+    model.eval()
+    old = {}
+    for key, value in model.state_dict().items():
+        old[key.replace("encoder.moe_router.gates.decoder_1.", "decoder.layers.1.moe.gate.")
+               .replace("encoder.moe_router.gates.encoder_1.", "encoder.layers.1.moe.gate.")] = value
+    assert "decoder.layers.1.moe.gate.task_logits" in old
+    fresh, _ = build_model("sentence", "target", seed=3)
+    fresh.load_state_dict(old)  # fairseq's load_state_dict runs upgrade_state_dict_named
+    fresh.eval()
+    batch = random_batch(task.source_dictionary)
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch)[0], model(**batch)[0])

@@ -1,80 +1,151 @@
-"""MoeFeedForward against a plain per-token loop over the routing definition."""
+"""MoeFeedForward and the router against plain per-token loops over the routing definitions."""
 
 import pytest
 import torch
 
-from taskmoe_fairseq.modules import routing_kinds
+from model_helpers import build_model, random_batch
 from taskmoe_fairseq.modules.moe_feed_forward import MoeFeedForward
-from taskmoe_fairseq.modules.routing_decision import RoutingInputs
+from taskmoe_fairseq.modules.token_gate import TokenTopKGate
 
-T, B, C, F, E, K, LANGS = 6, 4, 8, 16, 6, 2, 3
-
-
-def top_k(probs):
-    weights, index = probs.topk(K)
-    return weights / weights.sum(), index
+T, B, C, F, E = 6, 4, 8, 16, 6
 
 
-def reference(layer: MoeFeedForward, x, padding_mask, inputs):
-    """Route and run every non-pad token on its own, straight from the paper's definitions."""
+def padding(with_padding):
+    if not with_padding:
+        return None
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    mask[0, :2] = True
+    mask[2, :4] = True
+    return mask
+
+
+def token_reference(layer, x, padding_mask):
+    """Each non-pad token on its own (no capacity): top-k of softmax(x W), weights renormalised."""
     out = torch.zeros_like(x)
+    k = layer.gate.top_k
     for b in range(B):
-        real = [t for t in range(T) if padding_mask is None or not padding_mask[b, t]]
-        if layer.routing == routing_kinds.SENTENCE:
-            probs = (x[real, b].mean(0) @ layer.gate.wg.weight.t()).softmax(-1)
-            sentence_route = top_k(probs)
-        elif routing_kinds.task_key(layer.routing):
-            src, tgt = int(inputs.src_lang_id[b]), int(inputs.tgt_lang_id[b])
-            task = {"source": src, "target": tgt, "pair": src * LANGS + tgt}[layer.task_key]
-            if routing_kinds.is_static(layer.routing):
-                sentence_route = (torch.full((K,), 1.0 / K), torch.tensor([(task * K + j) % E for j in range(K)]))
-            else:
-                sentence_route = top_k(layer.gate.task_logits[task].softmax(-1))
-        for t in real:
-            if layer.routing == routing_kinds.TOKEN:
-                weights, index = top_k((x[t, b] @ layer.gate.wg.weight.t()).softmax(-1))
-            else:
-                weights, index = sentence_route
+        for t in range(T):
+            if padding_mask is not None and padding_mask[b, t]:
+                continue
+            weights, index = (x[t, b] @ layer.gate.wg.weight.t()).softmax(-1).topk(k)
+            if k > 1:
+                weights = weights / weights.sum()
             for weight, expert in zip(weights, index):
                 out[t, b] += weight * layer.experts[int(expert)](x[t, b])
     return out
 
 
-@pytest.mark.parametrize("routing", routing_kinds.ROUTING_CHOICES)
+@pytest.mark.parametrize("top_k", [1, 2, 3])
 @pytest.mark.parametrize("with_padding", [False, True])
-def test_moe_layer_matches_per_token_reference(routing, with_padding):
+def test_token_routing_matches_per_token_reference(top_k, with_padding):
     torch.manual_seed(0)
-    layer = MoeFeedForward(routing, C, F, E, K, num_langs=LANGS).eval()
-    x = torch.randn(T, B, C)
-    padding_mask = None
-    if with_padding:
-        padding_mask = torch.zeros(B, T, dtype=torch.bool)
-        padding_mask[0, :2] = True
-        padding_mask[2, :4] = True
-    inputs = RoutingInputs(src_lang_id=torch.tensor([0, 1, 0, 2]), tgt_lang_id=torch.tensor([1, 0, 1, 1]))
+    layer = MoeFeedForward(C, F, E, TokenTopKGate(C, E, top_k)).eval()
+    x, mask = torch.randn(T, B, C), padding(with_padding)
     with torch.no_grad():
-        got = layer(x, padding_mask, inputs)
-        want = reference(layer, x, padding_mask, inputs)
-    real = torch.ones(T, B, dtype=torch.bool) if padding_mask is None else ~padding_mask.t()
+        got, decision = layer(x, mask)
+        want = token_reference(layer, x, mask)
+    real = torch.ones(T, B, dtype=torch.bool) if mask is None else ~mask.t()
     torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
-    if routing == routing_kinds.TOKEN and with_padding:
-        assert (got[~real] == 0).all()  # pads are not routed
+    assert (got[~real] == 0).all()  # pads are not routed
+    assert decision.expert_index.shape == (int(real.sum()), top_k)
 
 
-def test_moe_layer_backward_reaches_gate_and_used_experts():
+@pytest.mark.parametrize("policy", ["all", "sampling", "random"])
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_train_mode_token_routing_applies_exactly_the_gates_decision(policy, top_k):
+    """In training (capacity, drops, second-expert policy), the output is the weighted sum of
+    the experts the gate kept, weight by weight."""
     torch.manual_seed(0)
-    layer = MoeFeedForward("target", C, F, E, K, num_langs=LANGS).train()
-    inputs = RoutingInputs(src_lang_id=torch.tensor([0, 1, 0, 2]), tgt_lang_id=torch.tensor([1, 1, 1, 1]))
-    out = layer(torch.randn(T, B, C), None, inputs)
-    (out.sum() + layer.last_decision.gate_loss).backward()
-    assert layer.gate.task_logits.grad[1].abs().sum() > 0
-    used = set(layer.last_decision.expert_index[0].tolist())
+    layer = MoeFeedForward(C, F, E, TokenTopKGate(C, E, top_k, capacity_factor=0.6, second_expert_policy=policy))
+    layer.train()
+    x = torch.randn(T, B, C)
+    torch.manual_seed(1)
+    got, decision = layer(x, None)
+    tokens = x.reshape(-1, C)
+    want = torch.zeros_like(tokens)
+    for row in range(tokens.size(0)):
+        for weight, expert in zip(decision.expert_weight[row], decision.expert_index[row]):
+            if weight > 0:
+                want[row] += weight * layer.experts[int(expert)](tokens[row])
+    torch.testing.assert_close(got.reshape(-1, C), want, rtol=1e-5, atol=1e-5)
+    capacity = layer.gate.capacity(tokens.size(0))
+    kept = decision.expert_weight > 0
     for expert in range(E):
-        has_grad = layer.experts[expert].fc1.weight.grad is not None
-        assert has_grad == (expert in used)
+        assert int((kept & (decision.expert_index == expert)).sum()) <= capacity
+    if top_k > 1:
+        assert float(decision.dropped_share) > 0  # capacity 0.6 must drop something
 
 
-def test_missing_language_ids_give_one_line_error():
-    layer = MoeFeedForward("target", C, F, E, K, num_langs=LANGS)
-    with pytest.raises(SystemExit, match="needs each sentence's languages.*multilingual_translation_taskmoe"):
-        layer(torch.randn(T, B, C), None, RoutingInputs())
+def test_per_sentence_dispatch_matches_reference_for_mixed_expert_sets():
+    torch.manual_seed(0)
+    layer = MoeFeedForward(C, F, E).eval()
+    x = torch.randn(T, B, C)
+    index = torch.tensor([[0, 3], [2, 1], [0, 3], [5, 4]])
+    weight = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.7, 0.3], [0.9, 0.1]])
+    with torch.no_grad():
+        got, decision = layer(x, None, index, weight)
+        want = torch.stack(
+            [sum(weight[b, j] * layer.experts[int(index[b, j])](x[:, b]) for j in range(2)) for b in range(B)], dim=1
+        )
+    assert decision is None
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="routed per sentence and needs the router's expert_index"):
+        layer(x, None)
+
+
+@pytest.mark.parametrize("routing", ["source", "target", "pair", "static-source", "static-target", "static-pair", "sentence"])
+def test_router_decisions_follow_the_routing_definitions(routing):
+    model, task = build_model(routing, routing)
+    model.eval()
+    batch = random_batch(task.source_dictionary)
+    src, tgt, langs = batch["src_lang_id"], batch["tgt_lang_id"], 3
+    encoder_out = model.encoder(batch["src_tokens"], batch["src_lengths"], src_lang_id=src, tgt_lang_id=tgt)
+    router = model.encoder.moe_router
+    pad = task.source_dictionary.pad()
+    for side in ("encoder", "decoder"):
+        (index, routed), = router.layers[side]
+        if side == "encoder":
+            routing_data, _ = router.route(
+                "encoder", src, tgt,
+                lambda: (model.encoder.embed_scale * model.encoder.embed_tokens(batch["src_tokens"])
+                         * batch["src_tokens"].ne(pad)[..., None]).sum(1) / batch["src_tokens"].ne(pad).sum(1, keepdim=True),
+                torch.ones(B),
+            )
+            experts, weights = routing_data[f"encoder.{index}"]
+        else:
+            experts, weights = encoder_out["moe_decoder_expert_index"][0], encoder_out["moe_decoder_expert_weight"][0]
+        gate = router.gates[f"{side}_{index}"]
+        for b in range(B):
+            s, t = int(src[b]), int(tgt[b])
+            task_id = {"source": s, "target": t, "pair": s * langs + t}.get(routing.replace("static-", ""))
+            if routing.startswith("static-"):
+                want = [(task_id * 2 + j) % 4 for j in range(2)], [0.5, 0.5]
+            elif routing == "sentence":
+                if side == "encoder":
+                    continue  # checked through the summary above
+                real = batch["src_tokens"][b].ne(pad)
+                summary = encoder_out["encoder_out"][0][real.nonzero().squeeze(1), b].mean(0)
+                probs = (summary @ gate.wg.weight.t()).softmax(-1)
+                top = probs.topk(2)
+                want = top.indices.tolist(), (top.values / top.values.sum()).tolist()
+            else:
+                top = gate.task_logits[task_id].softmax(-1).topk(2)
+                want = top.indices.tolist(), (top.values / top.values.sum()).tolist()
+            assert experts[b].tolist() == want[0], (side, b)
+            torch.testing.assert_close(weights[b], torch.tensor(want[1]), rtol=1e-5, atol=1e-6)
+        assert weights.dtype == torch.float32
+
+
+def test_backward_reaches_the_task_gate_and_only_the_used_experts():
+    model, task = build_model("token", "target")
+    model.train()
+    batch = random_batch(task.source_dictionary)
+    batch["tgt_lang_id"][:] = 1
+    logits, extra = model(**batch)
+    (logits.logsumexp(-1).mean() + sum(aux.gate_loss for aux in extra["moe_aux"])).backward()
+    gate = model.encoder.moe_router.gates["decoder_1"]
+    assert gate.task_logits.grad[1].abs().sum() > 0 and gate.task_logits.grad[0].abs().sum() == 0
+    used = set(model.encoder(batch["src_tokens"], batch["src_lengths"], src_lang_id=batch["src_lang_id"],
+                             tgt_lang_id=batch["tgt_lang_id"])["moe_decoder_expert_index"][0][0].tolist())
+    for expert, module in enumerate(model.decoder.layers[1].moe.experts):
+        assert (module.fc1.weight.grad is not None) == (expert in used)

@@ -1,18 +1,24 @@
 """The model's MoE options (named as in fairseq's MoE branch), their checks, and
-the factory that builds a layer's FFN from them."""
+the factories that build a layer's FFN and the layer from them."""
 
 import argparse
+from typing import List, Tuple
 
 import torch.nn as nn
+from fairseq.distributed import fsdp_wrap
+from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
 from taskmoe_fairseq.errors import usage_error
+from taskmoe_fairseq.models.moe_scope import attach_moe_hooks
 from taskmoe_fairseq.modules import routing_kinds
 from taskmoe_fairseq.modules.extracted_feed_forward import ExtractedFeedForward
 from taskmoe_fairseq.modules.moe_feed_forward import MoeFeedForward
-from taskmoe_fairseq.modules.token_gate import SECOND_EXPERT_POLICIES
+from taskmoe_fairseq.modules.moe_transformer_layer import MoeDecoderLayer, MoeEncoderLayer
+from taskmoe_fairseq.modules.token_gate import SECOND_EXPERT_POLICIES, TokenTopKGate
 
 SIDES = ("encoder", "decoder")
-UNSUPPORTED_DECODER_OPTIONS = ("cross_self_attention", "scale_attn", "scale_heads", "scale_fc", "scale_resids")
+# --scale-fc puts a LayerNorm on the dense FFN's hidden units, which an MoE layer does not have
+UNSUPPORTED_OPTIONS = ("scale_fc",)
 
 
 def add_moe_args(parser):
@@ -44,25 +50,54 @@ def add_moe_args(parser):
     # fmt: on
 
 
+def _default(args, name, value):
+    # only an option that was not given takes the preset (0 is a value, checked later)
+    if getattr(args, name, None) is None:
+        setattr(args, name, value)
+
+
 def set_moe_defaults(args, num_experts: int = 32):
-    args.moe_expert_count = getattr(args, "moe_expert_count", None) or num_experts
-    args.moe_top_k = getattr(args, "moe_top_k", None) or 2
+    _default(args, "moe_expert_count", num_experts)
+    _default(args, "moe_top_k", 2)
     for side, routing in (("encoder", "token"), ("decoder", "target")):
-        if getattr(args, f"{side}_moe_freq", None) is None:
-            setattr(args, f"{side}_moe_freq", 2)
-        setattr(args, f"{side}_moe_routing", getattr(args, f"{side}_moe_routing", None) or routing)
-    if getattr(args, "moe_capacity_factor", None) is None:
-        args.moe_capacity_factor = 1.25
-    if getattr(args, "moe_eval_capacity_factor", None) is None:
-        args.moe_eval_capacity_factor = 0.0
-    args.moe_second_expert_policy = getattr(args, "moe_second_expert_policy", None) or "sampling"
-    args.moe_extracted_lang_pair = getattr(args, "moe_extracted_lang_pair", None)
-    args.moe_merged_experts = getattr(args, "moe_merged_experts", False)
+        _default(args, f"{side}_moe_freq", 2)
+        _default(args, f"{side}_moe_routing", routing)
+    _default(args, "moe_capacity_factor", 1.25)
+    _default(args, "moe_eval_capacity_factor", 0.0)
+    _default(args, "moe_second_expert_policy", "sampling")
+    _default(args, "moe_extracted_lang_pair", None)
+    _default(args, "moe_merged_experts", False)
 
 
 def is_moe_layer(cfg, side: str, index: int) -> bool:
     freq = getattr(cfg, f"{side}_moe_freq")
     return freq > 0 and (index + 1) % freq == 0
+
+
+def num_layers(cfg, side: str) -> int:
+    """Layers on ``side`` of a legacy namespace (``encoder_layers``) or a ``TransformerConfig``."""
+    block = getattr(cfg, side, None)
+    return block.layers if block is not None and hasattr(block, "layers") else getattr(cfg, f"{side}_layers")
+
+
+def moe_layer_indices(cfg, side: str) -> List[int]:
+    return [index for index in range(num_layers(cfg, side)) if is_moe_layer(cfg, side, index)]
+
+
+def is_extracted(cfg, side: str) -> bool:
+    """Whether ``side``'s MoE layers were reduced to one pair's experts by extraction."""
+    return bool(getattr(cfg, "moe_extracted_lang_pair", None)) and routing_kinds.is_extractable(
+        getattr(cfg, f"{side}_moe_routing")
+    )
+
+
+def routed_layers(cfg, side: str) -> List[Tuple[int, str]]:
+    """``(index, routing)`` of ``side``'s MoE layers whose decision the router takes
+    (per-sentence routing, not extracted), in layer order."""
+    routing = getattr(cfg, f"{side}_moe_routing")
+    if not routing_kinds.is_per_sentence(routing) or is_extracted(cfg, side):
+        return []
+    return [(index, routing) for index in moe_layer_indices(cfg, side)]
 
 
 def check_moe_args(args, num_langs: int):
@@ -87,38 +122,52 @@ def check_moe_args(args, num_langs: int):
                 f"--{side}-moe-routing {routing} routes by language, but the task gives no language "
                 "list: train with --task multilingual_translation_taskmoe --langs ..."
             )
-    for option in UNSUPPORTED_DECODER_OPTIONS:
+    for option in UNSUPPORTED_OPTIONS:
         if getattr(args, option, False):
             raise usage_error(f"--{option.replace('_', '-')} is not supported by taskmoe_transformer; drop it")
 
 
 def build_moe_ffn(cfg, side: str) -> nn.Module:
-    """The FFN of an MoE layer on ``side``: a routed :class:`MoeFeedForward`, or,
-    in a checkpoint written by ``taskmoe_fairseq.extract``, the kept experts."""
+    """The FFN of an MoE layer on ``side``: experts (with a token gate for token routing),
+    or, in a checkpoint written by extraction, the kept experts."""
     routing = getattr(cfg, f"{side}_moe_routing")
     block = getattr(cfg, side)
     activation_dropout = cfg.activation_dropout or getattr(cfg, "relu_dropout", 0.0) or 0.0
-    if cfg.moe_extracted_lang_pair and routing_kinds.is_extractable(routing):
-        if cfg.moe_merged_experts:
-            return ExtractedFeedForward(
-                block.embed_dim, cfg.moe_top_k * block.ffn_embed_dim, 1, cfg.activation_fn, activation_dropout
-            )
-        return ExtractedFeedForward(
-            block.embed_dim, block.ffn_embed_dim, cfg.moe_top_k, cfg.activation_fn, activation_dropout
+    if is_extracted(cfg, side):
+        k, width = (1, cfg.moe_top_k * block.ffn_embed_dim) if cfg.moe_merged_experts else (cfg.moe_top_k, block.ffn_embed_dim)
+        return ExtractedFeedForward(block.embed_dim, width, k, cfg.activation_fn, activation_dropout)
+    token_gate = None
+    if routing == routing_kinds.TOKEN:
+        token_gate = TokenTopKGate(
+            block.embed_dim,
+            cfg.moe_expert_count,
+            cfg.moe_top_k,
+            cfg.moe_capacity_factor,
+            cfg.moe_eval_capacity_factor,
+            cfg.moe_second_expert_policy,
         )
     return MoeFeedForward(
-        routing,
-        block.embed_dim,
-        block.ffn_embed_dim,
-        cfg.moe_expert_count,
-        cfg.moe_top_k,
-        num_langs=len(cfg.taskmoe_langs or []),
-        activation_fn=cfg.activation_fn,
-        activation_dropout=activation_dropout,
-        capacity_factor=cfg.moe_capacity_factor,
-        eval_capacity_factor=cfg.moe_eval_capacity_factor,
-        second_expert_policy=cfg.moe_second_expert_policy,
+        block.embed_dim, block.ffn_embed_dim, cfg.moe_expert_count, token_gate, cfg.activation_fn, activation_dropout
     )
+
+
+def wrap_like_fairseq(layer: nn.Module, cfg) -> nn.Module:
+    """Activation checkpointing and FSDP wrapping exactly as fairseq's
+    ``TransformerEncoderBase.build_encoder_layer`` / ``TransformerDecoderBase.build_decoder_layer``
+    apply them to their own layers (``--checkpoint-activations``, ``--offload-activations``,
+    ``--min-params-to-wrap``)."""
+    checkpoint = cfg.checkpoint_activations
+    if checkpoint:
+        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not checkpoint else 0)
+
+
+def build_moe_layer(cfg, side: str, index: int, **layer_kwargs) -> nn.Module:
+    """An MoE encoder or decoder layer, hooked to the forward scope and wrapped as fairseq wraps its own."""
+    name = routing_kinds.layer_name(side, index)
+    layer_class = MoeEncoderLayer if side == "encoder" else MoeDecoderLayer
+    layer = attach_moe_hooks(layer_class(cfg, build_moe_ffn(cfg, side), name, **layer_kwargs))
+    return wrap_like_fairseq(layer, cfg)
 
 
 def namespace_summary(args: argparse.Namespace) -> str:

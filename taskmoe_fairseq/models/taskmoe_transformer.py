@@ -8,6 +8,7 @@ With ``--encoder-moe-freq 0 --decoder-moe-freq 0`` it is exactly fairseq's
 """
 
 import logging
+import re
 from typing import Iterator, Optional, Tuple
 
 from fairseq.models import register_model, register_model_architecture
@@ -24,14 +25,17 @@ from taskmoe_fairseq.modules.moe_feed_forward import MoeFeedForward
 logger = logging.getLogger(__name__)
 
 
-def needs_language_ids(args) -> bool:
-    """Whether some MoE layer still routes on the languages (not yet extracted)."""
-    return any(
-        getattr(args, f"{side}_moe_freq") > 0
-        and routing_kinds.task_key(getattr(args, f"{side}_moe_routing")) is not None
-        and not args.moe_extracted_lang_pair
-        for side in SIDES
-    )
+def check_languages(args, task):
+    """The model's language list is the task's (ids follow its order); saved in the args."""
+    task_langs = getattr(task, "langs", None)
+    saved_langs = getattr(args, "taskmoe_langs", None)
+    if saved_langs is None:
+        args.taskmoe_langs = list(task_langs or [])
+    elif task_langs is not None and list(task_langs) != list(saved_langs):
+        raise usage_error(
+            f"the model was trained with --langs {','.join(saved_langs)} but the task has "
+            f"{','.join(task_langs)}; pass --langs {','.join(saved_langs)} (language ids follow its order)"
+        )
 
 
 @register_model("taskmoe_transformer")
@@ -44,27 +48,21 @@ class TaskMoeTransformerModel(TransformerModel):
     @classmethod
     def build_model(cls, args, task):
         taskmoe_base_architecture(args)
-        task_langs = getattr(task, "langs", None)
-        saved_langs = getattr(args, "taskmoe_langs", None)
-        if saved_langs is None:
-            args.taskmoe_langs = list(task_langs or [])
-        elif task_langs is not None and list(task_langs) != list(saved_langs):
-            raise usage_error(
-                f"the model was trained with --langs {','.join(saved_langs)} but the task has "
-                f"{','.join(task_langs)}; pass --langs {','.join(saved_langs)} (language ids follow its order)"
-            )
+        check_languages(args, task)
         check_moe_args(args, len(args.taskmoe_langs))
-        if needs_language_ids(args) and not getattr(task, "provides_language_ids", False):
+        model = super().build_model(args, task)
+        model.args = args  # the legacy namespace (fairseq's base class keeps its TransformerConfig here)
+        if model.encoder.moe_router.needs_language_ids() and not getattr(task, "provides_language_ids", False):
             raise usage_error(
                 "this model routes by language; run it with --task multilingual_translation_taskmoe "
                 f"(got --task {getattr(args, 'task', type(task).__name__)})"
             )
         logger.info("taskmoe_transformer: %s", namespace_summary(args))
-        return super().build_model(args, task)
+        return model
 
     @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
-        return TaskMoeTransformerEncoder(cfg, src_dict, embed_tokens)
+        return TaskMoeTransformerEncoder(cfg, src_dict, embed_tokens, langs=cfg.taskmoe_langs or [])
 
     @classmethod
     def build_decoder(cls, cfg, tgt_dict, embed_tokens):
@@ -82,7 +80,11 @@ class TaskMoeTransformerModel(TransformerModel):
         alignment_layer: Optional[int] = None,
         alignment_heads: Optional[int] = None,
     ):
-        """As fairseq's ``TransformerModel.forward``, plus language ids ``[B]``."""
+        """As fairseq's ``TransformerModel.forward``, plus language ids ``[B]``.
+
+        ``net_output[1]["moe_aux"]`` lists every MoE layer's :class:`MoeAux` of this
+        forward (router decisions and token gates, encoder and decoder).
+        """
         encoder_out = self.encoder(
             src_tokens,
             src_lengths=src_lengths,
@@ -90,7 +92,7 @@ class TaskMoeTransformerModel(TransformerModel):
             src_lang_id=src_lang_id,
             tgt_lang_id=tgt_lang_id,
         )
-        return self.decoder(
+        logits, extra = self.decoder(
             prev_output_tokens,
             encoder_out=encoder_out,
             features_only=features_only,
@@ -99,13 +101,46 @@ class TaskMoeTransformerModel(TransformerModel):
             src_lengths=src_lengths,
             return_all_hiddens=return_all_hiddens,
         )
+        extra["moe_aux"] = encoder_out["moe_aux"] + extra["moe_aux"]
+        return logits, extra
 
     def moe_layers(self) -> Iterator[Tuple[str, MoeFeedForward]]:
-        """``("encoder.1", layer)``-style names and the routed MoE FFNs, in order."""
+        """``("encoder.1", moe)`` names and the (unextracted) MoE FFNs, in order."""
         for side in SIDES:
             for index, layer in enumerate(getattr(self, side).layers):
                 if isinstance(getattr(layer, "moe", None), MoeFeedForward):
-                    yield f"{side}.{index}", layer.moe
+                    yield routing_kinds.layer_name(side, index), layer.moe
+
+    def extract(self, lang_pair: str, merge: bool = False):
+        """The sub-network of ``lang_pair``: a new model whose task-routed and static MoE
+        layers keep only the pair's k experts (``merge``: folded into one FFN of width
+        k x FFN), with the gate weights frozen in; everything else is copied.
+
+        Returns ``(model, rows)``: the extracted :class:`TaskMoeTransformerModel` (its args
+        record the pair) and one report row per extracted layer.
+
+        Raises:
+            TaskMoeError: already extracted, unknown language, or nothing to extract.
+        """
+        from taskmoe_fairseq.models.extraction import extract_model
+
+        return extract_model(self, lang_pair, merge)
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        """Checkpoints from before the router kept per-sentence gates in their layers
+        (``decoder.layers.1.moe.gate.task_logits``); they now live in the router
+        (``encoder.moe_router.gates.decoder_1.task_logits``)."""
+        prefix = f"{name}." if name else ""
+        for key in list(state_dict):
+            match = re.fullmatch(rf"{re.escape(prefix)}(encoder|decoder)\.layers\.(\d+)\.moe\.gate\.(task_logits|wg\.weight)", key)
+            if match is None:
+                continue
+            side, index, param = match.groups()
+            if getattr(self.args, f"{side}_moe_routing") == routing_kinds.TOKEN:
+                continue
+            state_dict[f"{prefix}encoder.moe_router.gates.{side}_{index}.{param}"] = state_dict.pop(key)
+        super().upgrade_state_dict_named(state_dict, name)
+
 
 
 @register_model_architecture("taskmoe_transformer", "taskmoe_transformer")

@@ -1,4 +1,7 @@
-"""One expert: the Transformer's ReLU feed-forward block (GShard experts are plain FFNs)."""
+"""One expert: the Transformer's ReLU feed-forward block (GShard experts are plain FFNs),
+and the weighted sum of k experts that MoE and extracted layers share."""
+
+from typing import List
 
 import torch.nn as nn
 from fairseq import utils
@@ -22,3 +25,16 @@ class ExpertFeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.activation_dropout_module(self.activation_fn(self.fc1(x))))
+
+
+def combine_experts(x: Tensor, experts: List[nn.Module], weights: Tensor) -> Tensor:
+    """``sum_k weights[..., k] * experts[k](x)`` in k order (the order extraction keeps).
+
+    ``x``: ``[T, B, C]``; ``weights``: ``[B, K]`` per sentence or ``[K]`` for all.
+    """
+    out = None
+    for k, expert in enumerate(experts):
+        weight = weights[..., k].to(x.dtype)
+        y = expert(x) * (weight if weight.dim() == 0 else weight[None, :, None])
+        out = y if out is None else out + y
+    return out

@@ -1,25 +1,11 @@
-"""What a gate decides for one MoE layer, and what it reports for logging."""
+"""What a gate decides for one MoE layer, what the layer reports, and the GShard
+arithmetic both use (top-k weights, load-balancing loss, expert load)."""
 
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
-
-
-@dataclass
-class RoutingInputs:
-    """Per-sentence facts a gate may route on (batch size ``B``, model dim ``C``).
-
-    ``src_lang_id`` / ``tgt_lang_id``: LongTensor ``[B]`` of 0-based indices into
-    the model's language list; ``sentence_summary``: ``[B, C]`` representation
-    for sentence routing (``None``: the layer uses the mean of its input's
-    non-pad tokens).
-    """
-
-    src_lang_id: Optional[Tensor] = None
-    tgt_lang_id: Optional[Tensor] = None
-    sentence_summary: Optional[Tensor] = None
 
 
 @dataclass
@@ -40,6 +26,26 @@ class RoutingDecision:
     expert_load: Tensor
     dropped_share: Tensor
 
+    def aux(self, layer: str) -> "MoeAux":
+        return MoeAux(layer, self.gate_loss, self.expert_load, self.dropped_share)
+
+
+@dataclass
+class MoeAux:
+    """One MoE layer's auxiliary outputs of one forward, returned through the model's
+    output (``net_output[1]["moe_aux"]``, a list, as fairseq's MoE branch returns
+    ``l_aux`` with the decoder's extra) and read by the criterion.
+
+    ``layer``: ``"encoder.1"``-style name (:func:`routing_kinds.layer_name`);
+    ``gate_loss``: scalar with gradient; ``expert_load``: float32 ``[E]``;
+    ``dropped_share``: scalar, share of token-assignments dropped by capacity.
+    """
+
+    layer: str
+    gate_loss: Tensor
+    expert_load: Tensor
+    dropped_share: Tensor
+
 
 def top_k_weights(probs: Tensor, top_k: int):
     """Top-k experts of gate probabilities ``[R, E]`` and their weights ``[R, K]``.
@@ -48,9 +54,14 @@ def top_k_weights(probs: Tensor, top_k: int):
     probability is kept (Switch Transformer), so the gate still gets a gradient.
     """
     weights, index = probs.topk(top_k, dim=-1)
-    if top_k > 1:
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
-    return weights, index
+    return renormalise(weights), index
+
+
+def renormalise(weights: Tensor) -> Tensor:
+    """``[R, K]`` weights scaled to sum to 1 per row, in their given order (k = 1: unchanged)."""
+    if weights.size(-1) == 1:
+        return weights
+    return weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
 
 
 def load_balancing_loss(probs: Tensor, top1: Tensor, row_tokens: Optional[Tensor] = None) -> Tensor:

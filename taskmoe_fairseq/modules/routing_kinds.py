@@ -17,9 +17,11 @@ order), so a task id is ``src`` or ``tgt`` (``L`` tasks) or ``src * L + tgt``
 (``L * L`` tasks) for pair routing.
 """
 
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
+
+from taskmoe_fairseq.errors import usage_error
 
 TOKEN = "token"
 SENTENCE = "sentence"
@@ -41,6 +43,32 @@ def is_static(routing: str) -> bool:
 def is_extractable(routing: str) -> bool:
     """Whether every token of one language pair uses the same experts."""
     return task_key(routing) is not None
+
+
+def is_per_sentence(routing: str) -> bool:
+    """Whether the routing makes one decision per sentence (all but ``token``),
+    taken once per forward by the model's router rather than inside the layer."""
+    return routing != TOKEN
+
+
+def layer_name(side: str, index: int) -> str:
+    """The one name of an MoE layer everywhere (reports, logged metrics): ``"decoder.3"``."""
+    return f"{side}.{index}"
+
+
+def language_index(langs: Sequence[str], lang: str) -> int:
+    """0-based id of ``lang`` in the model's language list (``--langs`` order)."""
+    try:
+        return list(langs).index(lang)
+    except ValueError:
+        raise usage_error(f"unknown language '{lang}': the model knows {','.join(langs)}") from None
+
+
+def pair_task_ids(key: str, pair: str, langs: List[str]) -> int:
+    """The task id of a ``src-tgt`` pair under task key ``key`` (an int)."""
+    src, tgt = pair.split("-")
+    ids = task_ids(key, torch.tensor([language_index(langs, src)]), torch.tensor([language_index(langs, tgt)]), len(langs))
+    return int(ids[0])
 
 
 def num_tasks(key: str, num_langs: int) -> int:

@@ -4,6 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from taskmoe_fairseq.modules.float32_params import Float32Params
 from taskmoe_fairseq.modules.routing_decision import (
     RoutingDecision,
     expert_load,
@@ -12,9 +13,11 @@ from taskmoe_fairseq.modules.routing_decision import (
 )
 
 
-class SentenceTopKGate(nn.Module):
-    """Gates on a sentence summary (the mean of its non-pad token states), so
-    all tokens of a sentence share k experts and weights; nothing is dropped."""
+class SentenceTopKGate(Float32Params, nn.Module):
+    """Gates on a sentence summary (:class:`~taskmoe_fairseq.models.router.MoeRouter`
+    passes the mean of the sentence's non-pad token embeddings in the encoder, of
+    the encoder output in the decoder), so all tokens of a sentence share k
+    experts and weights; nothing is dropped. ``wg`` stays float32."""
 
     per_sentence = True
 

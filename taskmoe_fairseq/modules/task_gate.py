@@ -2,14 +2,15 @@
 
 The gate is a learned table of ``[num_tasks, E]`` logits: it never sees the
 tokens, so every token of a task uses the same k experts with the same weights
-and nothing is dropped. That is what lets :mod:`taskmoe_fairseq.extract` keep
-only those k experts per task-routed layer.
+and nothing is dropped. That is what lets a task-routed layer be extracted to
+just those k experts (:meth:`MoeFeedForward.extract`).
 """
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from taskmoe_fairseq.modules.float32_params import Float32Params
 from taskmoe_fairseq.modules.routing_decision import (
     RoutingDecision,
     expert_load,
@@ -18,7 +19,9 @@ from taskmoe_fairseq.modules.routing_decision import (
 )
 
 
-class TaskGate(nn.Module):
+class TaskGate(Float32Params, nn.Module):
+    """``task_logits``: float32 ``[num_tasks, E]`` (kept float32 in fp16/bf16 models)."""
+
     per_sentence = True
 
     def __init__(self, num_tasks: int, num_experts: int, top_k: int = 2):
@@ -35,7 +38,7 @@ class TaskGate(nn.Module):
         return probs, weights, index
 
     def forward(self, task_ids: Tensor, sentence_tokens: Tensor) -> RoutingDecision:
-        """``task_ids``: LongTensor ``[B]``; ``sentence_tokens``: float ``[B]``."""
+        """``task_ids``: LongTensor ``[B]``; ``sentence_tokens``: float ``[B]``; returns ``[B, K]`` rows."""
         # Once per distinct task in the batch, not per token or sentence.
         tasks, sentence_task = torch.unique(task_ids, return_inverse=True)
         probs, weights, index = self.route_tasks(tasks)

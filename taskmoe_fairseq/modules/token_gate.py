@@ -8,17 +8,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from taskmoe_fairseq.modules.float32_params import Float32Params
 from taskmoe_fairseq.modules.routing_decision import (
     RoutingDecision,
     expert_load,
     load_balancing_loss,
+    renormalise,
     top_k_weights,
 )
 
 SECOND_EXPERT_POLICIES = ("all", "sampling", "random")
 
 
-class TokenTopKGate(nn.Module):
+class TokenTopKGate(Float32Params, nn.Module):
     """Routes each token to its top-k experts under an expert capacity.
 
     Capacity per expert is ``ceil(capacity_factor * k * N / E)`` for ``N``
@@ -32,7 +34,8 @@ class TokenTopKGate(nn.Module):
 
     Unlike fairscale's ``Top2Gate`` this gate does not build dense one-hot
     ``[N, E, capacity]`` dispatch tensors and does not need ``N % E == 0``; the
-    layer dispatches by sorting assignments (cost ``N * k``).
+    layer dispatches by sorting assignments (cost ``N * k``). ``wg`` stays
+    float32 in fp16/bf16 models and the gate computes in float32.
     """
 
     per_sentence = False
@@ -72,7 +75,8 @@ class TokenTopKGate(nn.Module):
             noisy = noisy.scatter(1, index[:, :1], float("-inf"))
             rest = noisy.topk(self.top_k - 1, dim=-1).indices
             index = torch.cat([index[:, :1], rest], dim=1)
-            weights, _ = top_k_weights(probs.gather(1, index), self.top_k)
+            # the weights of the chosen experts, in the order of ``index`` (not re-sorted)
+            weights = renormalise(probs.gather(1, index))
         elif self.training and self.top_k > 1 and self.second_expert_policy == "random":
             keep = torch.rand_like(weights[:, 1:]) < 2 * weights[:, 1:]
             weights = torch.cat([weights[:, :1], weights[:, 1:] * keep], dim=1)

@@ -5,29 +5,22 @@ what task-level MoE needs:
 
 * every batch carries each sentence's source and target language ids, in
   training, validation, ``fairseq-generate`` and ``fairseq-interactive``;
-* validation loss is reported per language pair (``loss_en-de``) as well as
-  overall;
+* an extracted sub-network is refused, at start-up, for a pair it does not serve;
 * bad language options stop at start-up with one line.
 """
 
 import logging
-import math
 
 import torch
-from fairseq import metrics
 from fairseq.tasks import register_task
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
 from taskmoe_fairseq.errors import usage_error
+from taskmoe_fairseq.modules import routing_kinds
 from taskmoe_fairseq.tasks.language_id_dataset import LanguageIdDataset
 from taskmoe_fairseq.tasks.taskmoe_dataset_manager import TaskMoeDatasetManager
 
 logger = logging.getLogger(__name__)
-
-PAIR_LOSS = "pair_loss:"
-PAIR_NLL_LOSS = "pair_nll_loss:"
-PAIR_SAMPLE_SIZE = "pair_sample_size:"
-PAIR_NTOKENS = "pair_ntokens:"
 
 
 def _check_language_options(args):
@@ -60,23 +53,6 @@ def _check_language_options(args):
         raise usage_error("--lang-tok-replacing-bos-eos is not supported by multilingual_translation_taskmoe; drop it")
 
 
-def subset_sample(sample, rows: torch.Tensor, pad: int):
-    """The sentences ``rows`` (LongTensor ``[b]``) of a collated batch."""
-    batch_size = sample["id"].size(0)
-
-    def select(value):
-        if torch.is_tensor(value) and value.dim() > 0 and value.size(0) == batch_size:
-            return value.index_select(0, rows)
-        if isinstance(value, dict):
-            return {key: select(inner) for key, inner in value.items()}
-        return value
-
-    subset = select(sample)
-    subset["nsentences"] = rows.numel()
-    subset["ntokens"] = int(subset["target"].ne(pad).sum()) if subset.get("target") is not None else 0
-    return subset
-
-
 @register_task("multilingual_translation_taskmoe")
 class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
     #: read by taskmoe_transformer: batches from this task carry language ids
@@ -93,7 +69,22 @@ class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
         self.data_manager = TaskMoeDatasetManager(args, self.lang_pairs, langs, dicts, self.sampling_method)
 
     def language_ids(self, src_lang: str, tgt_lang: str):
-        return self.langs.index(src_lang), self.langs.index(tgt_lang)
+        return routing_kinds.language_index(self.langs, src_lang), routing_kinds.language_index(self.langs, tgt_lang)
+
+    def build_model(self, args, from_checkpoint=False):
+        model = super().build_model(args, from_checkpoint)
+        router = getattr(getattr(model, "encoder", None), "moe_router", None)
+        if router is not None and router.extracted_tasks and self.args.source_lang and self.args.target_lang:
+            # fail before translating anything; the router checks every batch as well
+            src, tgt = self.language_ids(self.args.source_lang, self.args.target_lang)
+            router.check_pair(torch.tensor([src]), torch.tensor([tgt]))
+        return model
+
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, prefix_allowed_tokens_fn=None):
+        """fairseq's, taking ``prefix_allowed_tokens_fn`` as the hub interface passes it."""
+        if prefix_allowed_tokens_fn is not None:
+            extra_gen_cls_kwargs = dict(extra_gen_cls_kwargs or {}, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn)
+        return super().build_generator(models, args, seq_gen_cls=seq_gen_cls, extra_gen_cls_kwargs=extra_gen_cls_kwargs)
 
     def build_dataset_for_inference(self, src_tokens, src_lengths, constraints=None):
         dataset = super().build_dataset_for_inference(src_tokens, src_lengths, constraints)
@@ -108,46 +99,3 @@ class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
             net_input["src_lang_id"] = net_input["src_tokens"].new_full((batch_size,), src_id)
             net_input["tgt_lang_id"] = net_input["src_tokens"].new_full((batch_size,), tgt_id)
         return super().inference_step(generator, models, sample, prefix_tokens, constraints)
-
-    def valid_step(self, sample, model, criterion):
-        """Validate pair by pair (same total work), summing the logs and keeping each pair's loss."""
-        net_input = sample["net_input"]
-        if "src_lang_id" not in net_input:
-            return super().valid_step(sample, model, criterion)
-        num_langs = len(self.langs)
-        pair_ids = net_input["src_lang_id"] * num_langs + net_input["tgt_lang_id"]
-        total_loss, total_size, merged, per_pair = 0.0, 0, {}, {}
-        # Every rank must log the same keys (fairseq all-reduces them by name), whichever pairs it saw.
-        for name in self.lang_pairs:
-            for prefix in (PAIR_LOSS, PAIR_NLL_LOSS, PAIR_SAMPLE_SIZE, PAIR_NTOKENS):
-                per_pair[prefix + name] = 0.0
-        for pair_id in pair_ids.unique().tolist():
-            rows = (pair_ids == pair_id).nonzero().squeeze(1)
-            loss, sample_size, log = super().valid_step(
-                subset_sample(sample, rows, self.target_dictionary.pad()), model, criterion
-            )
-            total_loss, total_size = total_loss + loss, total_size + sample_size
-            for key, value in log.items():
-                merged[key] = merged.get(key, 0) + value
-            name = f"{self.langs[pair_id // num_langs]}-{self.langs[pair_id % num_langs]}"
-            # plain floats on every rank: fairseq reduces tensors and numbers in separate buffers
-            per_pair[PAIR_LOSS + name] = float(log.get("loss", 0))
-            per_pair[PAIR_NLL_LOSS + name] = float(log.get("nll_loss", 0))
-            per_pair[PAIR_SAMPLE_SIZE + name] = float(log.get("sample_size", sample_size))
-            per_pair[PAIR_NTOKENS + name] = float(log.get("ntokens", 0))
-        merged.update(per_pair)
-        return total_loss, total_size, merged
-
-    def reduce_metrics(self, logging_outputs, criterion):
-        super().reduce_metrics(logging_outputs, criterion)
-        pairs = sorted({key[len(PAIR_LOSS):] for log in logging_outputs for key in log if key.startswith(PAIR_LOSS)})
-        for pair in pairs:
-            def total(prefix):
-                return sum(float(log.get(prefix + pair, 0)) for log in logging_outputs)
-
-            sample_size, ntokens = total(PAIR_SAMPLE_SIZE), total(PAIR_NTOKENS)
-            # (a pair with no validation data logs nothing)
-            if sample_size > 0:
-                metrics.log_scalar(f"loss_{pair}", total(PAIR_LOSS) / sample_size / math.log(2), sample_size, round=3)
-            if ntokens > 0:
-                metrics.log_scalar(f"nll_loss_{pair}", total(PAIR_NLL_LOSS) / ntokens / math.log(2), ntokens, round=3)
