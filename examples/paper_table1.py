@@ -214,7 +214,12 @@ def routing_heatmap(checkpoint, path):
     state = safe_torch_load(checkpoint)
     args, model = state["cfg"]["model"], state["model"]
     langs = list(args.taskmoe_langs)
-    layers = sorted(key for key in model if key.startswith("decoder.") and key.endswith("gate.task_logits"))
+    # the decoder's task gates live in the router: encoder.moe_router.gates.decoder_<layer>.task_logits
+    # (checkpoints from before the router: decoder.layers.<layer>.moe.gate.task_logits)
+    layers = sorted(
+        (key for key in model if key.endswith("task_logits") and ("gates.decoder_" in key or key.startswith("decoder."))),
+        key=lambda key: int(key.split("decoder_")[1].split(".")[0]) if "gates.decoder_" in key else int(key.split(".")[2]),
+    )
     if not layers:
         sys.exit(f"paper_table1: {checkpoint} has no task-routed decoder MoE layer to draw")
     figure, axes = plt.subplots(1, len(layers), figsize=(6 * len(layers), 3.2), squeeze=False)
@@ -227,7 +232,7 @@ def routing_heatmap(checkpoint, path):
         axis.set_yticks(range(len(langs)), [f"->{lang}" for lang in langs])
         axis.set_xticks(range(probs.size(1)))
         axis.set_xlabel("expert")
-        layer = key.split(".")[2]
+        layer = key.split("decoder_")[1].split(".")[0] if "gates.decoder_" in key else key.split(".")[2]
         axis.set_title(f"decoder layer {layer} (0-based): target language -> expert")
         shared = {}
         for expert in range(probs.size(1)):
