@@ -31,9 +31,12 @@ import tarfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "examples"))  # the data scripts' shared modules
+from data.layout import XX_LANGS as XX  # noqa: E402
+from data.script_support import atomic_write_bytes, atomic_write_text  # noqa: E402
+
 BUNDLED = os.path.join(REPO, "examples", "data", "bundled", "libreoffice-6pairs.tar.xz")
 PLUGIN = os.path.join(REPO, "taskmoe_fairseq")
-XX = ("de", "fr", "es", "ru", "ja", "zh")
 LANGS = "en," + ",".join(XX)
 PAIRS = [pair for xx in XX for pair in (f"en-{xx}", f"{xx}-en")]
 # sacrebleu's tokenizer per target language: Chinese by character ('zh'), Japanese by
@@ -76,8 +79,7 @@ def run(command, log_path=None, show=None, env=None, prefix=""):
                 sys.stdout.flush()
     output = "".join(lines)
     if log_path:
-        with open(log_path, "w", encoding="utf-8") as log:
-            log.write(output)
+        atomic_write_text(log_path, output)
     if process.returncode != 0:
         tail = "\n".join(output.splitlines()[-15:])
         sys.exit(f"quickstart: {command[0]} failed (exit {process.returncode}); last lines:\n{tail}")
@@ -107,7 +109,7 @@ def train(options, data, save_dir):
         "--log-format", "simple", "--log-interval", "50",
     ]
     run(command, os.path.join(save_dir + ".log"), show=r"train_inner|valid on|done training")
-    open(os.path.join(save_dir, "done"), "w").close()
+    atomic_write_bytes(os.path.join(save_dir, "done"), b"")
     return checkpoint
 
 
@@ -168,7 +170,7 @@ def main(argv=None):
         for lang in ("en", xx):
             path = os.path.join(raw, f"test.en-{xx}.{lang}")
             lines = open(path, encoding="utf-8").readlines()[: options.test_lines]
-            open(path, "w", encoding="utf-8").writelines(lines)
+            atomic_write_text(path, "".join(lines))
     print(f"    {raw} (test sets: first {options.test_lines} sentences)")
 
     step(2, "SentencePiece + fairseq-preprocess")
@@ -228,10 +230,10 @@ def main(argv=None):
         f"Total wall time: {elapsed / 60:.1f} min."
     )
     print(summary)
-    with open(os.path.join(options.workdir, "results.md"), "w", encoding="utf-8") as out:
-        out.write(table + "\n" + summary + "\n")
-    with open(os.path.join(options.workdir, "results.json"), "w", encoding="utf-8") as out:
-        json.dump({"rows": rows, "minutes": options.minutes, "experts": options.experts, "wall_seconds": elapsed}, out, indent=2)
+    atomic_write_text(os.path.join(options.workdir, "results.md"), table + "\n" + summary + "\n")
+    atomic_write_text(os.path.join(options.workdir, "results.json"),
+                      json.dumps({"rows": rows, "minutes": options.minutes, "experts": options.experts,
+                                  "wall_seconds": elapsed}, indent=2))
     if not all(row["identical_hypotheses"] for row in rows):
         sys.exit("quickstart: an extracted checkpoint translated differently from the full model")
 

@@ -17,7 +17,8 @@ in the bundled archive).  Output in ``BIN``:
 
 The layout is what fairseq's ``translation_multi_simple_epoch`` task reads; it finds the
 reverse direction (``xx-en``) in the ``en-xx`` files itself.  Stages whose outputs exist are
-skipped (``--force`` redoes them).
+skipped (``--force`` redoes them). The SentencePiece training and the fairseq-preprocess runs live
+in ``binarize_steps/``.
 
 Example::
 
@@ -30,23 +31,14 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 
-from script_support import UserError, atomic_write_bytes, run_main, sha256_file  # noqa: E402  (sibling module)
-
-SPLITS = ("train", "valid", "test")
-META_PIECES = 3 + 256  # <unk> <s> </s> + byte-fallback pieces
-
-
-def log(msg):
-    print(msg, flush=True)
-
-
-def warn(msg):
-    print("warning: " + msg, file=sys.stderr, flush=True)
+from binarize_steps.fairseq_preprocess import pair_outputs, run_preprocess  # noqa: E402  (sibling modules)
+from binarize_steps.sentencepiece_model import train_spm, write_fairseq_dict  # noqa: E402
+from layout import SPLITS, raw_name  # noqa: E402
+from script_support import (UserError, atomic_copy, atomic_write_bytes, atomic_write_lines,  # noqa: E402
+                            log, run_main, sha256_file, warn)
 
 
 def read_lines(path, limit=None):
@@ -59,18 +51,6 @@ def read_lines(path, limit=None):
     return out
 
 
-def atomic_write_lines(path, lines):
-    """Write one line per item, UTF-8, atomically."""
-    atomic_write_bytes(path, "".join(line + "\n" for line in lines).encode("utf-8"))
-
-
-def atomic_copy(src, dst):
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    tmp = dst + ".tmp"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -81,7 +61,7 @@ def discover(raw, langs):
     found = {}
     for name in os.listdir(raw):
         m = re.fullmatch(r"(train|valid|test)\.en-([A-Za-z_]+)\.en", name)
-        if m and os.path.isfile(os.path.join(raw, "%s.en-%s.%s" % (m.group(1), m.group(2), m.group(2)))):
+        if m and os.path.isfile(os.path.join(raw, raw_name(m.group(1), m.group(2), m.group(2)))):
             found.setdefault(m.group(2), set()).add(m.group(1))
     if langs:
         missing = [l for l in langs if "train" not in found.get(l, ())]
@@ -97,179 +77,12 @@ def discover(raw, langs):
 
 def load_pair(raw, split, lang, limit=None):
     """Return (en_lines, xx_lines) of one split, checking they are parallel."""
-    en = read_lines(os.path.join(raw, "%s.en-%s.en" % (split, lang)), limit)
-    xx = read_lines(os.path.join(raw, "%s.en-%s.%s" % (split, lang, lang)), limit)
+    en = read_lines(os.path.join(raw, raw_name(split, lang, "en")), limit)
+    xx = read_lines(os.path.join(raw, raw_name(split, lang, lang)), limit)
     if len(en) != len(xx):
         raise UserError("%s.en-%s: %d English lines but %d %s lines" % (split, lang, len(en),
                                                                          len(xx), lang))
     return en, xx
-
-
-# ----------------------------------------------------------------------------- sentencepiece
-
-
-def keep_frequent_chars(lines, budget):
-    """Remove from ``lines`` every character outside the ``budget`` most frequent ones.
-
-    Used only for the SentencePiece training text when the vocabulary is too small to hold a
-    piece for every character that ``character_coverage`` asks for (SentencePiece refuses a
-    coverage below 0.98): the removed characters get no piece of their own and are encoded
-    with byte fallback.
-    """
-    counts = {}
-    for line in lines:
-        for ch in line:
-            if ch != " ":
-                counts[ch] = counts.get(ch, 0) + 1
-    keep = set(sorted(counts, key=lambda c: (-counts[c], c))[:max(budget, 1)])
-    keep.add(" ")
-    out = []
-    for line in lines:
-        line = "".join(ch for ch in line if ch in keep)
-        line = " ".join(line.split())
-        if line:
-            out.append(line)
-    return out, len(counts)
-
-
-def train_spm(args, lines, model_path):
-    """Train the shared unigram model; fit the vocabulary size and character set to the data."""
-    import sentencepiece as spm
-
-    vocab, coverage = args.vocab_size, args.character_coverage
-    if vocab < META_PIECES + 20:
-        raise UserError("--vocab-size %d is too small: byte fallback alone needs %d pieces; "
-                        "use at least %d" % (vocab, META_PIECES, META_PIECES + 20))
-    workdir = tempfile.mkdtemp(dir=args.out, prefix=".tmp-spm.")
-    text = os.path.join(workdir, "train.txt")
-
-    def write_text(text_lines):
-        with open(text, "w", encoding="utf-8") as f:
-            for line in text_lines:
-                f.write(line + "\n")
-
-    try:
-        write_text(lines)
-        for _attempt in range(6):
-            prefix = os.path.join(workdir, "spm")
-            try:
-                spm.SentencePieceTrainer.train(
-                    input=text, model_prefix=prefix, model_type="unigram", vocab_size=vocab,
-                    character_coverage=coverage, byte_fallback=True, split_digits=True,
-                    normalization_rule_name="identity", input_sentence_size=args.spm_sentences,
-                    shuffle_input_sentence=True, seed_sentencepiece_size=200000,
-                    num_threads=max(1, args.workers), minloglevel=2)
-                break
-            except RuntimeError as e:
-                msg = str(e)
-                too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a "
-                                     r"value <= (\d+)", msg)
-                too_small = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
-                if too_high:
-                    new = int(too_high.group(2))
-                    warn("vocabulary size %d is too large for this data; using %d" % (vocab, new))
-                    vocab = new
-                elif too_small:
-                    budget = (vocab - META_PIECES) // 2
-                    lines, n_chars = keep_frequent_chars(lines, budget)
-                    warn("vocabulary size %d is too small for the %d characters that coverage "
-                         "%.4f needs; only the %d most frequent of %d characters get pieces, the "
-                         "others use byte fallback" % (vocab, int(too_small.group(2)) - META_PIECES,
-                                                       coverage, budget, n_chars))
-                    write_text(lines)
-                else:
-                    line = msg.strip().splitlines()[-1] if msg.strip() else repr(e)
-                    raise UserError("sentencepiece training failed: %s" % line)
-        else:
-            raise UserError("sentencepiece training failed: could not fit --vocab-size %d to the "
-                            "data; try another value" % args.vocab_size)
-        os.replace(prefix + ".vocab", model_path[:-len(".model")] + ".vocab")
-        os.replace(prefix + ".model", model_path)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return vocab, coverage
-
-
-def write_fairseq_dict(sp, path):
-    """fairseq dictionary from the SentencePiece vocabulary (control and unk pieces left out)."""
-    rows = []
-    for i in range(sp.get_piece_size()):
-        if sp.is_control(i) or sp.is_unknown(i):
-            continue
-        piece = sp.id_to_piece(i)
-        if not piece or any(c.isspace() for c in piece):
-            continue  # cannot happen with whitespace-normalised input; keep the format valid
-        rows.append("%s 1" % piece)
-    atomic_write_lines(path, rows)
-    return len(rows)
-
-
-# ----------------------------------------------------------------------------- fairseq-preprocess
-
-
-def preprocess_cmd(args, lang, splits, spm_dir, dest, dict_path, workers):
-    cmd = [args.fairseq_preprocess, "--source-lang", "en", "--target-lang", lang,
-           "--destdir", dest, "--srcdict", dict_path, "--tgtdict", dict_path,
-           "--workers", str(workers), "--dataset-impl", "mmap"]
-    for split in splits:
-        cmd += ["--%spref" % split, os.path.join(spm_dir, "%s.en-%s" % (split, lang))]
-    return cmd
-
-
-def pair_outputs(out, lang, splits):
-    return [os.path.join(out, "%s.en-%s.%s.%s" % (split, lang, side, ext))
-            for split in splits for side in ("en", lang) for ext in ("bin", "idx")]
-
-
-def run_preprocess(args, jobs, dict_path, spm_dir):
-    """Run fairseq-preprocess for every (lang, splits) in ``jobs``, --workers at a time."""
-    if not jobs:
-        return {}
-    parallel = max(1, min(args.workers, len(jobs)))
-    per_job_workers = max(1, args.workers // parallel)
-    pending = list(jobs)
-    running = []
-    stats = {}
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    while pending or running:
-        while pending and len(running) < parallel:
-            lang, splits = pending.pop(0)
-            tmp = tempfile.mkdtemp(dir=args.out, prefix=".tmp-en-%s." % lang)
-            cmd = preprocess_cmd(args, lang, splits, spm_dir, tmp, dict_path, per_job_workers)
-            logf = open(os.path.join(tmp, "stdout.log"), "w+", encoding="utf-8")
-            try:
-                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
-            except FileNotFoundError:
-                raise UserError("fairseq-preprocess not found (install fairseq, or pass "
-                                "--fairseq-preprocess PATH)")
-            running.append((proc, lang, splits, tmp, logf, time.time()))
-        time.sleep(0.2)
-        for item in list(running):
-            proc, lang, splits, tmp, logf, t0 = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            logf.seek(0)
-            output = logf.read()
-            logf.close()
-            if proc.returncode != 0:
-                lines = [l for l in output.strip().splitlines() if l.strip()]
-                for p, *_ in running:
-                    p.kill()
-                raise UserError("fairseq-preprocess en-%s failed: %s"
-                                % (lang, lines[-1] if lines else "exit %d" % proc.returncode))
-            replaced = [float(x) for x in re.findall(r"([0-9.]+)% replaced", output)]
-            for path in pair_outputs(tmp, lang, splits):
-                if not os.path.exists(path):
-                    raise UserError("fairseq-preprocess en-%s wrote no %s"
-                                    % (lang, os.path.basename(path)))
-                os.replace(path, os.path.join(args.out, os.path.basename(path)))
-            shutil.rmtree(tmp, ignore_errors=True)
-            stats[lang] = {"max_unk_percent": max(replaced) if replaced else None}
-            log("[fairseq] en-%s binarized (%s) in %.1fs, <unk> at most %s%%"
-                % (lang, ",".join(splits), time.time() - t0,
-                   max(replaced) if replaced else "?"))
-    return stats
 
 
 # ----------------------------------------------------------------------------- main
@@ -398,12 +211,12 @@ def main(argv=None):
         for split in pairs[lang]:
             n_lines = None
             for side in ("en", lang):
-                dst = os.path.join(spm_dir, "%s.en-%s.%s" % (split, lang, side))
+                dst = os.path.join(spm_dir, raw_name(split, lang, side))
                 if not force and os.path.exists(dst):
                     with open(dst, encoding="utf-8") as f:
                         n_lines = sum(1 for _ in f)
                     continue
-                src = os.path.join(args.raw, "%s.en-%s.%s" % (split, lang, side))
+                src = os.path.join(args.raw, raw_name(split, lang, side))
                 lines = read_lines(src, limit if split == "train" else None)
                 pieces = sp.encode(lines, out_type=str, num_threads=max(1, args.workers))
                 atomic_write_lines(dst, (" ".join(p) for p in pieces))
@@ -427,7 +240,7 @@ def main(argv=None):
         for split in ("valid", "test"):
             if split in pairs[lang]:
                 for side in ("en", lang):
-                    name = "%s.en-%s.%s" % (split, lang, side)
+                    name = raw_name(split, lang, side)
                     dst = os.path.join(args.out, "raw", name)
                     if force or not os.path.exists(dst):
                         atomic_copy(os.path.join(args.raw, name), dst)

@@ -28,10 +28,8 @@ import lzma
 import os
 import tarfile
 
-from script_support import UserError, atomic_write_bytes, run_main  # noqa: E402  (sibling module)
-
-SPLITS = ("train", "valid", "test")
-ALL_LANGS = ("de", "fr", "es", "ru", "ja", "zh")
+from layout import DEBIAN_NAMES, LIBREOFFICE_SOURCES, SOURCES, SPLITS, XX_LANGS, raw_name  # noqa: E402  (sibling modules)
+from script_support import UserError, atomic_write_bytes, run_main  # noqa: E402
 FIXED_MTIME = 1700000000  # 2023-11-14; any constant keeps the archive reproducible
 
 
@@ -43,8 +41,8 @@ def read_lines(path):
 def load_pair(raw, meta, split, lang):
     """Return [(en, xx, source)] for one split of en-<lang>."""
     pair = "en-" + lang
-    en_path = os.path.join(raw, "%s.%s.en" % (split, pair))
-    xx_path = os.path.join(raw, "%s.%s.%s" % (split, pair, lang))
+    en_path = os.path.join(raw, raw_name(split, lang, "en"))
+    xx_path = os.path.join(raw, raw_name(split, lang, lang))
     for path in (en_path, xx_path):
         if not os.path.isfile(path):
             raise UserError("missing corpus file %s (run build_corpus.py first)" % path)
@@ -131,11 +129,10 @@ def attribution(args, corpus_manifest, counts, archive_name, archive_sha, archiv
     packages = corpus_manifest.get("packages", {})
     wanted = []
     for lang in ["en"] + args.langs:
-        suffix = {"en": "en-us", "zh": "zh-cn"}.get(lang, lang)
         if "help" in args.sources:
-            wanted.append("libreoffice-help-" + suffix)
+            wanted.append(DEBIAN_NAMES[lang]["help_pkg"])
         if "ui" in args.sources and lang != "en":
-            wanted.append("libreoffice-l10n-" + suffix)
+            wanted.append(DEBIAN_NAMES[lang]["ui_pkg"])
     lines = [
         "# Attribution of the bundled corpus slice",
         "",
@@ -224,8 +221,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="examples/data/bundled", help="output folder")
     p.add_argument("--name", default="libreoffice-6pairs",
                    help="archive name (<name>.tar.xz, top folder <name>/)")
-    p.add_argument("--langs", default=",".join(ALL_LANGS), help="comma-separated languages")
-    p.add_argument("--sources", default="help,ui",
+    p.add_argument("--langs", default=",".join(XX_LANGS), help="comma-separated languages")
+    p.add_argument("--sources", default=",".join(LIBREOFFICE_SOURCES),
                    help="comma-separated corpus sources to bundle (help, ui, ddtp)")
     p.add_argument("--train-per-lang", type=int, default=4000, help="training pairs per language")
     p.add_argument("--max-chars", type=int, default=100,
@@ -236,11 +233,11 @@ def parse_args(argv=None):
                    help="fail if the archive would be larger than this")
     args = p.parse_args(argv)
     args.langs = [l.strip() for l in args.langs.split(",") if l.strip()]
-    if not args.langs or any(l not in ALL_LANGS for l in args.langs):
-        p.error("--langs must be a non-empty subset of " + ",".join(ALL_LANGS))
+    if not args.langs or any(l not in XX_LANGS for l in args.langs):
+        p.error("--langs must be a non-empty subset of " + ",".join(XX_LANGS))
     args.sources = [s.strip() for s in args.sources.split(",") if s.strip()]
-    if not args.sources or any(s not in ("help", "ui", "ddtp") for s in args.sources):
-        p.error("--sources must be a non-empty subset of help,ui,ddtp")
+    if not args.sources or any(s not in SOURCES for s in args.sources):
+        p.error("--sources must be a non-empty subset of " + ",".join(SOURCES))
     return args
 
 
@@ -260,9 +257,9 @@ def main(argv=None):
     chosen, counts = select(args)
     files = {}
     for (split, lang), rows in sorted(chosen.items()):
-        base = "%s/raw/%s.en-%s." % (args.name, split, lang)
-        files[base + "en"] = "".join(r[0] + "\n" for r in rows).encode("utf-8")
-        files[base + lang] = "".join(r[1] + "\n" for r in rows).encode("utf-8")
+        for side, column in (("en", 0), (lang, 1)):
+            path = "%s/raw/%s" % (args.name, raw_name(split, lang, side))
+            files[path] = "".join(r[column] + "\n" for r in rows).encode("utf-8")
     packages = {k: v.get("version") for k, v in sorted(corpus_manifest.get("packages", {}).items())
                 if ("help" in args.sources and k.startswith("libreoffice-help-"))
                 or ("ui" in args.sources and k.startswith("libreoffice-l10n-"))}
@@ -271,7 +268,7 @@ def main(argv=None):
         "description": "bundled slice of the en<->xx corpus built by examples/data/build_corpus.py",
         "langs": args.langs,
         "sources": args.sources,
-        "licence": "MPL-2.0 (LibreOffice)" if set(args.sources) <= {"help", "ui"}
+        "licence": "MPL-2.0 (LibreOffice)" if set(args.sources) <= set(LIBREOFFICE_SOURCES)
                    else "MPL-2.0 (LibreOffice); DDTP text under each package's licence",
         "options": options_string(args),
         "corpus_date": corpus_manifest.get("date"),
