@@ -61,6 +61,20 @@ class TaskMoeTransformerModel(TransformerModel):
         return model
 
     @classmethod
+    def from_pretrained(cls, model_name_or_path, checkpoint_file="model.pt", data_name_or_path=".", **kwargs):
+        """fairseq's hub loading (``source_lang=``, ``target_lang=``, ``bpe="sentencepiece"``,
+        ``sentencepiece_model=`` ... as keyword arguments); returns a
+        :class:`TaskMoeHubInterface` whose ``translate`` strips the language tags."""
+        from fairseq import hub_utils
+
+        from taskmoe_fairseq.models.hub_interface import TaskMoeHubInterface
+
+        loaded = hub_utils.from_pretrained(
+            model_name_or_path, checkpoint_file, data_name_or_path, archive_map=cls.hub_models(), **kwargs
+        )
+        return TaskMoeHubInterface(loaded["args"], loaded["task"], loaded["models"])
+
+    @classmethod
     def build_encoder(cls, cfg, src_dict, embed_tokens):
         return TaskMoeTransformerEncoder(cfg, src_dict, embed_tokens, langs=cfg.taskmoe_langs or [])
 
