@@ -6,6 +6,10 @@ what task-level MoE needs:
 * every batch carries each sentence's source and target language ids, in
   training, validation, ``fairseq-generate`` and ``fairseq-interactive``;
 * an extracted sub-network is refused, at start-up, for a pair it does not serve;
+* validation and generation see every sentence: fairseq's batch sampler trims the last
+  batch to a multiple of ``--required-batch-size-multiple`` (default 8), which silently drops
+  sentences (13 sentences, ``--batch-size 16``: 8 translated), so outside the training split
+  the multiple is 1;
 * bad language options stop at start-up with one line.
 """
 
@@ -85,6 +89,16 @@ class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
         if prefix_allowed_tokens_fn is not None:
             extra_gen_cls_kwargs = dict(extra_gen_cls_kwargs or {}, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn)
         return super().build_generator(models, args, seq_gen_cls=seq_gen_cls, extra_gen_cls_kwargs=extra_gen_cls_kwargs)
+
+    def get_batch_iterator(self, dataset, *args, **kwargs):
+        """fairseq's, with ``required_batch_size_multiple`` 1 for every dataset but the training split."""
+        training = dataset is self.datasets.get(getattr(self.args, "train_subset", "train"))
+        if not training:
+            if len(args) >= 5:  # (dataset, max_tokens, max_sentences, max_positions, ignore_invalid_inputs, multiple)
+                args = args[:4] + (1,) + args[5:]
+            elif kwargs.get("required_batch_size_multiple", 1) != 1:
+                kwargs["required_batch_size_multiple"] = 1
+        return super().get_batch_iterator(dataset, *args, **kwargs)
 
     def build_dataset_for_inference(self, src_tokens, src_lengths, constraints=None):
         dataset = super().build_dataset_for_inference(src_tokens, src_lengths, constraints)
