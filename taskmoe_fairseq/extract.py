@@ -30,6 +30,7 @@ from taskmoe_fairseq import compat
 from taskmoe_fairseq.errors import run_cli, usage_error
 from taskmoe_fairseq.files import atomic_write
 from taskmoe_fairseq.models.extraction import extractable_layers
+from taskmoe_fairseq.modules import routing_kinds
 
 
 def model_args(state: dict, path: str) -> argparse.Namespace:
@@ -55,6 +56,30 @@ def model_args(state: dict, path: str) -> argparse.Namespace:
 def known_pairs(args) -> List[str]:
     pairs = args.lang_pairs
     return pairs.split(",") if isinstance(pairs, str) else list(pairs or [])
+
+
+def zero_shot_note(args, pair: str, layers, pairs_known: List[str]):
+    """A pair outside the training pairs: allowed where its task ids exist (source / target /
+    static-source / static-target routing: each task was trained through other pairs); refused
+    for pair routing, whose gate never saw the pair. Raises TaskMoeError; prints a note otherwise."""
+    langs = list(args.taskmoe_langs)
+    parts = pair.split("-")
+    if len(parts) != 2 or not all(lang in langs for lang in parts) or parts[0] == parts[1]:
+        raise usage_error(
+            f"unknown language pair {pair}; the model knows {','.join(pairs_known)} "
+            f"(and zero-shot pairs between its languages {','.join(langs)})"
+        )
+    by_pair = [f"{side}.{index}" for side, index, routing in layers if routing_kinds.task_key(routing) == "pair"]
+    if by_pair:
+        raise usage_error(
+            f"{pair} is not a training pair and layers {','.join(by_pair)} route by language pair: their gate "
+            f"never saw {pair}, so it has no sub-network; extract one of {','.join(pairs_known)}"
+        )
+    print(
+        f"taskmoe_fairseq.extract: note: {pair} is zero-shot (not among the training pairs); its experts are "
+        "those its source and target tasks were trained with",
+        file=sys.stderr,
+    )
 
 
 def _dictionary(size: int) -> Dictionary:
@@ -166,12 +191,12 @@ def run(options) -> List[dict]:
     args = model_args(checkpoint, options.checkpoint)
     pairs_known = known_pairs(args)
     pairs = pairs_known if options.all_lang_pairs else (options.lang_pair or options.lang_pairs.split(","))
-    unknown = [pair for pair in pairs if pair not in pairs_known]
-    if unknown:
-        raise usage_error(f"unknown language pair {','.join(unknown)}; the model knows {','.join(pairs_known)}")
+    layers = extractable_layers(args)
+    for pair in pairs:
+        if pair not in pairs_known:
+            zero_shot_note(args, pair, layers, pairs_known)
     paths = output_paths(options, pairs)
 
-    layers = extractable_layers(args)
     if not layers:
         routings = f"{args.encoder_moe_routing}/{args.decoder_moe_routing}"
         message = (

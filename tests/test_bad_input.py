@@ -61,9 +61,11 @@ def test_language_pair_using_a_language_outside_langs(train):
     assert_one_line_error(run(command, check=False), "--lang-pairs uses ja, which --langs (en,de,fr,ru) lacks")
 
 
-def test_generate_for_a_pair_not_in_lang_pairs(trained, data_dir):
+def test_generate_for_a_pair_outside_the_languages_or_without_data(trained, data_dir):
+    command = generate_command(data_dir, trained.get("token", "target"), "de-ja", beam=1)
+    assert_one_line_error(run(command, check=False), "unknown language pair de-ja: the model knows en-de,de-en")
     command = generate_command(data_dir, trained.get("token", "target"), "de-fr", beam=1)
-    assert_one_line_error(run(command, check=False), "unknown language pair de-fr: the model knows en-de,de-en")
+    assert_one_line_error(run(command, check=False), "de-fr is zero-shot: --lang-pairs has no test data for it")
 
 
 def test_generate_with_the_stock_task_on_a_task_routed_model(trained, data_dir):

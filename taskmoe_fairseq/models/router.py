@@ -90,6 +90,10 @@ class MoeRouter(nn.Module):
             routing_kinds.task_key(routing) for side in SIDES for _, routing in self.layers[side]
         )
 
+    def routes_by_pair(self) -> bool:
+        """Whether a (not extracted) layer's gate is a function of the language pair."""
+        return any(routing_kinds.task_key(routing) == "pair" for side in SIDES for _, routing in self.layers[side])
+
     def needs_summary(self, side: str) -> bool:
         return any(routing == routing_kinds.SENTENCE for _, routing in self.layers[side])
 

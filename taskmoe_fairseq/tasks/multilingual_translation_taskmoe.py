@@ -42,11 +42,14 @@ def _check_language_options(args):
             raise usage_error(f"--lang-pairs uses {','.join(missing)}, which --langs ({','.join(langs)}) lacks; add it to --langs")
     if args.source_lang is not None or args.target_lang is not None:
         pair = f"{args.source_lang}-{args.target_lang}"
-        if pair not in pairs:
+        known = set(langs if langs is not None else [lang for p in pairs for lang in p.split("-")])
+        if pair not in pairs and not (args.source_lang in known and args.target_lang in known):
             raise usage_error(
-                f"unknown language pair {pair}: the model knows {','.join(pairs)}; "
-                "pass --source-lang/--target-lang of one of them"
+                f"unknown language pair {pair}: the model knows {','.join(pairs)} "
+                f"(and zero-shot pairs between {','.join(sorted(known))}); pass --source-lang/--target-lang of one of them"
             )
+        if pair not in pairs:
+            logger.warning("%s is zero-shot: not among --lang-pairs; the routing's source/target tasks serve it", pair)
     targets = {pair.split("-")[1] for pair in pairs}
     if len(targets) > 1 and args.encoder_langtok != "tgt" and not args.decoder_langtok:
         raise usage_error(
@@ -72,13 +75,26 @@ class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
         # (MultilingualDatasetManager.setup_data_manager hard-codes its own class)
         self.data_manager = TaskMoeDatasetManager(args, self.lang_pairs, langs, dicts, self.sampling_method)
 
+    def pairs_given(self):
+        """``--lang-pairs`` as a list (fairseq's ``self.lang_pairs`` is only the ``-s``/``-t`` pair at inference)."""
+        pairs = self.args.lang_pairs
+        return pairs.split(",") if isinstance(pairs, str) else list(pairs)
+
     def language_ids(self, src_lang: str, tgt_lang: str):
         return routing_kinds.language_index(self.langs, src_lang), routing_kinds.language_index(self.langs, tgt_lang)
 
     def build_model(self, args, from_checkpoint=False):
         model = super().build_model(args, from_checkpoint)
         router = getattr(getattr(model, "encoder", None), "moe_router", None)
-        if router is not None and router.extracted_tasks and self.args.source_lang and self.args.target_lang:
+        if router is None or not (self.args.source_lang and self.args.target_lang):
+            return model
+        pair = f"{self.args.source_lang}-{self.args.target_lang}"
+        if pair not in self.pairs_given() and router.routes_by_pair():
+            raise usage_error(
+                f"{pair} is not among --lang-pairs and this model routes by language pair: its gate never saw "
+                f"{pair} (zero-shot works with source or target routing); pass one of {','.join(self.pairs_given())}"
+            )
+        if router.extracted_tasks:
             # fail before translating anything; the router checks every batch as well
             src, tgt = self.language_ids(self.args.source_lang, self.args.target_lang)
             router.check_pair(torch.tensor([src]), torch.tensor([tgt]))
@@ -89,6 +105,15 @@ class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
         if prefix_allowed_tokens_fn is not None:
             extra_gen_cls_kwargs = dict(extra_gen_cls_kwargs or {}, prefix_allowed_tokens_fn=prefix_allowed_tokens_fn)
         return super().build_generator(models, args, seq_gen_cls=seq_gen_cls, extra_gen_cls_kwargs=extra_gen_cls_kwargs)
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        pair = f"{self.args.source_lang}-{self.args.target_lang}"
+        if not self.training and self.args.source_lang and pair not in self.pairs_given():
+            raise usage_error(
+                f"{pair} is zero-shot: --lang-pairs has no {split} data for it; translate raw text with "
+                f"fairseq-interactive, or add {pair} to --lang-pairs with data binarized for it"
+            )
+        return super().load_dataset(split, epoch, combine, **kwargs)
 
     def get_batch_iterator(self, dataset, *args, **kwargs):
         """fairseq's, with ``required_batch_size_multiple`` 1 for every dataset but the training split."""
