@@ -23,7 +23,7 @@ from ctranslate2.converters.converter import Converter
 from ctranslate2.specs import common_spec, transformer_spec
 
 from taskmoe_fairseq.errors import usage_error
-from taskmoe_fairseq.export.subnetwork import DenseLayer, SubNetwork
+from taskmoe_fairseq.export.subnetwork import IGNORED_SUFFIXES, DenseLayer, SubNetwork
 
 ACTIVATIONS = {
     "relu": common_spec.Activation.RELU,
@@ -65,6 +65,7 @@ class TaskMoeCt2Converter(Converter):
         self.network = network
         self.source_vocabulary = list(source_vocabulary)
         self.target_vocabulary = list(target_vocabulary)
+        self.used = set()
 
     def _load(self):
         net = self.network
@@ -86,6 +87,7 @@ class TaskMoeCt2Converter(Converter):
         self._fill_side(encoder, "encoder")
         self._fill_side(decoder, "decoder")
         self._linear(decoder.projection, "decoder.output_projection")
+        self._check_all_used()
         spec = transformer_spec.TransformerSpec(encoder, decoder)
         self._check_vocabulary("source", self.source_vocabulary, "encoder.embed_tokens.weight")
         self._check_vocabulary("target", self.target_vocabulary, "decoder.embed_tokens.weight")
@@ -100,7 +102,25 @@ class TaskMoeCt2Converter(Converter):
     # ------------------------------------------------------------------ helpers
 
     def _tensor(self, name: str) -> np.ndarray:
+        if name not in self.network.state:
+            raise usage_error(f"the checkpoint has no {name}; this layout is not a fairseq Transformer the exporter knows")
+        self.used.add(name)
         return as_array(self.network.state[name])
+
+    def _check_all_used(self):
+        """Every parameter must have found a place: anything else (adaptive softmax, project-in/out,
+        NormFormer scales ...) would be silently dropped."""
+        ffn_prefixes = tuple(
+            f"{layer.prefix}.{part}" for layer in self.network.encoder_layers + self.network.decoder_layers
+            for part in ("fc1.", "fc2.", "moe.")
+        )
+        unused = [
+            name for name in self.network.state
+            if name not in self.used and not name.endswith(IGNORED_SUFFIXES) and not name.startswith(ffn_prefixes)
+        ]
+        if unused:
+            shown = ", ".join(unused[:4]) + (f" and {len(unused) - 4} more" if len(unused) > 4 else "")
+            raise usage_error(f"parameters with no place in CTranslate2's Transformer: {shown}; this model cannot be exported")
 
     def _linear(self, spec, prefix: str):
         spec.weight = self._tensor(prefix + ".weight")
