@@ -31,10 +31,12 @@ class LoadedCheckpoint:
         return getattr(self.args, "moe_extracted_lang_pair", None)
 
     def known_pairs(self) -> List[str]:
+        """The ``--lang-pairs`` the model was trained on, e.g. ``["en-de", "de-en"]``."""
         pairs = getattr(self.task_args, "lang_pairs", None) or getattr(self.args, "lang_pairs", None) or []
         return pairs.split(",") if isinstance(pairs, str) else list(pairs)
 
     def has_moe_layers(self) -> bool:
+        """Whether any layer holds ``.moe.`` parameters (otherwise nothing needs extracting)."""
         return any(moe_layer_names(self.state, side) for side in SIDES)
 
 

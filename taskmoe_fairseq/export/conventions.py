@@ -26,6 +26,7 @@ SPM_FILE = "spm.model"
 
 
 def lang_tag(lang: str, task_args) -> str:
+    """fairseq's tag for ``lang`` under the task's ``--lang-tok-style`` (``__de__`` by default)."""
     from fairseq.data.multilingual.multilingual_utils import get_lang_tok
 
     return get_lang_tok(lang, getattr(task_args, "lang_tok_style", "multilingual") or "multilingual")
@@ -76,6 +77,7 @@ def source_tokens(conv: Dict, pieces: Sequence[str]) -> List[str]:
 
 
 def target_prefix(conv: Dict) -> Optional[List[str]]:
+    """CTranslate2's ``target_prefix`` for one sentence (``["__de__"]``), or None without ``--decoder-langtok``."""
     return list(conv["target_prefix"]) or None
 
 

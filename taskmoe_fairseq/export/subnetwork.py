@@ -87,6 +87,7 @@ class SubNetwork:
 
 
 def layer_indices(state: Dict[str, torch.Tensor], side: str) -> List[int]:
+    """Sorted indices ``i`` of the ``{side}.layers.{i}.*`` parameters present."""
     pattern = re.compile(rf"^{side}\.layers\.(\d+)\.")
     return sorted({int(m.group(1)) for m in map(pattern.match, state) if m})
 
@@ -140,6 +141,7 @@ def merged_ffn(state: Dict[str, torch.Tensor], prefix: str) -> Tuple[Tuple[torch
 
 
 def dense_layer(state: Dict[str, torch.Tensor], args, side: str, index: int) -> Optional[DenseLayer]:
+    """The dense form of layer ``index`` of ``side``, or None if it still has a gate."""
     prefix = f"{side}.layers.{index}"
     name = f"{side}.{index}"
     if prefix + ".fc1.weight" in state:
