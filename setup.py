@@ -29,6 +29,8 @@ setup(
     extras_require={
         "test": ["pytest>=7"],
         "bench": ["matplotlib>=3.7"],
+        # python -m taskmoe_fairseq.export --format ctranslate2
+        "ctranslate2": ["ctranslate2>=4.5,<5"],
     },
     license="MIT",
 )

@@ -1,0 +1,177 @@
+"""``python -m taskmoe_fairseq.export``: a TaskMoE sub-network as a CTranslate2 model.
+
+Examples::
+
+    python -m taskmoe_fairseq.export --checkpoint ckpt/checkpoint_best.pt --lang-pair en-de \\
+        --format ctranslate2 --output-dir serve/ct2-en-de
+    python -m taskmoe_fairseq.export --checkpoint ckpt/checkpoint_best.pt --all-lang-pairs \\
+        --format ctranslate2 --quantization int8 --output-dir serve/ct2   # one folder per pair
+
+Given a full checkpoint it extracts and merges each pair's sub-network first (the extract
+CLI with ``--merge-experts``); given an extracted one it exports that pair. The output folder
+holds CTranslate2's files (``model.bin``, ``config.json``, vocabularies), ``spm.model`` and
+``taskmoe_export.json`` (tags, prefix, end token: see :mod:`.conventions`). It is built in a
+temporary folder beside ``--output-dir`` and renamed into place, so it is complete or absent.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Dict, List
+
+from taskmoe_fairseq.errors import TaskMoeUsageError, usage_error
+
+QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m taskmoe_fairseq.export",
+        description="Export TaskMoE sub-networks (one per language pair) to CTranslate2.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="full or extracted TaskMoE checkpoint (never modified)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--lang-pair", action="append", default=[], metavar="SRC-TGT", help="a pair to export; repeatable")
+    which.add_argument("--all-lang-pairs", action="store_true", help="every pair the model was trained on")
+    parser.add_argument("--format", default="ctranslate2", choices=("ctranslate2",), help="output format")
+    parser.add_argument("--output-dir", required=True,
+                        help="the model folder (one pair), or a folder of <pair>/ model folders (several pairs)")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
+                        help="CTranslate2 weight type (default: the checkpoint's, float32)")
+    parser.add_argument("--data-dir", help="the binarized data folder with the dictionaries (default: the one in the checkpoint)")
+    parser.add_argument("--spm-model", help="SentencePiece model to ship (default: DATA_DIR/spm.model)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --output-dir")
+    return parser.parse_args(argv)
+
+
+def resolve_inputs(options, loaded):
+    data_dir = options.data_dir or getattr(loaded.task_args, "data", None)
+    if isinstance(data_dir, str) and ":" in data_dir and not os.path.isdir(data_dir):
+        data_dir = data_dir.split(":")[0]  # fairseq's sharded data paths
+    if not data_dir or not os.path.isdir(data_dir):
+        raise usage_error(f"data folder {data_dir!r} not found; pass --data-dir (the binarized data with the dictionaries)")
+    spm = options.spm_model or os.path.join(data_dir, "spm.model")
+    if not os.path.isfile(spm):
+        raise usage_error(f"SentencePiece model {spm} not found; pass --spm-model")
+    return data_dir, spm
+
+
+def check_output(path: str, force: bool) -> str:
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not force:
+        raise usage_error(f"{path} exists; pass --force to replace it")
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as error:
+        raise usage_error(f"cannot create {parent} ({error.strerror}); choose a writable --output-dir") from None
+    if not os.access(parent, os.W_OK):
+        raise usage_error(f"cannot write to {parent}; choose a writable --output-dir")
+    return path
+
+
+def write_pair(state, args, task_args, pair: str, data_dir: str, spm: str, folder: str, quantization, source: str) -> Dict:
+    """Convert one sub-network into ``folder`` (created); returns its conventions."""
+    import ctranslate2
+
+    from taskmoe_fairseq.export.conventions import CONVENTIONS_FILE, SPM_FILE, conventions, task_dictionaries
+    from taskmoe_fairseq.export.ct2_spec import TaskMoeCt2Converter, layer_summary
+    from taskmoe_fairseq.export.subnetwork import build_subnetwork
+
+    network = build_subnetwork(state, args, source)
+    source_symbols, target_symbols = task_dictionaries(task_args, data_dir, pair)
+    conv = conventions(pair, task_args, source_symbols, target_symbols)
+    try:
+        TaskMoeCt2Converter(network, source_symbols, target_symbols).convert(folder, quantization=quantization, force=True)
+    except TaskMoeUsageError:
+        raise
+    except (ValueError, RuntimeError, TypeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise usage_error(f"CTranslate2 rejected the {pair} model: {first}") from None
+    shutil.copyfile(spm, os.path.join(folder, SPM_FILE))
+    conv.update(
+        format="ctranslate2",
+        ctranslate2_version=ctranslate2.__version__,
+        quantization=quantization or "float32",
+        source_checkpoint=os.path.abspath(source),
+        extracted=bool(getattr(args, "moe_extracted_lang_pair", None)),
+        routing={"encoder": getattr(args, "encoder_moe_routing", None), "decoder": getattr(args, "decoder_moe_routing", None)},
+        layers=layer_summary(network),
+    )
+    with open(os.path.join(folder, CONVENTIONS_FILE), "w", encoding="utf-8") as stream:
+        json.dump(conv, stream, indent=2)
+        stream.write("\n")
+    return conv
+
+
+def run(options) -> List[str]:
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        raise usage_error("CTranslate2 is not installed: pip install 'taskmoe-fairseq[ctranslate2]' (or ctranslate2)") from None
+    from taskmoe_fairseq.export import checkpoints
+
+    output = check_output(options.output_dir, options.force)
+    loaded = checkpoints.load(options.checkpoint)
+    pairs = checkpoints.choose_pairs(loaded, options.lang_pair, options.all_lang_pairs)
+    checkpoints.refuse_routed_layers(loaded)
+    data_dir, spm = resolve_inputs(options, loaded)
+    several = len(pairs) > 1 or options.all_lang_pairs
+
+    parent = os.path.dirname(output)
+    building = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.building-", dir=parent)
+    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.extract-", dir=parent)
+    try:
+        if loaded.extracted_pair or not loaded.has_moe_layers():
+            sources = {pair: loaded for pair in pairs}  # already a sub-network, or dense: no extraction
+        else:
+            print(f"extracting {','.join(pairs)} (merged experts) ...", file=sys.stderr, flush=True)
+            paths = checkpoints.extract_subnetworks(loaded, pairs, scratch)
+            sources = {pair: path for pair, path in paths.items()}
+        written = []
+        for pair in pairs:
+            source = sources[pair]
+            sub = source if not isinstance(source, str) else checkpoints.load(source)
+            folder = os.path.join(building, pair) if several else os.path.join(building, "model")
+            write_pair(sub.state, sub.args, loaded.task_args, pair, data_dir, spm, folder, options.quantization, loaded.path)
+            written.append(pair)
+            sub = None
+            print(f"{pair}: converted", file=sys.stderr, flush=True)
+        final_tree = building if several else os.path.join(building, "model")
+        replace_folder(final_tree, output)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+    for pair in written:
+        print(os.path.join(output, pair) if several else output)
+    return written
+
+
+def replace_folder(new: str, target: str):
+    """Rename ``new`` to ``target``; an existing ``target`` (``--force``) is moved aside first
+    and removed only after the new folder is in place."""
+    old = None
+    if os.path.exists(target):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+        os.rmdir(old)
+        os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except OSError:
+        if old:
+            os.rename(old, target)
+        raise
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    try:
+        run(parse_args(argv))
+    except TaskMoeUsageError as error:
+        print(f"taskmoe_fairseq.export: error: {error.message}", file=sys.stderr)
+        return 2
+    return 0
