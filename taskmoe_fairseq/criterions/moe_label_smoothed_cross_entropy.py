@@ -35,6 +35,8 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     label_smoothed_nll_loss,
 )
 
+from taskmoe_fairseq.modules import routing_kinds
+
 GATE_LOSS = "moe_gate_loss"
 DROP, BALANCE, LOAD = "moe_drop_", "moe_balance_", "moe_load_"
 PAIR_LOSS, PAIR_NLL_LOSS, PAIR_SAMPLE_SIZE, PAIR_NTOKENS = "pair_loss:", "pair_nll_loss:", "pair_sample_size:", "pair_ntokens:"
@@ -120,7 +122,7 @@ class MoeLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
         if "src_lang_id" not in net_input or not langs or not pairs:
             return {}
         num_langs = len(langs)
-        pair_id = net_input["src_lang_id"] * num_langs + net_input["tgt_lang_id"]
+        pair_id = routing_kinds.task_ids("pair", net_input["src_lang_id"], net_input["tgt_lang_id"], num_langs)
         target = sample["target"]
         if self.ignore_prefix_size > 0:
             target = target[:, self.ignore_prefix_size :]
@@ -135,8 +137,7 @@ class MoeLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             sums[name] = values.new_zeros(num_langs * num_langs).index_add_(0, pair_id, values).tolist()
         out = {}
         for pair in pairs:
-            src, tgt = pair.split("-")
-            index = langs.index(src) * num_langs + langs.index(tgt)
+            index = routing_kinds.pair_task_ids("pair", pair, langs)
             for prefix, values in sums.items():
                 out[prefix + pair] = float(values[index])  # plain floats: fairseq reduces them in one buffer
         return out

@@ -2,6 +2,7 @@
 
 from fairseq.data.multilingual.multilingual_data_manager import MultilingualDatasetManager
 
+from taskmoe_fairseq.modules.routing_kinds import language_index
 from taskmoe_fairseq.tasks.language_id_dataset import LanguageIdDataset
 
 
@@ -12,4 +13,4 @@ class TaskMoeDatasetManager(MultilingualDatasetManager):
 
     def load_a_dataset(self, split, data_path, src, src_dict, tgt, tgt_dict, combine, **kwargs):
         dataset = super().load_a_dataset(split, data_path, src, src_dict, tgt, tgt_dict, combine, **kwargs)
-        return LanguageIdDataset(dataset, self.langs.index(src), self.langs.index(tgt))
+        return LanguageIdDataset(dataset, language_index(self.langs, src), language_index(self.langs, tgt))
