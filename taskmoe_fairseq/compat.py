@@ -7,6 +7,12 @@
 * A checkpoint that still fails (unknown global, truncated or corrupt file)
   becomes one line that names the file and the fix instead of an unpickling
   traceback from inside fairseq.
+* Safe loading holds whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says: torch
+  honours that variable only where the call site leaves ``weights_only`` unset,
+  so the fairseq modules that ``torch.load`` checkpoints (``checkpoint_utils``:
+  generate, interactive, the hub interface, train's restore and
+  ``--finetune-from-model``; ``distributed.utils``: rank 0's broadcast copy)
+  see a ``torch`` whose ``load`` always passes ``weights_only=True``.
 * Data parallel: rank 0's broadcast copy of a checkpoint carries plain
   containers instead of an OmegaConf ``DictConfig`` (which the safe loader
   refuses), so resuming works without ``--load-checkpoint-on-all-dp-ranks``;
@@ -59,11 +65,16 @@ def describe_load_failure(path: str, error: BaseException) -> str:
         )
     unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", message)
     if unsupported:
+        ignored = (
+            " (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set; taskmoe_fairseq ignores it: safe loading stays on)"
+            if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true")
+            else ""
+        )
         return (
             f"{path}: refused by torch's safe loader: it holds {unsupported.group(1)}, which is not on "
             "taskmoe_fairseq.compat.SAFE_GLOBALS (unpickling it could run code); re-save it without "
             "that object, or, only if you made or trust the file, allow the type with "
-            f"torch.serialization.add_safe_globals"
+            f"torch.serialization.add_safe_globals{ignored}"
         )
     first_line = message.strip().splitlines()[0] if message.strip() else type(error).__name__
     return f"{path}: not a readable torch checkpoint ({first_line}); the file is corrupt or of another kind"
@@ -100,6 +111,37 @@ def _wrap_fairseq_checkpoint_loader():
 
     load_checkpoint_to_cpu._taskmoe_wrapped = True
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+
+
+class _SafeLoadTorch:
+    """``torch`` as the fairseq modules that read checkpoints see it: every attribute is torch's,
+    except that ``load`` always passes ``weights_only=True``, so torch's
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` (honoured only where ``weights_only`` is not passed)
+    cannot turn safe loading off and run a code-carrying checkpoint."""
+
+    _taskmoe_safe_load = True
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f, map_location=None, *args, **kwargs):
+        kwargs.pop("pickle_module", None)
+        kwargs["weights_only"] = True
+        return torch.load(f, map_location, *args, **kwargs)
+
+
+# the fairseq modules that call torch.load on a translation user's paths
+SAFE_LOAD_MODULES = ("fairseq.checkpoint_utils", "fairseq.distributed.utils")
+
+
+def _give_fairseq_safe_torch_load():
+    import importlib
+
+    for name in SAFE_LOAD_MODULES:
+        module = importlib.import_module(name)
+        if not getattr(module.torch, "_taskmoe_safe_load", False):
+            module.torch = _SafeLoadTorch()
 
 
 def _plain(obj):
@@ -281,6 +323,7 @@ def _import_fairseq_quietly():
 def apply():
     _import_fairseq_quietly()
     torch.serialization.add_safe_globals(SAFE_GLOBALS)
+    _give_fairseq_safe_torch_load()
     _wrap_fairseq_checkpoint_loader()
     _wrap_fairseq_broadcast_object()
     _wrap_fairseq_distributed_model()
