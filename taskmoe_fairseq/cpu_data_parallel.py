@@ -1,16 +1,22 @@
 """Data-parallel ``fairseq-train`` on CPU: ``python -m taskmoe_fairseq.cpu_data_parallel``.
 
-fairseq's own launcher asserts that CUDA devices exist when
+fairseq's own spawning asserts that CUDA devices exist when
 ``--distributed-world-size > 1``, so this starts the ranks itself, each a
 normal ``fairseq-train`` with fairseq's distributed options (gloo backend,
-``legacy_ddp``, which all-reduces every gradient and so tolerates experts that
-a batch never used)::
+``tcp://`` rendezvous on 127.0.0.1)::
 
     python -m taskmoe_fairseq.cpu_data_parallel --nprocs 2 -- DATA --user-dir taskmoe_fairseq ... --save-dir ckpt
 
-Resuming works on every rank: each rank reads the checkpoint itself with the
-safe loader and the allow-list of :mod:`taskmoe_fairseq.compat`
-(``--load-checkpoint-on-all-dp-ranks``).
+``--ddp-backend`` chooses fairseq's DDP backend: ``legacy_ddp`` (default; alias
+``no_c10d``) all-reduces every gradient in one flat buffer, so experts that a
+batch never used need nothing special, and it is the fastest here;
+``pytorch_ddp`` (alias ``c10d``, fairseq's own default) is torch's
+DistributedDataParallel, for which the plugin turns on
+``find_unused_parameters`` (see :mod:`taskmoe_fairseq.compat`). ``torchrun``
+works as well (README, "Data-parallel training").
+
+Resuming works as fairseq does it: rank 0 reads the checkpoint with the safe
+loader and broadcasts it (or pass ``--load-checkpoint-on-all-dp-ranks``).
 """
 
 import argparse
@@ -29,7 +35,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def rank_command(train_args, nprocs: int, rank: int, port: int):
+DDP_BACKENDS = ("legacy_ddp", "no_c10d", "pytorch_ddp", "c10d")
+
+
+def rank_command(train_args, nprocs: int, rank: int, port: int, ddp_backend: str = "legacy_ddp"):
     executable = shutil.which("fairseq-train")
     base = [executable] if executable else [sys.executable, "-m", "fairseq_cli.train"]
     return base + list(train_args) + [
@@ -40,10 +49,7 @@ def rank_command(train_args, nprocs: int, rank: int, port: int):
         "--device-id", "0",
         "--distributed-backend", "gloo",
         "--distributed-init-method", f"tcp://127.0.0.1:{port}",
-        "--ddp-backend", "legacy_ddp",
-        # every rank reads the checkpoint with the safe loader; fairseq's default broadcasts
-        # rank 0's in-memory copy, whose DictConfig the safe loader (rightly) refuses
-        "--load-checkpoint-on-all-dp-ranks",
+        "--ddp-backend", ddp_backend,
     ]
 
 
@@ -54,6 +60,10 @@ def main(argv=None):
     )
     parser.add_argument("--nprocs", type=int, default=2, help="number of ranks (default 2)")
     parser.add_argument("--port", type=int, default=0, help="rendezvous port on 127.0.0.1 (default: a free one)")
+    parser.add_argument(
+        "--ddp-backend", default="legacy_ddp", choices=DDP_BACKENDS,
+        help="fairseq's --ddp-backend for the ranks (default legacy_ddp: the fastest on CPU)",
+    )
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the fairseq-train arguments")
     options = parser.parse_args(argv)
     train_args = options.train_args[1:] if options.train_args[:1] == ["--"] else options.train_args
@@ -65,7 +75,7 @@ def main(argv=None):
     # one intra-op thread per rank unless asked otherwise: ranks share the cores
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.nprocs)))
-    ranks = [subprocess.Popen(rank_command(train_args, options.nprocs, rank, port), env=env) for rank in range(options.nprocs)]
+    ranks = [subprocess.Popen(rank_command(train_args, options.nprocs, rank, port, options.ddp_backend), env=env) for rank in range(options.nprocs)]
     status = 0
     try:
         while any(process.poll() is None for process in ranks):
