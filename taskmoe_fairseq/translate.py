@@ -20,8 +20,8 @@ written by ``python -m taskmoe_fairseq.export --format ctranslate2``:
 
 The output pieces are turned into text with the SentencePiece model itself
 (``SentencePieceProcessor.decode``), so byte-fallback pieces (``<0xE2>``...) become their
-characters; fairseq's ``--post-process sentencepiece`` only joins pieces and would leave them as
-text. Empty (or whitespace-only) lines are never sent to the model: they come out empty. Lines are
+characters (fairseq's ``--post-process sentencepiece`` only joins pieces and leaves them as text);
+leading and trailing spaces are stripped, as fairseq's post-processing strips them. Empty (or whitespace-only) lines are never sent to the model: they come out empty. Lines are
 sorted by length inside windows of :data:`WINDOW` lines, decoded in batches of ``--batch-size``
 sentences and written back in input order, window by window. A progress bar goes to stderr when it
 is a terminal or the input has at least :data:`LARGE_INPUT` sentences.
@@ -266,7 +266,7 @@ def translate_lines(
     for start in range(0, len(todo), batch_size):
         batch = todo[start:start + batch_size]
         for i, pieces in zip(batch, translator.generate([encoded[i] for i in batch], beam, max_len_b)):
-            out[i] = re.sub(r"[\r\n]+", " ", translator.detokenize(pieces))
+            out[i] = re.sub(r"\s*[\r\n]+\s*", " ", translator.detokenize(pieces)).strip()
         if on_batch is not None:
             on_batch(len(batch))
     return out
