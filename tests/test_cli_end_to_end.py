@@ -77,3 +77,12 @@ def test_two_process_cpu_data_parallel_trains_and_resumes(ddp_checkpoint):
     assert updates_in(first_log) == 6
     assert "Loaded checkpoint" in resumed_log and updates_in(resumed_log) == 12
     assert os.path.exists(checkpoint)
+
+
+def test_layerdrop_trains_through_fairseq_train(trained):
+    """--encoder/decoder-layerdrop with MoE layers (a skipped layer's stale gate loss used to be
+    added again: "backward through the graph a second time" at update 2)."""
+    extra = ("--encoder-layerdrop", "0.5", "--decoder-layerdrop", "0.5", "--encoder-layers", "4", "--decoder-layers", "4")
+    trained.get("token", "target", 6, extra)
+    log = trained.log("token", "target", 6, extra)
+    assert updates_in(log.stdout + log.stderr) == 6
