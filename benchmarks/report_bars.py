@@ -106,7 +106,14 @@ def summary(records) -> List[str]:
         values = [decode_ratio(decode, e, key, name, "dense_kffn") for e in experts for name in SETTINGS for key in ("extracted", "extracted_merged")]
         out.append(f"Extracted (plain and merged) / dense K*ffn: {min(values):.2f}-{max(values):.2f}x over settings and E.")
         same = [decode["results"][str(e)]["models"][k]["identical_to_full_token_target"] for e in experts for k in ("extracted", "extracted_merged")]
-        out.append(f"Extracted greedy-b64 hypotheses identical to the full model's: {min(same):.0%}-{max(same):.0%} of sentences.")
+        spreads = [max(r) / min(r) for e in experts for k in ("dense", "dense_kffn") for n in SETTINGS
+                   for r in [decode["results"][str(e)]["models"][k]["settings"][n]["seconds_per_round"]]]
+        out.append(
+            f"Noise: the dense models' own round-to-round spread (slowest / fastest round of one setting) is "
+            f"{median(spreads):.2f}x median, {max(spreads):.2f}x worst in this run (the machine was shared); single rounds of a setting vary by about that much, and the medians of 3 rounds are correspondingly rough."
+        )
+        share = f"{min(same):.0%}" if min(same) == max(same) else f"{min(same):.0%}-{max(same):.0%}"
+        out.append(f"Extracted greedy-b64 hypotheses identical to the full model's: {share} of sentences.")
     mem_experts = experts_of(memory)
     if mem_experts:
         mib = {k: [memory["results"][str(e)][k]["checkpoint_bytes"] / 2**20 for e in mem_experts] for k in ("extracted", "full_token_token")}
