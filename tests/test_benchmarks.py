@@ -1,0 +1,83 @@
+"""Smoke test of the benchmarks: every measuring script in --quick mode on a minuscule
+model (--tiny), then the report on their records. Checks the records' layout and that the
+report names every configuration measured; nothing here looks at wall-clock numbers."""
+
+import json
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, "benchmarks")
+sys.path.insert(0, BENCH)
+
+SCRIPTS = {"decoding": "measure_decoding.py", "training": "measure_training.py", "memory": "measure_memory.py"}
+SERVING = ["dense", "dense_kffn", "full_token_token", "full_token_target", "extracted", "extracted_merged"]
+ENVIRONMENT = {"command", "date", "cpu", "cores", "torch_threads", "python", "torch", "fairseq", "load_average_at_start"}
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """The measuring scripts' and the report's ``main`` in this process (one import of torch and
+    fairseq); the memory script still starts one fresh interpreter per model, as it must."""
+    import importlib
+
+    tmp_path = tmp_path_factory.mktemp("bench")
+    paths = {}
+    for kind, script in SCRIPTS.items():
+        paths[kind] = str(tmp_path / f"{kind}.json")
+        module = importlib.import_module(script[:-3])
+        assert module.main(["--quick", "--tiny", "--experts", "4", "--out", paths[kind]]) == 0
+    out = tmp_path / "report"
+    import report
+
+    assert report.main([*paths.values(), "--out", str(out)]) == 0
+    loaded = {kind: json.load(open(path)) for kind, path in paths.items()}
+    return loaded, (out / "serving_cost.md").read_text(), out
+
+
+def test_records_have_the_schema(records):
+    import timing
+
+    loaded, _, _ = records
+    for kind, record in loaded.items():
+        assert record["schema"] == timing.SCHEMA and record["kind"] == kind
+        assert ENVIRONMENT <= set(record["environment"]), kind
+        assert SCRIPTS[kind] in record["environment"]["command"] and "--quick" in record["environment"]["command"]
+        assert record["config"]["experts"] == [4] and record["wall_seconds"] > 0
+    decode = loaded["decoding"]["results"]["4"]
+    assert set(decode["models"]) == set(SERVING)
+    for model in decode["models"].values():
+        assert set(model["settings"]) == {"greedy b64", "beam4 b64", "greedy b1", "beam4 b1"}
+        for row in model["settings"].values():
+            assert len(row["seconds_per_round"]) == loaded["decoding"]["config"]["rounds"]
+            assert row["ratio_vs_dense_kffn"] > 0 and row["tokens_per_round"] > 0
+    assert decode["models"]["extracted"]["identical_to_full_token_target"] == 1.0  # same arithmetic as the full model
+    assert set(decode["profiles"]) == {"full_token_token", "full_token_target", "extracted", "dense_kffn"}
+    train = loaded["training"]["results"]["4"]
+    assert set(train) == {"token/token", "token/target", "target/target", "pair/pair", "static-pair/static-pair"}
+    for row in train.values():
+        assert row["words_per_s"] > 0 and {"gate", "dispatch", "experts", "total"} <= set(row["profile"])
+    memory = loaded["memory"]["results"]
+    assert set(memory["dense"]) == {"dense", "dense_kffn"} and set(memory["4"]) == set(SERVING[2:])
+    for row in list(memory["4"].values()) + list(memory["dense"].values()):
+        assert row["checkpoint_bytes"] > 0 and row["memory"]["peak_rss_mb"] >= row["memory"]["baseline_rss_mb"]
+    assert memory["4"]["extracted"]["decoder_expert_params"] * 2 == memory["4"]["full_token_target"]["decoder_expert_params"]
+
+
+def test_report_names_every_configuration(records):
+    from models import LABELS
+
+    loaded, markdown, out = records
+    for label in LABELS.values():
+        assert f"| 4 | {label} |" in markdown
+    for routing in loaded["training"]["results"]["4"]:
+        assert f"| 4 | {routing} |" in markdown
+    for setting in ("greedy b64", "beam4 b64", "greedy b1", "beam4 b1"):
+        assert setting in markdown
+    for record in loaded.values():
+        assert record["environment"]["command"] in markdown
+    assert "## Bars" in markdown and ("PASS" in markdown or "MISS" in markdown)
+    assert markdown.count("| PASS |") + markdown.count("| MISS |") >= 6
+    assert (out / "serving_cost.png").stat().st_size > 0
