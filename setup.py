@@ -25,6 +25,8 @@ setup(
         "sentencepiece>=0.1.99",
         "sacrebleu>=2.3",
         "numpy",
+        # progress of python -m taskmoe_fairseq.translate on large inputs (fairseq needs it too)
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest>=7"],
