@@ -22,7 +22,7 @@ import sys
 import tempfile
 from typing import Dict, List
 
-from taskmoe_fairseq.errors import TaskMoeUsageError, usage_error
+from taskmoe_fairseq.errors import TaskMoeError, usage_error
 
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
 
@@ -86,7 +86,7 @@ def write_pair(state, args, task_args, pair: str, data_dir: str, spm: str, folde
     conv = conventions(pair, task_args, source_symbols, target_symbols)
     try:
         TaskMoeCt2Converter(network, source_symbols, target_symbols).convert(folder, quantization=quantization, force=True)
-    except TaskMoeUsageError:
+    except TaskMoeError:
         raise
     except (ValueError, RuntimeError, TypeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -171,7 +171,7 @@ def replace_folder(new: str, target: str):
 def main(argv=None) -> int:
     try:
         run(parse_args(argv))
-    except TaskMoeUsageError as error:
+    except TaskMoeError as error:
         print(f"taskmoe_fairseq.export: error: {error.message}", file=sys.stderr)
         return 2
     return 0
