@@ -13,6 +13,15 @@ expert set and runs only those k experts on them. fairscale's ``MOELayer`` is
 not used: it needs a process group and an all-to-all even on one device,
 dispatches with dense ``[tokens, E, capacity]`` one-hot einsums, and its gates
 only see the token tensor, never the task.
+
+With expert parallelism (``expert_parallel``, see
+:mod:`taskmoe_fairseq.modules.expert_parallel`) the layer holds only this
+rank's E / P experts (``experts[j]`` is global expert ``expert_offset + j``).
+Both routings then dispatch the same way: the kept (token, expert) assignments
+of the non-pad tokens, sorted by expert, go to the rank holding their expert by
+all-to-all and come back; a per-sentence decision is applied to each of the
+sentence's tokens (pad positions get a zero FFN output, which nothing reads:
+attention masks pad keys and the loss ignores pad targets).
 """
 
 from typing import Optional, Tuple
@@ -21,6 +30,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from taskmoe_fairseq.errors import usage_error
+from taskmoe_fairseq.modules import expert_parallel as ep_dispatch
 from taskmoe_fairseq.modules.expert_feed_forward import ExpertFeedForward, combine_experts
 from taskmoe_fairseq.modules.extracted_feed_forward import ExtractedFeedForward
 from taskmoe_fairseq.modules.routing_decision import RoutingDecision
@@ -31,8 +42,9 @@ class MoeFeedForward(nn.Module):
     """Replaces a Transformer FFN with ``num_experts`` experts.
 
     ``token_gate``: a :class:`TokenTopKGate` for token routing, ``None`` for a
-    layer routed per sentence (task, static, sentence). Input and output
-    ``[T, B, C]``.
+    layer routed per sentence (task, static, sentence); ``expert_parallel``:
+    this rank's :class:`~taskmoe_fairseq.modules.expert_parallel.ExpertParallel`
+    (None: every expert here). Input and output ``[T, B, C]``.
     """
 
     def __init__(
@@ -43,13 +55,24 @@ class MoeFeedForward(nn.Module):
         token_gate: Optional[TokenTopKGate] = None,
         activation_fn: str = "relu",
         activation_dropout: float = 0.0,
+        expert_parallel: Optional[ep_dispatch.ExpertParallel] = None,
     ):
         super().__init__()
         self.num_experts = num_experts
         self.activation_fn, self.activation_dropout = activation_fn, activation_dropout
-        self.experts = nn.ModuleList(
-            ExpertFeedForward(embed_dim, ffn_dim, activation_fn, activation_dropout) for _ in range(num_experts)
-        )
+        self.expert_parallel = expert_parallel
+        local = expert_parallel.local_range(num_experts) if expert_parallel is not None else range(num_experts)
+        self.expert_offset = local.start
+        experts = []
+        for e in range(num_experts):
+            # every expert is initialised in order (the random stream of one process holding all E),
+            # then only this rank's are kept: expert e starts equal whatever P is
+            expert = ExpertFeedForward(embed_dim, ffn_dim, activation_fn, activation_dropout)
+            if e in local:
+                experts.append(expert)
+        self.experts = nn.ModuleList(experts)
+        if expert_parallel is not None:
+            ep_dispatch.mark_expert_parameters(self.experts)
         if token_gate is not None:
             self.gate = token_gate
 
@@ -81,11 +104,18 @@ class MoeFeedForward(nn.Module):
                 "this MoE layer is routed per sentence and needs the router's expert_index/expert_weight "
                 "(the model's encoder computes them; call the model, not the layer)"
             )
+        if self.expert_parallel is not None:
+            return self._dispatch_sentences_parallel(x, padding_mask, expert_index, expert_weight), None
         return self._dispatch_sentences(x, expert_index, expert_weight), None
 
     def extract(self, experts: Tensor, weights: Tensor, merge: bool = False) -> ExtractedFeedForward:
         """The serving form for one task: experts ``[K]`` (ids) with frozen weights ``[K]``
         (Kudugunta et al., 2021, section 4: extract the sub-network for a task)."""
+        if self.expert_parallel is not None:
+            raise usage_error(
+                "this layer holds only its rank's experts (expert parallelism): extract from the consolidated "
+                "checkpoint or the sharded one (python -m taskmoe_fairseq.extract)"
+            )
         return ExtractedFeedForward.from_experts([self.experts[int(e)] for e in experts], weights, merge)
 
     def _dispatch_sentences(self, x: Tensor, index: Tensor, weight: Tensor) -> Tensor:
@@ -131,9 +161,35 @@ class MoeFeedForward(nn.Module):
         order = torch.argsort(expert, stable=True)
         expert, weight, token = expert[order], weight[order], token[order]
         counts = torch.bincount(expert, minlength=self.num_experts).tolist()
+        if self.expert_parallel is not None:
+            outputs = ep_dispatch.run_experts(tokens.index_select(0, token), counts, self.experts, self.expert_parallel)
+            out = tokens.new_zeros(tokens.shape)
+            return out.index_add_(0, token, outputs * weight.to(tokens.dtype)[:, None])
         routed = tokens.index_select(0, token).split(counts)
         outputs = [self.experts[e](chunk) for e, chunk in enumerate(routed) if counts[e] > 0]
         out = tokens.new_zeros(tokens.shape)
         if outputs:
             out.index_add_(0, token, torch.cat(outputs) * weight.to(tokens.dtype)[:, None])
         return out
+
+    def _dispatch_sentences_parallel(self, x: Tensor, padding_mask: Optional[Tensor], index: Tensor, weight: Tensor):
+        """Expert parallelism for a per-sentence decision (``[B, K]``): every non-pad token
+        takes its sentence's experts and weights, then goes the token path's way."""
+        channels, batch = x.size(-1), x.size(1)
+        flat = x.reshape(-1, channels)
+        sentence = torch.arange(flat.size(0), device=x.device) % batch  # time-major: position t * B + b
+        if padding_mask is not None:
+            real = (~padding_mask).t().reshape(-1).nonzero().squeeze(1)
+        else:
+            real = torch.arange(flat.size(0), device=x.device)
+        sentence = sentence.index_select(0, real)
+        decision = RoutingDecision(
+            expert_index=index.index_select(0, sentence),
+            expert_weight=weight.index_select(0, sentence),
+            per_sentence=False,
+            gate_loss=x.new_zeros(()),
+            expert_load=x.new_zeros(self.num_experts),
+            dropped_share=x.new_zeros(()),
+        )
+        routed = self._dispatch_tokens(flat.index_select(0, real), decision)
+        return flat.new_zeros(flat.shape).index_copy_(0, real, routed).view_as(x)

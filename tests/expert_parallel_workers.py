@@ -1,0 +1,90 @@
+"""Worker functions for tests that start gloo ranks in-process (``torch.multiprocessing.spawn``
+needs them importable by name)."""
+
+import torch
+import torch.distributed as dist
+
+EMBED, FFN, EXPERTS, TOP_K = 16, 32, 4, 2
+
+
+def build_layer(routing, expert_parallel=None):
+    from taskmoe_fairseq.modules.moe_feed_forward import MoeFeedForward
+    from taskmoe_fairseq.modules.token_gate import TokenTopKGate
+
+    torch.manual_seed(7)
+    gate = TokenTopKGate(EMBED, EXPERTS, TOP_K, capacity_factor=1.0, second_expert_policy="all") if routing == "token" else None
+    return MoeFeedForward(EMBED, FFN, EXPERTS, gate, expert_parallel=expert_parallel)
+
+
+def rank_inputs(rank):
+    """Rank ``rank``'s batch: ``x`` [T, B, C] (requires grad), padding mask [B, T], a sentence
+    decision [B, K] (for per-sentence routing) and the loss weights."""
+    generator = torch.Generator().manual_seed(100 + rank)
+    time, batch = 5 + rank, 3 + rank  # ranks hold different shapes, as in training
+    x = torch.randn(time, batch, EMBED, generator=generator).requires_grad_()
+    lengths = torch.randint(1, time + 1, (batch,), generator=generator)
+    lengths[0] = time
+    padding_mask = torch.arange(time)[None, :] >= lengths[:, None]
+    index = torch.stack([torch.randperm(EXPERTS, generator=generator)[:TOP_K] for _ in range(batch)])
+    weight = torch.rand(batch, TOP_K, generator=generator).softmax(-1)
+    probe = torch.randn(time, batch, EMBED, generator=generator)
+    return x, padding_mask, index, weight, probe
+
+
+def forward_backward(layer, rank, routing):
+    """Output (non-pad positions) and grads of input and parameters for rank ``rank``'s batch."""
+    x, padding_mask, index, weight, probe = rank_inputs(rank)
+    if routing == "token":
+        y, _ = layer(x, padding_mask)
+    else:
+        y, _ = layer(x, padding_mask, index, weight)
+    keep = (~padding_mask).t()[:, :, None].float()
+    (y * probe * keep).sum().backward()
+    return (y * keep).detach(), (x.grad * keep).detach()
+
+
+def exactness_worker(rank, world_size, init_file, routings, failures):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        from taskmoe_fairseq.modules import expert_parallel
+
+        ep = expert_parallel.setup(world_size, EXPERTS)
+        for routing in routings:
+            check_routing(rank, world_size, ep, routing, failures)
+    finally:
+        dist.destroy_process_group()
+
+
+def check_routing(rank, world_size, ep, routing, failures):
+    parallel = build_layer(routing, ep)
+    y, x_grad = forward_backward(parallel, rank, routing)
+    # the reference: one process holding every expert, run on each rank's batch
+    reference = build_layer(routing)
+    reference_out = [forward_backward(reference, source, routing) for source in range(world_size)]
+    reference_experts = reference.experts[ep.local_range(EXPERTS).start:ep.local_range(EXPERTS).stop]
+    checks = {
+        "output": (y, reference_out[rank][0]),
+        "input grad": (x_grad, reference_out[rank][1]),
+    }
+    for local, expert in enumerate(parallel.experts):
+        for name, param in expert.named_parameters():
+            # the local expert's gradient sums every rank's tokens (grads accumulated over both batches)
+            expected = dict(reference_experts[local].named_parameters())[name].grad
+            checks[f"expert {ep.local_range(EXPERTS).start + local} {name} grad"] = (param.grad, expected)
+            checks[f"expert {ep.local_range(EXPERTS).start + local} {name}"] = (
+                param.detach(), dict(reference_experts[local].named_parameters())[name].detach()
+            )
+    if routing == "token":
+        # the gate is replicated: its gradient is this rank's (DDP averages it later)
+        single = build_layer(routing)
+        forward_backward(single, rank, routing)
+        checks["gate grad"] = (parallel.gate.wg.weight.grad, single.gate.wg.weight.grad)
+    for name, (got, want) in checks.items():
+        if got is None or want is None:
+            if not (got is None and want is None):
+                failures.put(f"rank {rank} {routing} {name}: one gradient is None")
+            continue
+        difference = (got - want).abs().max().item()
+        if difference > 1e-5:
+            failures.put(f"rank {rank} {routing} {name}: max difference {difference:.3g}")
+    failures.put(f"rank {rank} {routing} checked {len(checks)}")
