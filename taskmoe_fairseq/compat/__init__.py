@@ -4,13 +4,15 @@
   load path, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says; one-line refusals;
 * :mod:`.distributed`: every DDP backend trains and resumes a model with experts
   (plain-container broadcast, ``find_unused_parameters``, CPU ``torchrun``);
+* :mod:`.expert_parallel`: the trainer with ``--moe-expert-parallel-size`` (expert
+  parameters out of DDP, their gradients normalised, one gradient norm, sharded checkpoints);
 * fairseq is imported quietly (below).
 """
 
 import logging
 import warnings
 
-from taskmoe_fairseq.compat import distributed, safe_loading
+from taskmoe_fairseq.compat import distributed, expert_parallel, safe_loading
 from taskmoe_fairseq.compat.distributed import _plain, has_experts  # noqa: F401
 from taskmoe_fairseq.compat.safe_loading import (  # noqa: F401
     SAFE_GLOBALS,
@@ -45,3 +47,4 @@ def apply():
     _import_fairseq_quietly()
     safe_loading.apply()
     distributed.apply()
+    expert_parallel.apply()

@@ -10,7 +10,7 @@ from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
 from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.models.moe_scope import attach_moe_hooks
-from taskmoe_fairseq.modules import routing_kinds
+from taskmoe_fairseq.modules import expert_parallel, routing_kinds
 from taskmoe_fairseq.modules.extracted_feed_forward import ExtractedFeedForward
 from taskmoe_fairseq.modules.moe_feed_forward import MoeFeedForward
 from taskmoe_fairseq.modules.moe_transformer_layer import MoeDecoderLayer, MoeEncoderLayer
@@ -43,6 +43,10 @@ def add_moe_args(parser):
                         help="token routing in training: keep 'all' second choices, pick them by "
                              "gumbel 'sampling', or keep them at 'random' with probability 2*w2 "
                              "(default sampling)")
+    parser.add_argument("--moe-expert-parallel-size", type=int, metavar="P",
+                        help="expert parallelism: each rank holds E / P experts of every MoE layer and tokens "
+                             "reach them by all-to-all; P divides E and the world size (default 1: every rank "
+                             "holds every expert)")
     parser.add_argument("--moe-extracted-lang-pair", metavar="SRC-TGT",
                         help="set by taskmoe_fairseq.extract: the pair whose sub-network this is")
     parser.add_argument("--moe-merged-experts", action="store_true",
@@ -65,6 +69,7 @@ def set_moe_defaults(args, num_experts: int = 32):
     _default(args, "moe_capacity_factor", 1.25)
     _default(args, "moe_eval_capacity_factor", 0.0)
     _default(args, "moe_second_expert_policy", "sampling")
+    _default(args, "moe_expert_parallel_size", 1)
     _default(args, "moe_extracted_lang_pair", None)
     _default(args, "moe_merged_experts", False)
 
@@ -122,9 +127,40 @@ def check_moe_args(args, num_langs: int):
                 f"--{side}-moe-routing {routing} routes by language, but the task gives no language "
                 "list: train with --task multilingual_translation_taskmoe --langs ..."
             )
+    check_expert_parallel_args(args)
     for option in UNSUPPORTED_OPTIONS:
         if getattr(args, option, False):
             raise usage_error(f"--{option.replace('_', '-')} is not supported by taskmoe_transformer; drop it")
+
+
+def check_expert_parallel_args(args):
+    """What expert parallelism cannot be combined with (one line each)."""
+    size = getattr(args, "moe_expert_parallel_size", 1) or 1
+    if size < 1:
+        raise usage_error(f"--moe-expert-parallel-size must be at least 1, got {size}")
+    if size == 1:
+        return
+    if args.moe_expert_count % size != 0:
+        raise usage_error(
+            f"--moe-expert-count {args.moe_expert_count} is not divisible by --moe-expert-parallel-size {size}: "
+            f"each rank holds E / P experts; choose P among the divisors of {args.moe_expert_count}"
+        )
+    if getattr(args, "moe_extracted_lang_pair", None):
+        raise usage_error("an extracted sub-network holds no expert shards; drop --moe-expert-parallel-size")
+    for option in ("encoder_layerdrop", "decoder_layerdrop"):
+        if (getattr(args, option, 0) or 0) > 0:
+            raise usage_error(
+                f"--{option.replace('_', '-')} with --moe-expert-parallel-size: ranks would skip different MoE "
+                "layers and their all-to-alls would not pair up; drop one of them"
+            )
+    for option in ("fp16", "bf16", "memory_efficient_fp16", "memory_efficient_bf16"):
+        if getattr(args, option, False):
+            raise usage_error(
+                f"--{option.replace('_', '-')} with --moe-expert-parallel-size: the expert-parallel gradient norm "
+                "is computed over fp32 parameters only (fairseq's FP16 optimizers flatten them); train in fp32"
+            )
+    if getattr(args, "ddp_backend", None) == "fully_sharded":
+        raise usage_error("--ddp-backend fully_sharded with --moe-expert-parallel-size is not supported; use legacy_ddp or pytorch_ddp")
 
 
 def build_moe_ffn(cfg, side: str) -> nn.Module:
@@ -146,8 +182,10 @@ def build_moe_ffn(cfg, side: str) -> nn.Module:
             cfg.moe_eval_capacity_factor,
             cfg.moe_second_expert_policy,
         )
+    parallel = expert_parallel.setup(getattr(cfg, "moe_expert_parallel_size", 1) or 1, cfg.moe_expert_count)
     return MoeFeedForward(
-        block.embed_dim, block.ffn_embed_dim, cfg.moe_expert_count, token_gate, cfg.activation_fn, activation_dropout
+        block.embed_dim, block.ffn_embed_dim, cfg.moe_expert_count, token_gate, cfg.activation_fn, activation_dropout,
+        expert_parallel=parallel,
     )
 
 

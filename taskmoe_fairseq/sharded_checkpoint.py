@@ -1,0 +1,179 @@
+"""Checkpoints of expert-parallel training: one shared file plus one file per expert shard.
+
+The layout of fairseq's MoE branch (``checkpoint_last-shared.pt`` beside
+``checkpoint_last-rank-N.pt``):
+
+* ``<name>-shared.pt`` (written by rank 0): an ordinary fairseq checkpoint (cfg,
+  optimizer history, train iterator, metrics) whose ``model`` holds every parameter
+  except the experts, and whose ``last_optimizer_state`` holds the optimizer state
+  of those parameters (plus the parameter groups);
+* ``<name>-rank-<l>.pt`` for ``l < P`` (written by rank ``l``, the first holder of
+  shard ``l``): ``model``: shard ``l``'s expert parameters under their local names
+  (``decoder.layers.1.moe.experts.<j>.fc1.weight`` is global expert
+  ``l * E/P + j``), ``optimizer_state``: their optimizer state (the same parameter
+  indices on every rank, as every rank builds the same structure);
+* both carry ``expert_parallel``: ``size`` P, ``num_experts`` E, ``run`` (one id
+  per training run, kept across resumes), ``num_updates``, and ``shard`` l.
+
+Files are written atomically (:func:`taskmoe_fairseq.files.atomic_write`).
+:func:`consolidate` joins a complete set into one ordinary checkpoint (experts under
+their global names, ``moe_expert_parallel_size`` 1, no optimizer state).
+"""
+
+import os
+import re
+from typing import Dict, List, Optional
+
+import torch
+
+from taskmoe_fairseq.compat.safe_loading import safe_torch_load
+from taskmoe_fairseq.errors import usage_error
+from taskmoe_fairseq.files import atomic_write
+
+META = "expert_parallel"
+SHARD_NAME = re.compile(r"^(?P<stem>.*)-rank-(?P<shard>\d+)\.pt$")
+SHARED_NAME = re.compile(r"^(?P<stem>.*)-shared\.pt$")
+EXPERT_KEY = re.compile(r"^(?P<layer>.*\.moe\.experts)\.(?P<index>\d+)\.(?P<rest>.*)$")
+
+
+def shard_path(stem: str, shard: int) -> str:
+    return f"{stem}-rank-{shard}.pt"
+
+
+def shared_path(stem: str) -> str:
+    return f"{stem}-shared.pt"
+
+
+def stem_of(path: str) -> Optional[str]:
+    """``ckpt/checkpoint_last`` for ``ckpt/checkpoint_last-rank-1.pt`` or ``...-shared.pt``; else None."""
+    match = SHARD_NAME.match(path) or SHARED_NAME.match(path)
+    return match.group("stem") if match else None
+
+
+def save(obj, path: str):
+    atomic_write(path, lambda stream: torch.save(obj, stream))
+
+
+def split_state(state: dict, expert_keys: List[str], expert_optimizer_ids: List[int], meta: dict):
+    """A trainer ``state`` of one rank -> ``(shared, shard)`` as described above."""
+    expert_keys = set(expert_keys)
+    shared = {key: value for key, value in state.items() if key not in ("model", "last_optimizer_state")}
+    shared["model"] = {key: value for key, value in state["model"].items() if key not in expert_keys}
+    shard = {"model": {key: value for key, value in state["model"].items() if key in expert_keys}}
+    optimizer = state.get("last_optimizer_state")
+    if optimizer is not None:
+        ids = set(expert_optimizer_ids)
+        kept = {key: value for key, value in optimizer.items() if key != "state"}
+        kept["state"] = {index: value for index, value in optimizer["state"].items() if index not in ids}
+        shared["last_optimizer_state"] = kept
+        shard["optimizer_state"] = {index: value for index, value in optimizer["state"].items() if index in ids}
+    shared[META] = dict(meta)
+    shard[META] = dict(meta)
+    return shared, shard
+
+
+def read_meta(path: str) -> dict:
+    """The ``expert_parallel`` entry of a shared or shard file (memory-mapped read).
+
+    Raises:
+        TaskMoeError: unreadable file, or one without the entry.
+    """
+    state = safe_torch_load(path, mmap=True)
+    meta = state.get(META) if isinstance(state, dict) else None
+    if not isinstance(meta, dict):
+        raise usage_error(f"{path}: not an expert-parallel checkpoint file (no '{META}' entry)")
+    return meta
+
+
+def check_set(stem: str, expected_size: Optional[int] = None) -> Dict[str, dict]:
+    """Check that ``stem``'s shared file and its P shards exist and belong together.
+
+    Returns ``{path: meta}`` (shared first). Raises TaskMoeError, one line: a file missing,
+    a different P than ``expected_size`` (resuming), or shards of another run or update.
+    """
+    shared = shared_path(stem)
+    if not os.path.isfile(shared):
+        present = [path for path in (shard_path(stem, 0), shard_path(stem, 1)) if os.path.isfile(path)]
+        if present:
+            raise usage_error(
+                f"{shared} is missing beside {present[0]}: the expert shards need the shared file of the same save"
+            )
+        raise usage_error(f"{shared}: no such file (expected the shared file of an expert-parallel checkpoint)")
+    metas = {shared: read_meta(shared)}
+    size = int(metas[shared]["size"])
+    if expected_size is not None and size != expected_size:
+        raise usage_error(
+            f"{shared} was saved with --moe-expert-parallel-size {size} but this run has {expected_size}: resume "
+            f"with {size}, or consolidate it (python -m taskmoe_fairseq.consolidate) and start a new run from "
+            "the consolidated file with --finetune-from-model"
+        )
+    for shard in range(size):
+        path = shard_path(stem, shard)
+        if not os.path.isfile(path):
+            raise usage_error(
+                f"{path} is missing: an expert-parallel checkpoint with P = {size} has shards rank-0 .. rank-{size - 1}; "
+                "copy every shard beside the shared file"
+            )
+        meta = read_meta(path)
+        for key in ("run", "num_updates", "size"):
+            if meta.get(key) != metas[shared].get(key):
+                raise usage_error(
+                    f"{path} does not belong with {shared}: its {key} is {meta.get(key)!r}, the shared file's "
+                    f"{metas[shared].get(key)!r} (shards of another run or another save)"
+                )
+        if int(meta.get("shard", -1)) != shard:
+            raise usage_error(f"{path} holds shard {meta.get('shard')!r}, not {shard}: the file was renamed")
+        metas[path] = meta
+    return metas
+
+
+def merge_shard(state: dict, shard: dict) -> dict:
+    """A rank's trainer state from the shared ``state`` (as fairseq's loader returns it) and its ``shard``."""
+    state["model"] = dict(state["model"])
+    state["model"].update(shard["model"])
+    optimizer = state.get("last_optimizer_state")
+    if optimizer is not None and "optimizer_state" in shard:
+        optimizer["state"] = dict(optimizer["state"])
+        optimizer["state"].update(shard["optimizer_state"])
+    return state
+
+
+def _model_args(state: dict):
+    cfg = state.get("cfg")
+    if isinstance(cfg, dict) and cfg.get("model") is not None:
+        return cfg["model"]
+    return state.get("args")
+
+
+def _set_arg(args, name, value):
+    if isinstance(args, dict):
+        args[name] = value
+    else:
+        setattr(args, name, value)
+
+
+def consolidate(stem: str, shards: Optional[List[int]] = None) -> dict:
+    """One ordinary checkpoint from ``stem``'s shared file and its shards.
+
+    ``shards``: only these shards' experts (extraction of a pair that needs no others); the
+    default is every shard. Raises TaskMoeError on an incomplete or mixed set.
+    """
+    metas = check_set(stem)
+    shared_meta = metas[shared_path(stem)]
+    size, num_experts = int(shared_meta["size"]), int(shared_meta["num_experts"])
+    per_shard = num_experts // size
+    state = safe_torch_load(shared_path(stem), mmap=True)
+    model = dict(state["model"])
+    for shard in range(size) if shards is None else shards:
+        for key, tensor in safe_torch_load(shard_path(stem, shard), mmap=True)["model"].items():
+            match = EXPERT_KEY.match(key)
+            if match is None:
+                raise usage_error(f"{shard_path(stem, shard)}: unexpected parameter {key} in an expert shard")
+            index = shard * per_shard + int(match.group("index"))
+            model[f"{match.group('layer')}.{index}.{match.group('rest')}"] = tensor
+    out = {key: value for key, value in state.items() if key not in ("model", "last_optimizer_state", META)}
+    out["model"] = model
+    args = _model_args(out)
+    if args is not None:
+        _set_arg(args, "moe_expert_parallel_size", 1)
+    return out
