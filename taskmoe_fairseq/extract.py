@@ -26,7 +26,7 @@ from typing import List
 import torch
 from fairseq.data import Dictionary
 
-from taskmoe_fairseq import compat
+from taskmoe_fairseq import compat, sharded_extraction
 from taskmoe_fairseq.errors import run_cli, usage_error
 from taskmoe_fairseq.files import atomic_write
 from taskmoe_fairseq.models.extraction import extractable_layers
@@ -90,9 +90,10 @@ def _dictionary(size: int) -> Dictionary:
     return dictionary
 
 
-def load_model(checkpoint: dict, args):
+def load_model(checkpoint: dict, args, partial: bool = False):
     """The full model of a checkpoint, built from its args and loaded with its weights
-    (old layouts upgraded by the model's ``upgrade_state_dict_named``)."""
+    (old layouts upgraded by the model's ``upgrade_state_dict_named``); ``partial``: the
+    checkpoint lacks experts no requested pair keeps (read from expert shards)."""
     from taskmoe_fairseq.models.taskmoe_transformer import TaskMoeTransformerModel
 
     state = checkpoint["model"]
@@ -101,6 +102,8 @@ def load_model(checkpoint: dict, args):
     task = types.SimpleNamespace(
         source_dictionary=source, target_dictionary=target, langs=list(args.taskmoe_langs), provides_language_ids=True
     )
+    if partial:
+        return sharded_extraction.build_partial(TaskMoeTransformerModel, args, task, state)
     model = TaskMoeTransformerModel.build_model(copy.deepcopy(args), task)
     model.load_state_dict(state, strict=True)
     return model.eval()
@@ -146,7 +149,8 @@ def parse_args(argv=None):
         prog="python -m taskmoe_fairseq.extract",
         description="Keep only the experts a language pair uses, in every task-routed or static MoE layer.",
     )
-    parser.add_argument("--checkpoint", required=True, help="full TaskMoE checkpoint (never modified)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="full TaskMoE checkpoint, or the -shared.pt file of an expert-parallel one (never modified)")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--lang-pair", action="append", metavar="SRC-TGT", help="a pair to extract; repeatable")
     which.add_argument("--lang-pairs", metavar="PAIRS", help="comma-separated pairs to extract")
@@ -207,9 +211,13 @@ def run(options) -> List[dict]:
             raise usage_error(message + "; pass --plain-copy to write an unchanged copy")
         print(message + "; writing unchanged copies", file=sys.stderr)
 
-    model = load_model(checkpoint, args)
+    file_bytes, shards = os.path.getsize(options.checkpoint), None
+    if sharded_extraction.is_sharded(checkpoint):
+        checkpoint, shards, file_bytes = sharded_extraction.read(options.checkpoint, checkpoint, args, pairs, layers)
+        args = model_args(checkpoint, options.checkpoint)
+        print(f"taskmoe_fairseq.extract: read expert shards {shards} of {options.checkpoint}", file=sys.stderr)
+    model = load_model(checkpoint, args, partial=shards is not None)
     params_before = sum(p.numel() for p in model.state_dict().values())
-    file_bytes = os.path.getsize(options.checkpoint)
     reports = []
     for pair, path in zip(pairs, paths):
         if layers:
@@ -223,6 +231,7 @@ def run(options) -> List[dict]:
             "params_before": params_before,
             "params_after": sum(p.numel() for p in extracted.state_dict().values()),
             "file_bytes_before": file_bytes,
+            "expert_shards_read": shards,
             "layers": rows,
         }
         if path is not None:

@@ -52,12 +52,16 @@ def trained(data_dir, tmp_path_factory):
     return TrainedModels(data_dir, str(tmp_path_factory.mktemp("models")))
 
 
+DDP_EXTRA = ("--log-interval", "1")
+
+
 @pytest.fixture(scope="session")
 def ddp_checkpoint(data_dir, tmp_path_factory):
-    """token/target trained by 2 CPU ranks (gloo), then resumed by 2 ranks."""
+    """token/target trained by 2 CPU ranks (gloo), then resumed by 2 ranks (losses logged every
+    update: the expert-parallel test compares them)."""
     save_dir = str(tmp_path_factory.mktemp("ddp"))
     logs = []
     for max_update in (6, 12):
-        command = train_command(data_dir, save_dir, "token", "target", max_update)[1:]  # drop "fairseq-train"
+        command = train_command(data_dir, save_dir, "token", "target", max_update, DDP_EXTRA)[1:]  # drop "fairseq-train"
         logs.append(run(python_module("taskmoe_fairseq.cpu_data_parallel", "--nprocs", "2", "--", *command)))
     return os.path.join(save_dir, "checkpoint_last.pt"), logs

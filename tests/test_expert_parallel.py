@@ -18,3 +18,106 @@ def test_two_ranks_match_one_process_forward_and_backward(tmp_path):
         messages.append(failures.get())
     assert len([m for m in messages if " checked " in m]) == 4, messages
     assert [m for m in messages if " checked " not in m] == []
+
+
+# --- bad input: one line each (TaskMoeError) ---
+
+import os  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from model_helpers import build_model  # noqa: E402
+from taskmoe_fairseq import consolidate, sharded_checkpoint  # noqa: E402
+from taskmoe_fairseq.compat import safe_torch_load  # noqa: E402
+from taskmoe_fairseq.errors import TaskMoeError  # noqa: E402
+from taskmoe_fairseq.modules import expert_parallel  # noqa: E402
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"moe_expert_count": 4, "moe_expert_parallel_size": 3},
+     "--moe-expert-count 4 is not divisible by --moe-expert-parallel-size 3"),
+    ({"moe_expert_parallel_size": 2, "encoder_layerdrop": 0.2}, "--encoder-layerdrop with --moe-expert-parallel-size"),
+    ({"moe_expert_parallel_size": 2, "fp16": True}, "--fp16 with --moe-expert-parallel-size"),
+    ({"moe_expert_parallel_size": 2}, "this process is not distributed"),
+])
+def test_model_options_that_cannot_work(overrides, message):
+    with pytest.raises(TaskMoeError) as error:
+        build_model(**overrides)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_expert_parallel_size_must_divide_the_world_size(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(TaskMoeError, match="--moe-expert-parallel-size 2 does not divide the world size 1"):
+            expert_parallel.setup(2, 4)
+    finally:
+        dist.destroy_process_group()
+
+
+def write_set(folder, size=2, run="run-a", updates=5, name="checkpoint_last"):
+    """A small expert-parallel set written the way the trainer writes one (split_state)."""
+    stem = os.path.join(folder, name)
+    for shard in range(size):
+        state = {
+            "cfg": {"model": None},
+            "optimizer_history": [{"num_updates": updates}],
+            "model": {"encoder.embed_tokens.weight": torch.ones(3, 2),
+                      "encoder.layers.1.moe.experts.0.fc1.weight": torch.full((2, 2), float(shard))},
+            "last_optimizer_state": {"state": {0: {"step": 1}, 1: {"step": shard}}, "param_groups": []},
+        }
+        meta = {"size": size, "num_experts": size, "run": run, "num_updates": updates, "shard": shard}
+        shared, shard_state = sharded_checkpoint.split_state(
+            state, ["encoder.layers.1.moe.experts.0.fc1.weight"], [1], meta)
+        sharded_checkpoint.save(shard_state, sharded_checkpoint.shard_path(stem, shard))
+        if shard == 0:
+            sharded_checkpoint.save(shared, sharded_checkpoint.shared_path(stem))
+    return stem
+
+
+def consolidate_error(folder, capsys, output):
+    assert consolidate.main(["--checkpoint-dir", str(folder), "--output", str(output)]) == 2
+    assert not os.path.exists(output)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    return err
+
+
+def test_consolidation_joins_the_shards_under_global_names(tmp_path):
+    stem = write_set(str(tmp_path), size=2)
+    state = sharded_checkpoint.consolidate(stem)
+    model = state["model"]
+    # shard 1's local expert 0 is global expert 1 (E / P = 1 per shard)
+    assert torch.equal(model["encoder.layers.1.moe.experts.1.fc1.weight"], torch.full((2, 2), 1.0))
+    assert torch.equal(model["encoder.layers.1.moe.experts.0.fc1.weight"], torch.zeros(2, 2))
+    assert "last_optimizer_state" not in state and sharded_checkpoint.META not in state
+    merged = sharded_checkpoint.merge_shard(
+        safe_torch_load(sharded_checkpoint.shared_path(stem)), safe_torch_load(sharded_checkpoint.shard_path(stem, 1)))
+    assert merged["last_optimizer_state"]["state"] == {0: {"step": 1}, 1: {"step": 1}}
+
+
+def test_consolidating_an_incomplete_or_mixed_set_is_one_line(tmp_path, capsys):
+    output = tmp_path / "full.pt"
+    stem = write_set(str(tmp_path / "missing"))
+    os.remove(sharded_checkpoint.shard_path(stem, 1))
+    assert "checkpoint_last-rank-1.pt is missing: an expert-parallel checkpoint with P = 2" in consolidate_error(
+        tmp_path / "missing", capsys, output)
+
+    mixed = tmp_path / "mixed"
+    stem = write_set(str(mixed), run="run-a")
+    other = write_set(str(tmp_path / "other"), run="run-b")
+    os.replace(sharded_checkpoint.shard_path(other, 1), sharded_checkpoint.shard_path(stem, 1))
+    error = consolidate_error(mixed, capsys, output)
+    assert "checkpoint_last-rank-1.pt does not belong with" in error and "its run is 'run-b'" in error
+
+    stem = write_set(str(tmp_path / "noshared"))
+    os.remove(sharded_checkpoint.shared_path(stem))
+    assert "checkpoint_last-shared.pt is missing beside" in consolidate_error(tmp_path / "noshared", capsys, output)
+
+
+def test_resuming_with_another_expert_parallel_size_is_refused(tmp_path):
+    stem = write_set(str(tmp_path), size=2)
+    with pytest.raises(TaskMoeError, match="saved with --moe-expert-parallel-size 2 but this run has 4"):
+        sharded_checkpoint.check_set(stem, expected_size=4)

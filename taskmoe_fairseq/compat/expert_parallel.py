@@ -219,6 +219,14 @@ def _wrap_checkpointing():
     def load_checkpoint(self, filename, *args, **kwargs):
         ep = expert_parallel_of(self._model)
         if ep is None:
+            shared = sharded_checkpoint.shared_path(filename[: -len(".pt")]) if filename.endswith(".pt") else None
+            if shared and not os.path.exists(filename) and os.path.isfile(shared):
+                size = sharded_checkpoint.read_meta(shared)["size"]
+                raise sharded_checkpoint.usage_error(
+                    f"{os.path.dirname(filename) or '.'} holds an expert-parallel checkpoint ({os.path.basename(shared)}, "
+                    f"P = {size}) and no {os.path.basename(filename)}: resume with --moe-expert-parallel-size {size}, "
+                    "or consolidate it (python -m taskmoe_fairseq.consolidate) for single-process use"
+                )
             return original_load(self, filename, *args, **kwargs)
         stem = sharded_checkpoint.stem_of(filename)
         run = None
