@@ -62,7 +62,9 @@ def build_partial(model_class, args, task, model_state: dict):
     """
     with torch.device("meta"):
         model = model_class.build_model(copy.deepcopy(args), task)
-    missing, unexpected = model.load_state_dict(model_state, strict=False, assign=True)
+    model_state = dict(model_state)
+    model.upgrade_state_dict(model_state)  # what fairseq's load_state_dict does first
+    missing, unexpected = torch.nn.Module.load_state_dict(model, model_state, strict=False, assign=True)
     stray = [key for key in missing if ".moe.experts." not in key] + list(unexpected)
     if stray:
         raise KeyError(f"unexpected or missing parameters: {', '.join(stray[:5])}")

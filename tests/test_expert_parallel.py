@@ -22,6 +22,7 @@ def test_two_ranks_match_one_process_forward_and_backward(tmp_path):
 
 # --- bad input: one line each (TaskMoeError) ---
 
+import argparse  # noqa: E402
 import os  # noqa: E402
 
 import pytest  # noqa: E402
@@ -121,3 +122,49 @@ def test_resuming_with_another_expert_parallel_size_is_refused(tmp_path):
     stem = write_set(str(tmp_path), size=2)
     with pytest.raises(TaskMoeError, match="saved with --moe-expert-parallel-size 2 but this run has 4"):
         sharded_checkpoint.check_set(stem, expected_size=4)
+
+
+def shard_a_checkpoint(model, folder, size):
+    """The files expert-parallel training with P = ``size`` writes, made from an in-process model."""
+    args = model.args
+    args.arch, args.lang_pairs = "taskmoe_transformer_tiny", "en-de,de-en,en-fr,fr-en"
+    num_experts, per_shard = args.moe_expert_count, args.moe_expert_count // size
+    saved_args = argparse.Namespace(**{**vars(args), "moe_expert_parallel_size": size})
+    stem = os.path.join(folder, "checkpoint_last")
+    meta = {"size": size, "num_experts": num_experts, "run": "r", "num_updates": 0}
+    shards = [{} for _ in range(size)]
+    shared = {}
+    for key, tensor in model.state_dict().items():
+        match = sharded_checkpoint.EXPERT_KEY.match(key)
+        if match is None:
+            shared[key] = tensor
+            continue
+        index = int(match.group("index"))
+        shards[index // per_shard][f"{match.group('layer')}.{index % per_shard}.{match.group('rest')}"] = tensor
+    sharded_checkpoint.save({"cfg": {"model": saved_args}, "model": shared, "optimizer_history": [],
+                             sharded_checkpoint.META: meta}, sharded_checkpoint.shared_path(stem))
+    for shard, state in enumerate(shards):
+        sharded_checkpoint.save({"model": state, sharded_checkpoint.META: {**meta, "shard": shard}},
+                                sharded_checkpoint.shard_path(stem, shard))
+    full = {"cfg": {"model": args}, "model": model.state_dict(), "optimizer_history": []}
+    sharded_checkpoint.save(full, os.path.join(folder, "full.pt"))
+    return stem
+
+
+def test_extraction_reads_only_the_shards_holding_the_kept_experts(tmp_path, capsys):
+    """target/target, E = 8 on P = 8 shards (one expert each): en-de keeps k = 2 experts per layer,
+    so at most 4 shards are read; the result equals extraction from the full checkpoint."""
+    from taskmoe_fairseq import extract
+
+    model, _ = build_model("target", "target", moe_expert_count=8)
+    stem = shard_a_checkpoint(model, str(tmp_path), 8)
+    kept = {int(e) for side in ("encoder", "decoder") for e in model.encoder.moe_router.decide_pair(side, 1, "en-de")[0]}
+    assert extract.main(["--checkpoint", sharded_checkpoint.shared_path(stem), "--lang-pair", "en-de",
+                         "--output", str(tmp_path / "from_shards.pt")]) == 0
+    assert f"read expert shards {sorted(kept)} of" in capsys.readouterr().err
+    assert len(kept) < 8
+    assert extract.main(["--checkpoint", str(tmp_path / "full.pt"), "--lang-pair", "en-de",
+                         "--output", str(tmp_path / "from_full.pt")]) == 0
+    a = safe_torch_load(str(tmp_path / "from_shards.pt"))["model"]
+    b = safe_torch_load(str(tmp_path / "from_full.pt"))["model"]
+    assert sorted(a) == sorted(b) and all(torch.equal(a[key], b[key]) for key in a)

@@ -5,13 +5,15 @@ consolidate, generate and extract."""
 
 import os
 import re
+import sys
 
 import pytest
 import torch
 
-from cli_helpers import LANG_PAIRS, generate_command, parse_generation, python_module, run, train_command, TEST_LINES
+from cli_helpers import TEST_LINES, generate_command, parse_generation, python_module, run, train_command
 from conftest import DDP_EXTRA
 from taskmoe_fairseq.compat import safe_torch_load
+from taskmoe_fairseq.cpu_data_parallel import free_port
 from taskmoe_fairseq.sharded_checkpoint import read_meta
 
 TRAIN_INNER = re.compile(r"\| train_inner \| epoch \d+:\s+\d+ / \d+ (.*)$", re.MULTILINE)
@@ -75,11 +77,7 @@ def test_expert_parallel_training_matches_data_parallel(ep_run, ddp_checkpoint, 
     ddp_metrics = [row for result in ddp_logs for row in train_metrics(result)]
     ep_metrics = [row for result in ep_logs for row in train_metrics(result)]
     assert [row["num_updates"] for row in ep_metrics] == list(range(1, 13))
-    assert [sorted(row) for row in ep_metrics] == [sorted(row) for row in ddp_metrics]
-    for update, (ep_row, ddp_row) in enumerate(zip(ep_metrics, ddp_metrics), 1):
-        for key, value in ep_row.items():
-            # fairseq logs 3 decimals: equal up to where the rounding of a value near a boundary flips
-            assert abs(value - ddp_row[key]) <= 1.001e-3, (update, key, value, ddp_row[key])
+    assert_same_metrics(ep_metrics, ddp_metrics)
     assert abs(valid_loss(consolidated[0], data_dir) - valid_loss(ddp_full, data_dir)) < 1e-5
     # the experts really were split: each rank holds half of them (fairseq counts them apart)
     log = ep_logs[0].stdout + ep_logs[0].stderr
@@ -115,3 +113,52 @@ def test_consolidated_checkpoint_generates(consolidated, data_dir):
     assert {key.split(".")[5] for key in state["model"] if key.startswith("decoder.layers.1.moe.experts.")} == {"0", "1", "2", "3"}
     hypotheses = parse_generation(run(generate_command(data_dir, checkpoint, "en-de", beam=2)).stdout)
     assert len(hypotheses) == TEST_LINES
+
+
+def assert_same_metrics(ep_metrics, ddp_metrics):
+    assert_same_metrics(ep_metrics, ddp_metrics)
+
+
+def test_pytorch_ddp_through_torchrun(ddp_checkpoint, data_dir, tmp_path):
+    """fairseq's default backend, launched by torchrun: the expert parameters are left out of
+    torch's DistributedDataParallel (neither broadcast nor all-reduced), and the first 3 updates
+    match the data-parallel run (every expert of this model gets tokens in each of them, so
+    legacy_ddp's zero gradients and pytorch_ddp's missing ones do not differ)."""
+    command = train_command(data_dir, str(tmp_path / "ckpt"), "token", "target", 3, DDP_EXTRA)[1:]
+    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                  "--master_port", str(free_port()), "-m", "fairseq_cli.train", *command, "--distributed-backend", "gloo",
+                  "--ddp-backend", "pytorch_ddp", "--moe-expert-parallel-size", "2", "--no-save"])
+    log = result.stdout + result.stderr
+    assert "'ddp_backend': 'pytorch_ddp'" in log and "distributed init (rank 1): env://" in log
+    assert "expert parallelism: 16 expert parameters are left out of DDP" in log
+    assert_same_metrics(train_metrics(result), train_metrics(ddp_checkpoint[1][0])[:3])
+
+
+def extract(*args):
+    return run(python_module("taskmoe_fairseq.extract", *args))
+
+
+def test_extraction_from_the_shards_equals_extraction_from_the_consolidated_file(ep_run, consolidated, data_dir, tmp_path):
+    """token/target: the encoder's token-routed layer keeps every expert, so every shard is read;
+    the result is the extraction of the consolidated checkpoint, tensor for tensor, and it
+    translates through fairseq-generate."""
+    shared = os.path.join(ep_run[0], "checkpoint_last-shared.pt")
+    from_shards, from_full = str(tmp_path / "shards" / "de-en.pt"), str(tmp_path / "full" / "de-en.pt")
+    result = extract("--checkpoint", shared, "--lang-pair", "de-en", "--output", from_shards)
+    extract("--checkpoint", consolidated[0], "--lang-pair", "de-en", "--output", from_full)
+    assert "read expert shards [0, 1]" in result.stderr
+    a, b = safe_torch_load(from_shards)["model"], safe_torch_load(from_full)["model"]
+    assert sorted(a) == sorted(b) and all(torch.equal(a[key], b[key]) for key in a)
+    hypotheses = parse_generation(run(generate_command(data_dir, from_shards, "de-en", beam=2)).stdout)
+    assert len(hypotheses) == TEST_LINES
+
+
+def test_single_process_run_on_an_expert_parallel_save_dir_is_refused(ep_run, data_dir):
+    """Without --moe-expert-parallel-size, fairseq would look for checkpoint_last.pt, find none and
+    silently start afresh beside the shards: one line instead."""
+    command = train_command(data_dir, ep_run[0], "token", "target", 14)
+    result = run(command, check=False)
+    assert result.returncode != 0
+    assert ("holds an expert-parallel checkpoint (checkpoint_last-shared.pt, P = 2) and no checkpoint_last.pt: "
+            "resume with --moe-expert-parallel-size 2") in result.stderr
+    assert "Traceback" not in result.stderr

@@ -74,7 +74,7 @@ def clip_grad_norm(params, max_norm: float, ep):
     grads = [p.grad.detach() for p in params if p.grad is not None]
     shared = [g for p, g in zip([p for p in params if p.grad is not None], grads) if not getattr(p, "expert", False)]
     local = [g for p, g in zip([p for p in params if p.grad is not None], grads) if getattr(p, "expert", False)]
-    zero = torch.zeros((), dtype=torch.float32)
+    zero = torch.zeros((), dtype=torch.float32, device=params[0].device if params else None)
     shared_sq = sum((g.float().norm() ** 2 for g in shared), zero)
     experts_sq = sum((g.float().norm() ** 2 for g in local), zero).reshape(1)
     dist.all_reduce(experts_sq, group=ep.group)

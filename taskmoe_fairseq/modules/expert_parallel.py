@@ -139,7 +139,8 @@ def run_experts(rows: Tensor, counts: List[int], experts: nn.ModuleList, ep: Exp
     """
     size, per_rank = ep.size, len(experts)
     send = [sum(counts[r * per_rank:(r + 1) * per_rank]) for r in range(size)]
-    received_counts = exchange_counts(torch.tensor(counts, dtype=torch.long), ep)  # [P, E/P]
+    # on the rows' device: NCCL exchanges only device tensors
+    received_counts = exchange_counts(torch.tensor(counts, dtype=torch.long, device=rows.device), ep)  # [P, E/P]
     receive = received_counts.sum(dim=1).tolist()
     received = ExchangeRows.apply(rows, receive, send, ep.group)
     # received is source-rank-major; each local expert runs once on its rows from every source
