@@ -5,14 +5,15 @@
 * :mod:`.distributed`: every DDP backend trains and resumes a model with experts
   (plain-container broadcast, ``find_unused_parameters``, CPU ``torchrun``);
 * :mod:`.expert_parallel`: the trainer with ``--moe-expert-parallel-size`` (expert
-  parameters out of DDP, their gradients normalised, one gradient norm, sharded checkpoints);
+  parameters out of DDP, their gradients normalised, one gradient norm);
+* :mod:`.expert_parallel_checkpoints`: its sharded checkpoints (save, resume, checks);
 * fairseq is imported quietly (below).
 """
 
 import logging
 import warnings
 
-from taskmoe_fairseq.compat import distributed, expert_parallel, safe_loading
+from taskmoe_fairseq.compat import distributed, expert_parallel, expert_parallel_checkpoints, safe_loading
 from taskmoe_fairseq.compat.distributed import _plain, has_experts  # noqa: F401
 from taskmoe_fairseq.compat.safe_loading import (  # noqa: F401
     SAFE_GLOBALS,
@@ -48,3 +49,4 @@ def apply():
     safe_loading.apply()
     distributed.apply()
     expert_parallel.apply()
+    expert_parallel_checkpoints.apply()
