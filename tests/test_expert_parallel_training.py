@@ -116,7 +116,11 @@ def test_consolidated_checkpoint_generates(consolidated, data_dir):
 
 
 def assert_same_metrics(ep_metrics, ddp_metrics):
-    assert_same_metrics(ep_metrics, ddp_metrics)
+    assert [sorted(row) for row in ep_metrics] == [sorted(row) for row in ddp_metrics]
+    for update, (ep_row, ddp_row) in enumerate(zip(ep_metrics, ddp_metrics), 1):
+        for key, value in ep_row.items():
+            # fairseq logs 3 decimals: equal up to where the rounding of a value near a boundary flips
+            assert abs(value - ddp_row[key]) <= 1.001e-3, (update, key, value, ddp_row[key])
 
 
 def test_pytorch_ddp_through_torchrun(ddp_checkpoint, data_dir, tmp_path):
