@@ -7,7 +7,12 @@ through examples/data/binarize.py). Each round runs ``python -m taskmoe_fairseq.
 --nprocs 2 --ddp-backend B`` for every backend B, in turn, and reads words/s and updates/s from
 fairseq's end-of-epoch ``train`` line (the whole training loop, without start-up). ``pytorch_ddp``
 is torch's DistributedDataParallel with ``find_unused_parameters=True`` (set by the plugin);
-``legacy_ddp`` is fairseq's flat-buffer all-reduce of every gradient.
+``legacy_ddp`` is fairseq's flat-buffer all-reduce of every gradient. A backend written
+``B+epP`` (e.g. ``legacy_ddp+ep2``) is B with ``--moe-expert-parallel-size P``: expert parallelism
+against data parallelism on the same ranks::
+
+    PYTHONPATH=. python benchmarks/ddp_backend_cost.py --data DATA_BIN --backends legacy_ddp,legacy_ddp+ep2 \
+        --name expert_parallel_speed --out docs/benchmarks
 """
 
 import argparse
@@ -44,10 +49,12 @@ def train_args(data, save_dir, updates, arch, experts):
 
 
 def run_once(backend, options):
+    ddp_backend, _, parallel = backend.partition("+ep")
     with tempfile.TemporaryDirectory() as save_dir:
         command = [sys.executable, "-m", "taskmoe_fairseq.cpu_data_parallel", "--nprocs", "2",
-                   "--ddp-backend", backend, "--",
-                   *train_args(options.data, save_dir, options.updates, options.arch, options.experts)]
+                   "--ddp-backend", ddp_backend, "--",
+                   *train_args(options.data, save_dir, options.updates, options.arch, options.experts),
+                   *(["--moe-expert-parallel-size", parallel] if parallel else [])]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, PYTHONWARNINGS="ignore")
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
@@ -70,7 +77,9 @@ def main(argv=None):
     parser.add_argument("--updates", type=int, default=60)
     parser.add_argument("--arch", default="taskmoe_transformer_small")
     parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--backends", default="legacy_ddp,pytorch_ddp")
+    parser.add_argument("--backends", default="legacy_ddp,pytorch_ddp",
+                        help="comma-separated; B+epP adds --moe-expert-parallel-size P")
+    parser.add_argument("--name", default="ddp_backend_cost", help="file stem of the .md/.json outputs")
     options = parser.parse_args(argv)
     backends = options.backends.split(",")
     rounds = []
@@ -104,9 +113,9 @@ def main(argv=None):
     print(report)
     if options.out:
         os.makedirs(options.out, exist_ok=True)
-        with open(os.path.join(options.out, "ddp_backend_cost.md"), "w") as handle:
+        with open(os.path.join(options.out, f"{options.name}.md"), "w") as handle:
             handle.write(report)
-        with open(os.path.join(options.out, "ddp_backend_cost.json"), "w") as handle:
+        with open(os.path.join(options.out, f"{options.name}.json"), "w") as handle:
             json.dump({"options": vars(options), "rounds": rounds, "medians": medians}, handle, indent=1)
 
 
