@@ -19,6 +19,8 @@ from report_bars import HEADLINE, SETTINGS, experts_of  # noqa: E402
 from report_plot import write_plot  # noqa: E402
 from timing import SCHEMA, median  # noqa: E402
 
+from taskmoe_fairseq.files import atomic_write_text  # noqa: E402  (models put the repository on sys.path)
+
 KINDS = ("decoding", "training", "memory")
 
 
@@ -258,9 +260,7 @@ def main(argv=None):
     records = load(options.records)
     command = "python benchmarks/report.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text, bars = markdown(records, command)
-    os.makedirs(options.out, exist_ok=True)
-    with open(os.path.join(options.out, "serving_cost.md"), "w") as stream:
-        stream.write(text)
+    atomic_write_text(os.path.join(options.out, "serving_cost.md"), text)
     write_plot(records, os.path.join(options.out, "serving_cost.png"))
     for bar in bars:
         print(f"  {'PASS' if bar['pass'] else 'MISS'}  {bar['bar']}: {bar['measured']}")

@@ -103,7 +103,7 @@ class Run:
     def write(self, path: str):
         self.record["wall_seconds"] = time.perf_counter() - self.started
         self.record["environment"]["load_average_at_end"] = list(os.getloadavg())
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as stream:
-            json.dump(self.record, stream, indent=1, default=float)
+        from taskmoe_fairseq.files import atomic_write_text  # the measuring scripts put the repository on sys.path
+
+        atomic_write_text(path, json.dumps(self.record, indent=1, default=float))
         self.log(f"wrote {path}")

@@ -37,7 +37,7 @@ import time
 from binarize_steps.fairseq_preprocess import pair_outputs, run_preprocess  # noqa: E402  (sibling modules)
 from binarize_steps.sentencepiece_model import train_spm, write_fairseq_dict  # noqa: E402
 from layout import SPLITS, raw_name  # noqa: E402
-from script_support import (UserError, atomic_copy, atomic_write_bytes, atomic_write_lines,  # noqa: E402
+from script_support import (UserError, atomic_copy, atomic_write_lines, atomic_write_text,  # noqa: E402
                             log, run_main, sha256_file, warn)
 
 
@@ -260,7 +260,7 @@ def main(argv=None):
                         % (",".join(langs), ",".join("en-%s,%s-en" % (l, l) for l in langs)),
     }
     meta["sha256"] = checksums(args.out)
-    atomic_write_bytes(meta_path, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_text(meta_path, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
     log("done: %s (%.1fs)" % (args.out, time.time() - t_start))
     return 0
 

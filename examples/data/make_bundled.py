@@ -29,7 +29,7 @@ import os
 import tarfile
 
 from layout import DEBIAN_NAMES, LIBREOFFICE_SOURCES, SOURCES, SPLITS, XX_LANGS, raw_name  # noqa: E402  (sibling modules)
-from script_support import UserError, atomic_write_bytes, run_main  # noqa: E402
+from script_support import UserError, atomic_write, atomic_write_text, run_main  # noqa: E402
 FIXED_MTIME = 1700000000  # 2023-11-14; any constant keeps the archive reproducible
 
 
@@ -286,10 +286,10 @@ def main(argv=None):
         raise UserError("archive would be %d bytes, over --max-bytes %d; lower --train-per-lang"
                         % (len(archive), args.max_bytes))
     archive_name = args.name + ".tar.xz"
-    atomic_write_bytes(os.path.join(args.out, archive_name), archive)
+    atomic_write(os.path.join(args.out, archive_name), archive)
     sha = hashlib.sha256(archive).hexdigest()
     text = attribution(args, corpus_manifest, counts, archive_name, sha, len(archive))
-    atomic_write_bytes(os.path.join(args.out, "ATTRIBUTION.md"), text.encode("utf-8"))
+    atomic_write_text(os.path.join(args.out, "ATTRIBUTION.md"), text)
     for pair, c in counts.items():
         print("%s: train %d, valid %d, test %d" % (pair, c["train"]["total"],
                                                   c["valid"]["total"], c["test"]["total"]))
