@@ -81,3 +81,20 @@ def test_report_names_every_configuration(records):
     assert "## Bars" in markdown and ("PASS" in markdown or "MISS" in markdown)
     assert markdown.count("| PASS |") + markdown.count("| MISS |") >= 6
     assert (out / "serving_cost.png").stat().st_size > 0
+
+
+DOCS = os.path.join(REPO, "docs", "benchmarks")
+
+
+def test_the_committed_records_render_to_the_committed_markdown(tmp_path):
+    """docs/benchmarks/*.md are what report.py writes from the committed JSON records (no measuring)."""
+    import report
+
+    single = [os.path.join(DOCS, name) for name in ("ct2_export.json", "ddp_backend_cost.json")]
+    assert report.main([*single, "--out", str(tmp_path)]) == 0
+    for name in ("ct2_export.md", "ddp_backend_cost.md"):
+        assert (tmp_path / name).read_text() == open(os.path.join(DOCS, name)).read(), name
+    serving = [f"docs/benchmarks/{kind}.json" for kind in SCRIPTS]
+    command = "python benchmarks/report.py " + " ".join(serving) + " --out docs/benchmarks"
+    text, _ = report.markdown(report.load([os.path.join(REPO, path) for path in serving]), command)
+    assert text == open(os.path.join(DOCS, "serving_cost.md")).read()
