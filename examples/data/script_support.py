@@ -7,6 +7,7 @@ the functions here hand each call to it. Importing the plugin loads torch and fa
 errors stay instant.
 """
 
+import argparse
 import hashlib
 import os
 import sys
@@ -73,6 +74,13 @@ def run_main(main):
             raise
         print("error: %s" % e, file=sys.stderr)
         sys.exit(1)
+
+
+def script_parser(doc):
+    """The scripts' argument parser: the first line of the script's docstring ``doc`` as its
+    description, every option's default shown in ``--help``."""
+    return argparse.ArgumentParser(description=doc.strip().splitlines()[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def log(msg):
