@@ -230,6 +230,8 @@ def main(argv=None):
     options = parser.parse_args(argv)
     config = ({"rounds": 1, "length": 12, "batches": {1: 3, 64: 1}} if options.quick
               else {"rounds": 3, "length": 50, "batches": {1: 8, 64: 1}})
+    import taskmoe_fairseq  # noqa: F401  (imports fairseq quietly before the record asks its version)
+
     run = timing.Run("ct2_export", __file__, argv, threads=1, config=config)
     import ctranslate2
 

@@ -79,6 +79,8 @@ def main(argv=None):
     config = {"data": options.data, "rounds": options.rounds, "updates": options.updates, "arch": options.arch,
               "experts": options.experts, "backends": backends, "tokens_per_rank": TOKENS_PER_RANK, "threads_per_rank": 1,
               "notes": options.note}
+    import taskmoe_fairseq  # noqa: F401  (imports fairseq quietly before the record asks its version)
+
     run = timing.Run("ddp_backend_cost", __file__, argv, threads=1, config=config)
     rounds = []
     for round_index in range(options.rounds):
