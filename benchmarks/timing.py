@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -75,7 +76,7 @@ def environment(threads: int, script: str, argv=None) -> dict:
 
     script = os.path.relpath(os.path.abspath(script), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return {
-        "command": " ".join(["python", script] + list(sys.argv[1:] if argv is None else argv)),
+        "command": shlex.join(["python", script] + list(sys.argv[1:] if argv is None else argv)),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
