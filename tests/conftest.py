@@ -21,6 +21,15 @@ from cli_helpers import (  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Keep every in-process test at one thread: a script's ``main`` run in-process (the
+    benchmarks set 2) must not leave the tests after it running two threads that wait on each
+    other (measured: 35x slower generation under load)."""
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def shared_root(tmp_path_factory):
     """A folder every pytest-xdist worker of this run shares (the run's base temp folder), so the
