@@ -29,7 +29,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # pytest-xdist runs the suite on both cores (-n 2); filelock lets its workers share one
+        # trained model per routing instead of training it once per worker
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "filelock>=3.12"],
         "bench": ["matplotlib>=3.7"],
         # python -m taskmoe_fairseq.export --format ctranslate2
         "ctranslate2": ["ctranslate2>=4.5,<5"],
