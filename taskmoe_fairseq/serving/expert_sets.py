@@ -4,7 +4,7 @@ An entry is one :func:`~taskmoe_fairseq.serving.pair_model.build_pair_model` res
 model for one :data:`ExpertSetKey`, i.e. one set of tasks in the extracted layers) and a
 translator per pair it has served (fairseq's hub interface around the shared model, one task per
 pair). Evicting an entry drops its experts; the shared tensors stay, since ``SharedWeights`` owns
-them. Loading happens on first use, under the store's lock (one load at a time).
+them. Loading happens on first use, one load at a time; :meth:`ExpertSetStore.stats` never waits for one.
 """
 
 import collections
@@ -39,28 +39,33 @@ class ExpertSetStore:
             raise usage_error(f"--max-expert-sets must be at least 1 (got {max_sets})")
         self.build, self.make_translator, self.key_of, self.max_sets = build, make_translator, key_of, max_sets
         self._sets: "collections.OrderedDict" = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the index (``_sets``, counters)
+        self._load_lock = threading.Lock()  # loading
         self.loads = 0
         self.evictions = 0
 
     def translator(self, pair: str):
         """The translator of ``pair``, loading its expert set (and evicting the least recently used) if needed."""
         key = self.key_of(pair)
-        with self._lock:
-            entry = self._sets.get(key)
+        with self._load_lock:  # one load at a time; the index lock is only held for a moment (``stats`` never waits for a load)
+            with self._lock:
+                entry = self._sets.get(key)
+                if entry is not None:
+                    self._sets.move_to_end(key)
             if entry is None:
                 start = time.perf_counter()
                 model, rows = self.build(pair)
                 entry = ExpertSet(key, model, rows, time.perf_counter() - start)
-                self._sets[key] = entry
-                self.loads += 1
-                while len(self._sets) > self.max_sets:
-                    self._sets.popitem(last=False)
-                    self.evictions += 1
-            self._sets.move_to_end(key)
+                with self._lock:
+                    self._sets[key] = entry
+                    self.loads += 1
+                    while len(self._sets) > self.max_sets:
+                        self._sets.popitem(last=False)
+                        self.evictions += 1
             if pair not in entry.translators:
                 entry.translators[pair] = self.make_translator(pair, entry.model)
-                entry.pairs.append(pair)
+                with self._lock:
+                    entry.pairs.append(pair)
             return entry.translators[pair]
 
     def stats(self) -> dict:

@@ -126,7 +126,6 @@ class SharedWeights:
             self.shared[key] = nn.Parameter(owned, requires_grad=False) if key in parameter_names else owned
         self.router = full.encoder.moe_router
         nn.Module.load_state_dict(self.router, router_state, strict=True, assign=True)
-        self.expert_shapes = {key: tuple(t.shape) for key, t in model_state.items() if key.startswith(replaced)}
         del state, model_state
 
     def _file_stamp(self):
