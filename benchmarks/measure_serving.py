@@ -233,7 +233,7 @@ def measure_speed(run, paths, options) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="data, checkpoints and extractions (kept for reuse)")
+    parser.add_argument("--workdir", help="data, checkpoints and extractions (kept for reuse); required")
     parser.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks", "serving.json"))
     parser.add_argument("--experts", type=int, default=32)
     parser.add_argument("--routing", default="token/target", help="encoder/decoder routing (default token/target)")
@@ -248,6 +248,8 @@ def main(argv=None):
     options = parser.parse_args(argv)
     if options.child_full:
         return child_full(json.loads(options.child_full))
+    if not options.workdir:
+        parser.error("--workdir is required")
     if options.quick:
         options.rounds, options.requests = 2, 8
     config = {key: getattr(options, key) for key in ("experts", "routing", "updates", "beam", "max_len_b", "requests", "rounds", "threads")}

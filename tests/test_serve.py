@@ -29,7 +29,7 @@ import torch
 
 from cli_helpers import ENV, LANG_PAIRS, REPO, TASK_ARGS, TEST_LINES, run
 from taskmoe_fairseq import extract, translate
-from taskmoe_fairseq.models import extraction
+from taskmoe_fairseq.errors import TaskMoeError
 from taskmoe_fairseq.serving import cli as serve_cli
 from taskmoe_fairseq.serving.service import TranslationService
 from taskmoe_fairseq.serving.shared_weights import SharedWeights
@@ -37,7 +37,7 @@ from taskmoe_fairseq.serving.shared_weights import SharedWeights
 MAX_LEN = 30
 BEAM = 4
 UPDATES = 300  # the target/target model test_translate.py and test_export.py train
-LOAD_REQUESTS, WARM_UP, CONCURRENCY = 2000, 300, 8
+LOAD_REQUESTS, WARM_UP, CONCURRENCY = 2000, 300, 32  # 32 in flight: requests wait together and are batched
 RSS_TOLERANCE_MIB = 24  # a per-request leak of 12 KiB over the 1,700 measured requests would exceed it
 sys.path.insert(0, os.path.join(REPO, "examples"))
 
@@ -175,6 +175,16 @@ def test_every_pair_translates_like_its_extracted_checkpoint(server, extracted_d
     assert outputs["de-en"] == [sp.decode(pieces[i].split()).strip() for i in range(TEST_LINES)]
     status, health = server.request("/health")
     assert status == 200 and health["expert_sets"]["loads"] == 4 and health["expert_sets"]["evictions"] == 0
+
+
+def test_an_extracted_checkpoint_serves_its_own_pair(server, extracted_dir, data_dir):
+    weights = SharedWeights(os.path.join(extracted_dir, "en-fr.pt"))
+    service = TranslationService(weights)
+    assert service.pairs == ["en-fr"] and weights.layers == []
+    lines = raw_lines(data_dir, "en-fr")[:6]
+    assert service.translate("en-fr", lines, BEAM, MAX_LEN) == server.translate("en-fr", lines)
+    with pytest.raises(TaskMoeError, match="is the en-fr sub-network; it cannot serve de-en"):
+        TranslationService(weights, ["de-en"])
 
 
 def test_bad_input_is_a_one_line_json_error(server):

@@ -57,7 +57,7 @@ async def json_errors(request, handler):
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        hint = f"; the API is POST /translate, GET /pairs, GET /health, GET /" if error.status in (404, 405) else ""
+        hint = "; the API is POST /translate, GET /pairs, GET /health, GET /" if error.status in (404, 405) else ""
         return error_response(error.status, f"{error.reason}: {request.method} {request.path}{hint}")
 
 
