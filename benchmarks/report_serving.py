@@ -39,6 +39,13 @@ def render(record) -> str:
         f"Checkpoint {results['files_mib']['full']:.0f} MiB (no optimizer state), extracted en-de "
         f"{results['files_mib']['extracted_en-de']:.0f} MiB.",
         "",
+    ]
+    if max(env["load_average_at_start"][0], env.get("load_average_at_end", [0])[0]) > env["cores"]:
+        lines += ["**The machine was loaded (load average above its core count): the speed figures below are not "
+                  "reliable; rerun the command on a quiet machine.** Resident memory does not depend on the load.", ""]
+    if "--quick" in env["command"]:
+        lines += ["This is a `--quick` run (2 rounds of 8 requests): a smoke run, not a measurement of speed.", ""]
+    lines += [
         "## Resident memory",
         "",
         "`VmRSS` of each process after its requests (4 sentences per pair, "
