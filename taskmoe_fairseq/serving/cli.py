@@ -85,7 +85,7 @@ async def serve(app, host: str, port: int, pairs: int):
     except OSError as error:
         await runner.cleanup()
         raise usage_error(f"cannot listen on {host}:{port} ({error.strerror or error}); pass another --port") from None
-    bound = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else port
+    bound = runner.addresses[0][1] if runner.addresses else port  # the port bound (--port 0: a free one)
     print(f"{PROG}: serving {pairs} pairs on http://{host}:{bound}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
