@@ -28,8 +28,14 @@ setup(
         # progress of python -m taskmoe_fairseq.translate on large inputs (fairseq needs it too)
         "tqdm",
     ],
+    package_data={"taskmoe_fairseq.serving": ["page.html"]},
     extras_require={
-        "test": ["pytest>=7"],
+        # pytest-xdist runs the suite on both cores (-n 2); filelock lets its workers share one
+        # trained model per routing instead of training it once per worker; selenium drives
+        # Debian's chromium (+ chromium-driver) for the serving page's test
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "filelock>=3.12", "selenium>=4.10"],
+        # python -m taskmoe_fairseq.serve: aiohttp's server (HTTP, body-size limit, JSON) and client (load test)
+        "serve": ["aiohttp>=3.9"],
         "bench": ["matplotlib>=3.7"],
         # python -m taskmoe_fairseq.export --format ctranslate2
         "ctranslate2": ["ctranslate2>=4.5,<5"],

@@ -33,6 +33,7 @@ from fairseq.data import Dictionary  # noqa: E402
 import taskmoe_fairseq  # noqa: E402,F401  (registers the plugin)
 from taskmoe_fairseq.models.moe_options import is_moe_layer  # noqa: E402
 from taskmoe_fairseq.models.taskmoe_transformer import TaskMoeTransformerModel, taskmoe_base_architecture  # noqa: E402
+from taskmoe_fairseq.modules.routing_kinds import language_index  # noqa: E402
 
 logging.disable(logging.NOTSET)
 for _name in ("fairseq", "taskmoe_fairseq", "matplotlib"):
@@ -173,8 +174,8 @@ def decode_inputs(shape: dict, dictionary: Dictionary, batch: int, seed: int = 1
     return {
         "src_tokens": src,
         "src_lengths": lengths,
-        "src_lang_id": torch.full((batch,), LANGS.index("en"), dtype=torch.long),
-        "tgt_lang_id": torch.full((batch,), LANGS.index("de"), dtype=torch.long),
+        "src_lang_id": torch.full((batch,), language_index(LANGS, "en"), dtype=torch.long),
+        "tgt_lang_id": torch.full((batch,), language_index(LANGS, "de"), dtype=torch.long),
     }
 
 
@@ -213,8 +214,8 @@ def training_sample(shape: dict, dictionary: Dictionary, sentences: int, seed: i
         prev[row, :t_len] = torch.cat([torch.tensor([eos]), words])
         src_lengths.append(s_len)
     pairs = torch.randint(0, len(TRAIN_PAIRS), (sentences,), generator=generator).tolist()
-    src_ids = torch.tensor([LANGS.index(TRAIN_PAIRS[p].split("-")[0]) for p in pairs])
-    tgt_ids = torch.tensor([LANGS.index(TRAIN_PAIRS[p].split("-")[1]) for p in pairs])
+    src_ids = torch.tensor([language_index(LANGS, TRAIN_PAIRS[p].split("-")[0]) for p in pairs])
+    tgt_ids = torch.tensor([language_index(LANGS, TRAIN_PAIRS[p].split("-")[1]) for p in pairs])
     return {
         "net_input": {
             "src_tokens": src,

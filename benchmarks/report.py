@@ -1,10 +1,14 @@
-"""Turn the JSON records of the measuring scripts into docs/benchmarks/serving_cost.md
-(tables, the bars as PASS/MISS, where the time goes) and serving_cost.png.
+"""Turn the JSON records of the measuring scripts into the markdown (and plot) under docs/benchmarks:
 
-    PYTHONPATH=. python benchmarks/report.py docs/benchmarks/{decoding,training,memory}.json --out docs/benchmarks
+* decoding, training, memory (measure_decoding/training/memory.py) -> serving_cost.md (tables,
+  the bars as PASS/MISS, where the time goes) and serving_cost.png;
+* ct2_export (measure_ct2_export.py) -> ct2_export.md (report_ct2_export.py);
+* ddp_backend_cost (measure_ddp_backend.py) -> ddp_backend_cost.md (report_ddp_backend.py).
 
-Any subset of the records works; sections without their record are left out. Nothing is
-measured here.
+    PYTHONPATH=. python benchmarks/report.py docs/benchmarks/*.json --out docs/benchmarks
+
+Any subset of the records works; serving_cost sections without their record are left out.
+Nothing is measured here.
 """
 
 import argparse
@@ -14,12 +18,18 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report_bars  # noqa: E402
+import report_ct2_export  # noqa: E402
+import report_ddp_backend  # noqa: E402
 from models import DENSE_KEYS, LABELS  # noqa: E402
 from report_bars import HEADLINE, SETTINGS, experts_of  # noqa: E402
 from report_plot import write_plot  # noqa: E402
 from timing import SCHEMA, median  # noqa: E402
 
-KINDS = ("decoding", "training", "memory")
+from taskmoe_fairseq.files import atomic_write_text  # noqa: E402  (models put the repository on sys.path)
+
+KINDS = ("decoding", "training", "memory")  # serving_cost.md
+SINGLE = {"ct2_export": report_ct2_export.markdown, "ddp_backend_cost": report_ddp_backend.markdown,
+          "expert_parallel_speed": report_ddp_backend.markdown}  # kind.md each
 
 
 def load(paths):
@@ -27,7 +37,7 @@ def load(paths):
     for path in paths:
         with open(path) as stream:
             record = json.load(stream)
-        if record.get("schema") != SCHEMA or record.get("kind") not in KINDS:
+        if record.get("schema") != SCHEMA or record.get("kind") not in KINDS + tuple(SINGLE):
             raise SystemExit(f"{path}: not a benchmark record of schema {SCHEMA} (kind {record.get('kind')!r})")
         records[record["kind"]] = record
     return records
@@ -256,11 +266,15 @@ def main(argv=None):
     parser.add_argument("--out", default="docs/benchmarks", help="folder for serving_cost.md and serving_cost.png")
     options = parser.parse_args(argv)
     records = load(options.records)
+    for kind, render in SINGLE.items():
+        if kind in records:
+            atomic_write_text(os.path.join(options.out, f"{kind}.md"), render(records.pop(kind)))
+            print(f"wrote {os.path.join(options.out, kind + '.md')}")
+    if not records:
+        return 0
     command = "python benchmarks/report.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text, bars = markdown(records, command)
-    os.makedirs(options.out, exist_ok=True)
-    with open(os.path.join(options.out, "serving_cost.md"), "w") as stream:
-        stream.write(text)
+    atomic_write_text(os.path.join(options.out, "serving_cost.md"), text)
     write_plot(records, os.path.join(options.out, "serving_cost.png"))
     for bar in bars:
         print(f"  {'PASS' if bar['pass'] else 'MISS'}  {bar['bar']}: {bar['measured']}")

@@ -4,6 +4,8 @@ settings, and checkpoint size vs E (from the decoding and memory records)."""
 from models import LABELS
 from report_bars import HEADLINE, experts_of
 
+from taskmoe_fairseq.files import atomic_write
+
 STYLES = {
     "dense": ("0.55", ":", "s"),
     "dense_kffn": ("0.2", "--", "s"),
@@ -68,6 +70,6 @@ def write_plot(records, path: str):
         fontsize=9,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda stream: fig.savefig(stream, format="png", dpi=110))
     plt.close(fig)
     return True

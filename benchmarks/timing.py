@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -75,7 +76,7 @@ def environment(threads: int, script: str, argv=None) -> dict:
 
     script = os.path.relpath(os.path.abspath(script), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return {
-        "command": " ".join(["python", script] + list(sys.argv[1:] if argv is None else argv)),
+        "command": shlex.join(["python", script] + list(sys.argv[1:] if argv is None else argv)),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
@@ -103,7 +104,7 @@ class Run:
     def write(self, path: str):
         self.record["wall_seconds"] = time.perf_counter() - self.started
         self.record["environment"]["load_average_at_end"] = list(os.getloadavg())
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as stream:
-            json.dump(self.record, stream, indent=1, default=float)
+        from taskmoe_fairseq.files import atomic_write_text  # the measuring scripts put the repository on sys.path
+
+        atomic_write_text(path, json.dumps(self.record, indent=1, default=float))
         self.log(f"wrote {path}")

@@ -69,7 +69,7 @@ def zero_shot_note(args, pair: str, layers, pairs_known: List[str]):
             f"unknown language pair {pair}; the model knows {','.join(pairs_known)} "
             f"(and zero-shot pairs between its languages {','.join(langs)})"
         )
-    by_pair = [f"{side}.{index}" for side, index, routing in layers if routing_kinds.task_key(routing) == "pair"]
+    by_pair = [routing_kinds.layer_name(side, index) for side, index, routing in layers if routing_kinds.task_key(routing) == "pair"]
     if by_pair:
         raise usage_error(
             f"{pair} is not a training pair and layers {','.join(by_pair)} route by language pair: their gate "

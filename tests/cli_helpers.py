@@ -1,11 +1,14 @@
 """Running the real fairseq CLIs (and ours) on the bundled real-text fixture."""
 
+import contextlib
+import io
 import os
 import re
 import subprocess
 import sys
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN = os.path.join(REPO, "taskmoe_fairseq")
@@ -37,6 +40,50 @@ def run(command, check=True, stdin=None, timeout=600):
         raise AssertionError(
             f"{' '.join(command)}\nexit {result.returncode}\n--- stderr (tail)\n{result.stderr[-4000:]}"
         )
+    return result
+
+
+def run_in_process(command, stdin=None):
+    """``fairseq-generate`` / ``fairseq-interactive`` through the tool's own parser and ``main``
+    in this process: the same code as the command, without a fresh interpreter and its seconds
+    of imports. Returns the command's ``stdout`` (``stdin`` feeds fairseq-interactive). Each tool
+    keeps one real-process test (test_cli_end_to_end, test_extract, test_bad_input)."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq_cli import generate, interactive
+
+    tool, args = command[0], command[1:]
+    module, parser = {
+        "fairseq-generate": (generate, options.get_generation_parser),
+        "fairseq-interactive": (interactive, options.get_interactive_generation_parser),
+    }[tool]
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser(), args))
+    out, saved_stdin = io.StringIO(), sys.stdin
+    sys.stdin = io.StringIO(stdin or "")  # fairseq-interactive reads "-" through fileinput
+    try:
+        with contextlib.redirect_stdout(out):
+            module.main(cfg)
+    finally:
+        sys.stdin = saved_stdin
+    return SimpleNamespace(stdout=out.getvalue(), stderr="", returncode=0)
+
+
+def run_main(module, *args, check=True):
+    """One of our commands (``python -m <module> ARGS``) through its ``main`` in this process, with
+    its exit status and what it printed (the exit status and the one-line error come from
+    ``errors.run_cli``, as in a real process). Each command keeps a real-process test too: only a
+    real process shows that nothing else reaches stderr."""
+    import importlib
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = importlib.import_module(module).main(list(args)) or 0
+        except SystemExit as exit:  # argparse's own usage errors
+            code = exit.code if isinstance(exit.code, int) else 2
+    result = SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{module} {' '.join(args)}\nexit {code}\n--- stderr\n{result.stderr[-4000:]}")
     return result
 
 

@@ -1,8 +1,11 @@
 import os
+import shutil
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from filelock import FileLock
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cli_helpers import (  # noqa: E402
@@ -18,50 +21,105 @@ from cli_helpers import (  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Keep every in-process test at one thread: a script's ``main`` run in-process (the
+    benchmarks set 2) must not leave the tests after it running two threads that wait on each
+    other (measured: 35x slower generation under load)."""
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
+def shared_root(tmp_path_factory):
+    """A folder every pytest-xdist worker of this run shares (the run's base temp folder), so the
+    expensive fixtures below are built once per run, not once per worker."""
+    base = tmp_path_factory.getbasetemp()
+    return str(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
+
+
+def build_once(folder, build):
+    """``build(folder)`` once per run: the first worker to take the lock builds, the others wait
+    for it and reuse the folder. A build that failed leaves no ``.done`` marker and is redone."""
+    with FileLock(folder + ".lock"):
+        if not os.path.exists(folder + ".done"):
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(folder)
+            build(folder)
+            open(folder + ".done", "w").close()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def data_dir(shared_root):
     """The bundled real text, binarized by examples/data/binarize.py (SentencePiece + fairseq-preprocess)."""
-    root = tmp_path_factory.mktemp("data")
-    raw = make_raw_fixture(str(root))
-    binarized = str(root / "bin")
-    run([sys.executable, os.path.join(REPO, "examples", "data", "binarize.py"),
-         "--raw", raw, "--out", binarized, "--vocab-size", "1000", "--workers", "1"])
-    return binarized
+
+    def binarize(root):
+        raw = make_raw_fixture(root)
+        run([sys.executable, os.path.join(REPO, "examples", "data", "binarize.py"),
+             "--raw", raw, "--out", os.path.join(root, "bin"), "--vocab-size", "1000", "--workers", "1"])
+
+    return os.path.join(build_once(os.path.join(shared_root, "data"), binarize), "bin")
+
+
+def _save_log(folder, name, result):
+    for stream in ("stdout", "stderr"):
+        with open(os.path.join(folder, f"{name}.{stream}"), "w", encoding="utf-8") as out:
+            out.write(getattr(result, stream))
+
+
+def _read_log(folder, name):
+    streams = {}
+    for stream in ("stdout", "stderr"):
+        with open(os.path.join(folder, f"{name}.{stream}"), encoding="utf-8") as log:
+            streams[stream] = log.read()
+    return SimpleNamespace(**streams)
 
 
 class TrainedModels:
-    """Models trained once per session through the real fairseq-train, keyed by routing."""
+    """Models trained once per run through the real fairseq-train, keyed by routing (shared by
+    the xdist workers: the first to ask trains, the others wait and load the same checkpoint)."""
 
     def __init__(self, data, root):
-        self.data, self.root, self.cache = data, root, {}
+        self.data, self.root = data, root
+
+    def _folder(self, encoder_routing, decoder_routing, max_update, extra):
+        name = "-".join([encoder_routing, decoder_routing, str(max_update), *extra]).replace("--", "")
+        return os.path.join(self.root, name)
 
     def get(self, encoder_routing, decoder_routing, max_update=12, extra=()):
-        key = (encoder_routing, decoder_routing, max_update, tuple(extra))
-        if key not in self.cache:
-            save_dir = os.path.join(self.root, f"{encoder_routing}-{decoder_routing}-{max_update}-{len(self.cache)}")
-            result = run(train_command(self.data, save_dir, encoder_routing, decoder_routing, max_update, extra))
-            self.cache[key] = (os.path.join(save_dir, "checkpoint_last.pt"), result)
-        return self.cache[key][0]
+        def train(save_dir):
+            command = train_command(self.data, save_dir, encoder_routing, decoder_routing, max_update, extra)
+            _save_log(save_dir, "train", run(command))
 
-    def log(self, *key):
-        return self.cache[key][1]
+        folder = self._folder(encoder_routing, decoder_routing, max_update, tuple(extra))
+        return os.path.join(build_once(folder, train), "checkpoint_last.pt")
+
+    def log(self, encoder_routing, decoder_routing, max_update=12, extra=()):
+        """fairseq-train's stdout and stderr (``.stdout``, ``.stderr``) for a model ``get`` trained."""
+        return _read_log(self._folder(encoder_routing, decoder_routing, max_update, tuple(extra)), "train")
 
 
 @pytest.fixture(scope="session")
-def trained(data_dir, tmp_path_factory):
-    return TrainedModels(data_dir, str(tmp_path_factory.mktemp("models")))
+def trained(data_dir, shared_root):
+    root = os.path.join(shared_root, "models")
+    os.makedirs(root, exist_ok=True)
+    return TrainedModels(data_dir, root)
 
 
 DDP_EXTRA = ("--log-interval", "1")
 
 
 @pytest.fixture(scope="session")
-def ddp_checkpoint(data_dir, tmp_path_factory):
+def ddp_checkpoint(data_dir, shared_root):
     """token/target trained by 2 CPU ranks (gloo), then resumed by 2 ranks (losses logged every
     update: the expert-parallel test compares them)."""
-    save_dir = str(tmp_path_factory.mktemp("ddp"))
-    logs = []
-    for max_update in (6, 12):
-        command = train_command(data_dir, save_dir, "token", "target", max_update, DDP_EXTRA)[1:]  # drop "fairseq-train"
-        logs.append(run(python_module("taskmoe_fairseq.cpu_data_parallel", "--nprocs", "2", "--", *command)))
-    return os.path.join(save_dir, "checkpoint_last.pt"), logs
+
+    def train(save_dir):
+        for max_update in (6, 12):
+            command = train_command(data_dir, save_dir, "token", "target", max_update, DDP_EXTRA)[1:]  # drop "fairseq-train"
+            result = run(python_module("taskmoe_fairseq.cpu_data_parallel", "--nprocs", "2", "--", *command))
+            _save_log(save_dir, f"train{max_update}", result)
+
+    save_dir = build_once(os.path.join(shared_root, "ddp"), train)
+    return os.path.join(save_dir, "checkpoint_last.pt"), [_read_log(save_dir, f"train{n}") for n in (6, 12)]

@@ -81,3 +81,38 @@ def test_report_names_every_configuration(records):
     assert "## Bars" in markdown and ("PASS" in markdown or "MISS" in markdown)
     assert markdown.count("| PASS |") + markdown.count("| MISS |") >= 6
     assert (out / "serving_cost.png").stat().st_size > 0
+
+
+DOCS = os.path.join(REPO, "docs", "benchmarks")
+
+
+def test_the_committed_records_render_to_the_committed_markdown(tmp_path):
+    """docs/benchmarks/*.md are what report.py writes from the committed JSON records (no measuring)."""
+    import report
+
+    single = [os.path.join(DOCS, name) for name in ("ct2_export.json", "ddp_backend_cost.json")]
+    assert report.main([*single, "--out", str(tmp_path)]) == 0
+    for name in ("ct2_export.md", "ddp_backend_cost.md"):
+        assert (tmp_path / name).read_text() == open(os.path.join(DOCS, name)).read(), name
+    serving = [f"docs/benchmarks/{kind}.json" for kind in SCRIPTS]
+    command = "python benchmarks/report.py " + " ".join(serving) + " --out docs/benchmarks"
+    text, _ = report.markdown(report.load([os.path.join(REPO, path) for path in serving]), command)
+    assert text == open(os.path.join(DOCS, "serving_cost.md")).read()
+
+
+def test_serving_report_renders_the_committed_record(tmp_path):
+    """measure_serving.py starts a dozen servers (minutes), so it is not run here: its committed
+    record must keep the layout report_serving.py reads."""
+    import report_serving
+
+    path = os.path.join(REPO, "docs", "benchmarks", "serving.json")
+    record = report_serving.load(path)
+    assert ENVIRONMENT <= set(record["environment"])
+    assert report_serving.main([path, "--out", str(tmp_path)]) is None
+    markdown = (tmp_path / "serving.md").read_text()
+    memory = record["results"]["memory"]
+    for count in (1, 6, 12):
+        assert f"| server, {count} pair{'s' if count > 1 else ''} in use | {memory[f'server_{count}_pairs_mib']:.0f} |" in markdown
+    assert f"| {memory['extracted_12_processes_mib']:.0f} |" in markdown
+    assert markdown.count("| batch 1 |") == 2 and markdown.count("| batch 16 |") == 2
+    assert record["environment"]["command"] in markdown

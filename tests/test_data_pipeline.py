@@ -299,35 +299,6 @@ def test_too_few_multiway_sentences_is_a_one_line_error(tmp_path):
         split.split_corpus(str(tmp_path), toy_clean_corpus(), ["de", "ru"], ["help", "ui", "ddtp"], options)
 
 
-# ----------------------------------------------------------------------------- atomic writes
-
-
-def test_atomic_write_fsyncs_before_replacing(tmp_path, monkeypatch):
-    calls = []
-    real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
-    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
-    path = tmp_path / "out.txt"
-    script_support.atomic_write_bytes(str(path), b"new")
-    assert path.read_bytes() == b"new"
-    assert calls[:2] == ["fsync", "replace"]
-    assert os.listdir(str(tmp_path)) == ["out.txt"]
-
-
-def test_failed_atomic_write_leaves_old_file_and_no_temporary(tmp_path, monkeypatch):
-    path = tmp_path / "out.txt"
-    path.write_bytes(b"old")
-
-    def broken_replace(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
-        script_support.atomic_write_text(str(path), "new")
-    assert path.read_bytes() == b"old"
-    assert os.listdir(str(tmp_path)) == ["out.txt"]
-
-
 # ----------------------------------------------------------------------------- command line
 
 

@@ -25,7 +25,7 @@ import pytest
 import sentencepiece
 import torch
 
-from cli_helpers import LANG_PAIRS, TASK_ARGS, TEST_LINES, parse_generation, python_module, run, run_many
+from cli_helpers import LANG_PAIRS, TASK_ARGS, TEST_LINES, parse_generation, python_module, run, run_in_process, run_main
 from taskmoe_fairseq.export.conventions import CONVENTIONS_FILE, source_tokens, target_prefix
 from taskmoe_fairseq.export.ct2_decode import translate_pieces
 from taskmoe_fairseq.export.subnetwork import merged_ffn
@@ -39,8 +39,10 @@ MIN_IDENTICAL = 0.99
 MAX_RANKING_FLIPS = 0.1  # beam 4, CTranslate2's own ranking: near-ties it breaks otherwise (see ct2_decode)
 
 
-def export(*args, check=True):
-    return run(python_module("taskmoe_fairseq.export", *args), check=check)
+def export(*args, check=True, real_process=False):
+    if real_process:
+        return run(python_module("taskmoe_fairseq.export", *args), check=check)
+    return run_main("taskmoe_fairseq.export.cli", *args, check=check)
 
 
 def generate_command(data, checkpoint, pair, beam):
@@ -68,15 +70,14 @@ def exported(trained, data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     ct2, extracted = str(root / "ct2"), str(root / "extracted")
     export("--checkpoint", full, "--all-lang-pairs", "--format", "ctranslate2", "--output-dir", ct2)
-    run(python_module("taskmoe_fairseq.extract", "--checkpoint", full, "--all-lang-pairs",
-                      "--output-dir", extracted, "--merge-experts"))
+    run_main("taskmoe_fairseq.extract", "--checkpoint", full, "--all-lang-pairs", "--output-dir", extracted, "--merge-experts")
     return full, ct2, extracted
 
 
 def test_ctranslate2_translates_like_fairseq_generate(exported, data_dir):
     _, ct2, extracted = exported
     jobs = [(pair, beam) for pair in LANG_PAIRS for beam in (1, 4)]
-    outputs = run_many([generate_command(data_dir, os.path.join(extracted, f"{pair}.pt"), pair, beam) for pair, beam in jobs])
+    outputs = [run_in_process(generate_command(data_dir, os.path.join(extracted, f"{pair}.pt"), pair, beam)) for pair, beam in jobs]
     report = []
     for (pair, beam), out in zip(jobs, outputs):
         folder = os.path.join(ct2, pair)
@@ -173,7 +174,7 @@ def test_token_routed_encoder_is_refused_in_one_line(trained, tmp_path):
     assert_one_line_error(export("--checkpoint", full, "--lang-pair", "en-de", "--output-dir", out, check=False),
                           "encoder.1 (token)", "cannot export")
     extracted = str(tmp_path / "en-de.pt")
-    run(python_module("taskmoe_fairseq.extract", "--checkpoint", full, "--lang-pair", "en-de", "--output", extracted, "--merge-experts"))
+    run_main("taskmoe_fairseq.extract", "--checkpoint", full, "--lang-pair", "en-de", "--output", extracted, "--merge-experts")
     assert_one_line_error(export("--checkpoint", extracted, "--output-dir", out, check=False), "encoder.1 (token)")
     assert not os.path.exists(out)
     assert sorted(os.listdir(tmp_path)) == ["en-de.pt", "en-de.report.json"]
@@ -182,8 +183,8 @@ def test_token_routed_encoder_is_refused_in_one_line(trained, tmp_path):
 def test_bad_input_is_one_line(exported, tmp_path):
     full, _, extracted = exported
     out = str(tmp_path / "out")
-    assert_one_line_error(export("--checkpoint", str(tmp_path / "missing.pt"), "--lang-pair", "en-de", "--output-dir", out, check=False),
-                          "no such checkpoint")
+    assert_one_line_error(export("--checkpoint", str(tmp_path / "missing.pt"), "--lang-pair", "en-de", "--output-dir", out,
+                                 check=False, real_process=True), "no such checkpoint")
     assert_one_line_error(export("--checkpoint", full, "--lang-pair", "de-fr", "--output-dir", out, check=False),
                           "unknown language pair de-fr")
     assert_one_line_error(export("--checkpoint", os.path.join(extracted, "en-de.pt"), "--lang-pair", "de-en", "--output-dir", out, check=False),

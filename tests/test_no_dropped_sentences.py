@@ -5,7 +5,7 @@ import pytest
 import torch
 from fairseq import options, tasks
 
-from cli_helpers import TASK_ARGS, TEST_LINES, generate_command, parse_generation, run
+from cli_helpers import TASK_ARGS, TEST_LINES, generate_command, parse_generation, run_in_process
 
 import taskmoe_fairseq  # noqa: F401  (registers the task)
 
@@ -47,4 +47,4 @@ def test_fairseq_generate_translates_every_sentence_with_its_default_multiple(tr
     index = command.index("--required-batch-size-multiple")
     del command[index: index + 2]
     command[command.index("--batch-size") + 1] = "7"  # 24 sentences: the old sampler kept 16
-    assert len(parse_generation(run(command).stdout)) == TEST_LINES
+    assert len(parse_generation(run_in_process(command).stdout)) == TEST_LINES

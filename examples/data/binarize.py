@@ -25,7 +25,6 @@ Example::
     python examples/data/binarize.py --raw /tmp/taskmoe_corpus/raw --out /tmp/taskmoe_bin
 """
 
-import argparse
 import json
 import os
 import re
@@ -37,7 +36,7 @@ import time
 from binarize_steps.fairseq_preprocess import pair_outputs, run_preprocess  # noqa: E402  (sibling modules)
 from binarize_steps.sentencepiece_model import train_spm, write_fairseq_dict  # noqa: E402
 from layout import SPLITS, raw_name  # noqa: E402
-from script_support import (UserError, atomic_copy, atomic_write_bytes, atomic_write_lines,  # noqa: E402
+from script_support import (UserError, atomic_copy, atomic_write_lines, atomic_write_text, script_parser,  # noqa: E402
                             log, run_main, sha256_file, warn)
 
 
@@ -113,10 +112,7 @@ def checksums(out):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Train a shared SentencePiece model on en-xx raw text and binarize every pair "
-                    "with fairseq-preprocess (one shared dictionary).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--raw", required=True,
                    help="folder with {train,valid,test}.en-<xx>.{en,<xx>} (e.g. CORPUS/raw)")
     p.add_argument("--out", required=True, help="output folder for fairseq (BIN)")
@@ -260,7 +256,7 @@ def main(argv=None):
                         % (",".join(langs), ",".join("en-%s,%s-en" % (l, l) for l in langs)),
     }
     meta["sha256"] = checksums(args.out)
-    atomic_write_bytes(meta_path, (json.dumps(meta, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_text(meta_path, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
     log("done: %s (%.1fs)" % (args.out, time.time() - t_start))
     return 0
 

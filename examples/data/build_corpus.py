@@ -30,7 +30,6 @@ Example (everything, about 2 minutes on 2 cores)::
     fairseq-train /tmp/taskmoe_corpus/bin --user-dir taskmoe_fairseq ...
 """
 
-import argparse
 import json
 import os
 import time
@@ -38,31 +37,30 @@ import time
 import binarize  # noqa: E402  (sibling module)
 from corpus import clean, fetch, manifest, split
 from corpus.sources import extract_all
-from layout import LIBREOFFICE_SOURCES, SOURCES, XX_LANGS
-from script_support import log, run_main
+from layout import LIBREOFFICE_SOURCES, add_selection_options, parse_selection
+from script_support import log, run_main, script_parser
+
+
+# The options that decide the corpus besides --langs and --sources (name, default, help); manifest.json
+# records them in this order under "config", and a build with other values is not reused.
+CORPUS_OPTIONS = (
+    ("n_test", 500, "multi-way test sentences"),
+    ("n_valid", 500, "multi-way valid sentences"),
+    ("max_chars", 200, "maximum characters per side"),
+    ("min_words", 2, "minimum English words (drops one-word labels)"),
+    ("min_eval_words", 4, "minimum English words of a valid/test sentence"),
+    ("max_placeholders", 1, "drop strings with more placeholders (%%s, %%1, $1, {0}, ...) than this"),
+)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Build an en<->{de,fr,es,ru,ja,zh} corpus of human translations from Debian "
-                    "packages (LibreOffice help and UI, Debian description translations).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--out", required=True, help="output folder (raw/, meta/, pairs/, manifest.json)")
     p.add_argument("--cache", default=None,
                    help="download cache (apt lists, .debs, unpacked trees); default OUT/cache")
-    p.add_argument("--langs", default=",".join(XX_LANGS),
-                   help="comma-separated non-English languages, a subset of " + ",".join(XX_LANGS))
-    p.add_argument("--sources", default=",".join(SOURCES),
-                   help="comma-separated sources, a subset of " + ",".join(SOURCES))
-    p.add_argument("--n-test", type=int, default=500, help="multi-way test sentences")
-    p.add_argument("--n-valid", type=int, default=500, help="multi-way valid sentences")
-    p.add_argument("--max-chars", type=int, default=200, help="maximum characters per side")
-    p.add_argument("--min-words", type=int, default=2,
-                   help="minimum English words (drops one-word labels)")
-    p.add_argument("--min-eval-words", type=int, default=4,
-                   help="minimum English words of a valid/test sentence")
-    p.add_argument("--max-placeholders", type=int, default=1,
-                   help="drop strings with more placeholders (%%s, %%1, $1, {0}, ...) than this")
+    add_selection_options(p)
+    for name, default, text in CORPUS_OPTIONS:
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default, help=text)
     p.add_argument("--force", action="store_true",
                    help="redo the pair extraction and split stages even if their outputs exist")
     p.add_argument("--refresh-downloads", action="store_true",
@@ -74,15 +72,7 @@ def parse_args(argv=None):
                    help="stop after writing OUT/raw and OUT/manifest.json")
     p.add_argument("--workers", type=int, default=2, help="processes for binarization")
     args = p.parse_args(argv)
-    langs = [l.strip() for l in args.langs.split(",") if l.strip()]
-    bad = [l for l in langs if l not in XX_LANGS]
-    if bad or not langs:
-        p.error("--langs must be a non-empty subset of %s (got %s)" % (",".join(XX_LANGS), args.langs))
-    sources = [s.strip() for s in args.sources.split(",") if s.strip()]
-    if not sources or any(s not in SOURCES for s in sources):
-        p.error("--sources must be a non-empty subset of %s" % ",".join(SOURCES))
-    args.langs = [l for l in XX_LANGS if l in langs]
-    args.sources = [s for s in SOURCES if s in sources]
+    parse_selection(p, args)
     if not any(s in LIBREOFFICE_SOURCES for s in args.sources):
         p.error("--sources needs help or ui: the valid/test sets are built from LibreOffice text")
     return args
@@ -115,9 +105,7 @@ def build(args):
     args.out = os.path.abspath(args.out)
     cache = os.path.abspath(args.cache or os.path.join(args.out, "cache"))
     langs, sources = args.langs, args.sources
-    config = {"langs": langs, "sources": sources, "n_test": args.n_test, "n_valid": args.n_valid,
-              "max_chars": args.max_chars, "min_words": args.min_words,
-              "min_eval_words": args.min_eval_words, "max_placeholders": args.max_placeholders}
+    config = {"langs": langs, "sources": sources, **{name: getattr(args, name) for name, _, _ in CORPUS_OPTIONS}}
     manifest_path = os.path.join(args.out, "manifest.json")
     if not args.force and already_built(manifest_path, args.out, config):
         log("corpus already built in %s (manifest.json exists; --force to rebuild)" % args.out)

@@ -32,3 +32,22 @@ DEBIAN_NAMES = {
 def raw_name(split, xx, lang):
     """File name of one side of a parallel text file: ``{split}.en-{xx}.{lang}``, lang in (en, xx)."""
     return "%s.en-%s.%s" % (split, xx, lang)
+
+
+def add_selection_options(parser, sources=SOURCES):
+    """``--langs`` (default: all of XX_LANGS) and ``--sources`` (default: ``sources``), comma-separated."""
+    parser.add_argument("--langs", default=",".join(XX_LANGS),
+                        help="comma-separated non-English languages, a subset of " + ",".join(XX_LANGS))
+    parser.add_argument("--sources", default=",".join(sources),
+                        help="comma-separated sources, a subset of " + ",".join(SOURCES))
+
+
+def parse_selection(parser, args):
+    """Turn ``args.langs`` / ``args.sources`` into lists in the order of XX_LANGS / SOURCES; a value
+    outside them, or none, stops with one usage line (``parser.error``, exit status 2)."""
+    for option, allowed in (("langs", XX_LANGS), ("sources", SOURCES)):
+        given = getattr(args, option)
+        chosen = [v.strip() for v in given.split(",") if v.strip()]
+        if not chosen or any(v not in allowed for v in chosen):
+            parser.error("--%s must be a non-empty subset of %s (got %s)" % (option, ",".join(allowed), given))
+        setattr(args, option, [v for v in allowed if v in chosen])

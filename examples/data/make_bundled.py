@@ -20,7 +20,6 @@ Example::
     python examples/data/make_bundled.py --corpus /tmp/taskmoe_corpus --out examples/data/bundled
 """
 
-import argparse
 import hashlib
 import io
 import json
@@ -28,8 +27,9 @@ import lzma
 import os
 import tarfile
 
-from layout import DEBIAN_NAMES, LIBREOFFICE_SOURCES, SOURCES, SPLITS, XX_LANGS, raw_name  # noqa: E402  (sibling modules)
-from script_support import UserError, atomic_write_bytes, run_main  # noqa: E402
+from layout import (DEBIAN_NAMES, LIBREOFFICE_SOURCES, SPLITS, add_selection_options, parse_selection,  # noqa: E402
+                    raw_name)  # (sibling modules)
+from script_support import UserError, atomic_write, atomic_write_text, run_main, script_parser  # noqa: E402
 FIXED_MTIME = 1700000000  # 2023-11-14; any constant keeps the archive reproducible
 
 
@@ -213,17 +213,12 @@ def options_string(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Write the small bundled corpus archive (+ ATTRIBUTION.md) from a corpus "
-                    "built by build_corpus.py.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = script_parser(__doc__)
     p.add_argument("--corpus", required=True, help="folder written by build_corpus.py --out")
     p.add_argument("--out", default="examples/data/bundled", help="output folder")
     p.add_argument("--name", default="libreoffice-6pairs",
                    help="archive name (<name>.tar.xz, top folder <name>/)")
-    p.add_argument("--langs", default=",".join(XX_LANGS), help="comma-separated languages")
-    p.add_argument("--sources", default=",".join(LIBREOFFICE_SOURCES),
-                   help="comma-separated corpus sources to bundle (help, ui, ddtp)")
+    add_selection_options(p, sources=LIBREOFFICE_SOURCES)
     p.add_argument("--train-per-lang", type=int, default=4000, help="training pairs per language")
     p.add_argument("--max-chars", type=int, default=100,
                    help="longest training sentence (characters, each side)")
@@ -232,12 +227,7 @@ def parse_args(argv=None):
     p.add_argument("--max-bytes", type=int, default=3_000_000,
                    help="fail if the archive would be larger than this")
     args = p.parse_args(argv)
-    args.langs = [l.strip() for l in args.langs.split(",") if l.strip()]
-    if not args.langs or any(l not in XX_LANGS for l in args.langs):
-        p.error("--langs must be a non-empty subset of " + ",".join(XX_LANGS))
-    args.sources = [s.strip() for s in args.sources.split(",") if s.strip()]
-    if not args.sources or any(s not in SOURCES for s in args.sources):
-        p.error("--sources must be a non-empty subset of " + ",".join(SOURCES))
+    parse_selection(p, args)
     return args
 
 
@@ -286,10 +276,10 @@ def main(argv=None):
         raise UserError("archive would be %d bytes, over --max-bytes %d; lower --train-per-lang"
                         % (len(archive), args.max_bytes))
     archive_name = args.name + ".tar.xz"
-    atomic_write_bytes(os.path.join(args.out, archive_name), archive)
+    atomic_write(os.path.join(args.out, archive_name), archive)
     sha = hashlib.sha256(archive).hexdigest()
     text = attribution(args, corpus_manifest, counts, archive_name, sha, len(archive))
-    atomic_write_bytes(os.path.join(args.out, "ATTRIBUTION.md"), text.encode("utf-8"))
+    atomic_write_text(os.path.join(args.out, "ATTRIBUTION.md"), text)
     for pair, c in counts.items():
         print("%s: train %d, valid %d, test %d" % (pair, c["train"]["total"],
                                                   c["valid"]["total"], c["test"]["total"]))

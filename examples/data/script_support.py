@@ -1,27 +1,86 @@
-"""What the example scripts share: one-line user errors, the entry-point wrapper, checksums, and
-the one implementation of atomic, durable file writes (temporary file in the same folder, fsync,
-os.replace, fsync of the folder), so a reader never sees a half-written file, even after a crash."""
+"""What the example scripts share: the entry-point wrapper, one-line errors, progress lines,
+checksums, and the names of the atomic writes.
 
+Atomic, durable file writes have their one home in the plugin's ``taskmoe_fairseq.files``;
+the functions here hand each call to it. Importing the plugin loads torch and fairseq (about
+5 s of CPU time), so it is imported on the first write, not at start-up: ``--help`` and option
+errors stay instant.
+"""
+
+import argparse
 import hashlib
 import os
 import sys
-import tempfile
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 class UserError(Exception):
     """An error reported to the user as one line, without a traceback."""
 
 
+def _files():
+    """``taskmoe_fairseq.files``, imported on first use (from this checkout when run from one)."""
+    if _REPO not in sys.path:
+        sys.path.insert(0, _REPO)
+    from taskmoe_fairseq import files
+
+    return files
+
+
+def atomic_write(path, data):
+    """``taskmoe_fairseq.files.atomic_write``: bytes (or a function writing to a binary stream)."""
+    _files().atomic_write(path, data)
+
+
+def atomic_write_text(path, text):
+    """``taskmoe_fairseq.files.atomic_write_text``: UTF-8 text."""
+    _files().atomic_write_text(path, text)
+
+
+def atomic_write_lines(path, lines):
+    """``taskmoe_fairseq.files.atomic_write_lines``: one UTF-8 line per item."""
+    _files().atomic_write_lines(path, lines)
+
+
+def atomic_copy(src, dst):
+    """``taskmoe_fairseq.files.atomic_copy``."""
+    _files().atomic_copy(src, dst)
+
+
+def atomic_move(src, dst):
+    """``taskmoe_fairseq.files.atomic_move``: a finished file (synced first) or a whole folder."""
+    _files().atomic_move(src, dst)
+
+
+atomic_write_bytes = atomic_write  # the name examples/quickstart.py and paper_table1.py import
+
+
+def _one_line_errors():
+    """UserError, and the plugin's TaskMoeError once the plugin is loaded (an unwritable folder)."""
+    plugin = sys.modules.get("taskmoe_fairseq.errors")
+    return (UserError,) if plugin is None else (UserError, plugin.TaskMoeError)
+
+
 def run_main(main):
     """Run ``main()`` as a script: ``error: ...`` and a non-zero status instead of a traceback."""
     try:
         sys.exit(main())
-    except UserError as e:
-        print("error: %s" % e, file=sys.stderr)
-        sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:
+        if not isinstance(e, _one_line_errors()):
+            raise
+        print("error: %s" % e, file=sys.stderr)
+        sys.exit(1)
+
+
+def script_parser(doc):
+    """The scripts' argument parser: the first line of the script's docstring ``doc`` as its
+    description, every option's default shown in ``--help``."""
+    return argparse.ArgumentParser(description=doc.strip().splitlines()[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def log(msg):
@@ -35,67 +94,6 @@ def warn(msg):
 
 
 def sha256_file(path):
-    h = hashlib.sha256()
+    """Hex sha256 of the file at ``path``."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_folder(folder):
-    """Make a rename inside ``folder`` durable (no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_move(src, dst):
-    """Move the finished file ``src`` (written by us or by a tool) to ``dst`` on the same file
-    system: fsync its data, os.replace, then fsync the destination folder."""
-    with open(src, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(src, dst)
-    _fsync_folder(os.path.dirname(os.path.abspath(dst)))
-
-
-def atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` through a temporary file in the same folder that is fsynced and
-    then moved into place; on any failure the temporary file is removed and ``path`` is left as it
-    was. The result gets the usual (umask) mode."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        atomic_move(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path, text):
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_lines(path, lines):
-    """Write one UTF-8 line per item (items must not contain a newline) atomically."""
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
-
-
-def atomic_copy(src, dst):
-    """Copy the file ``src`` to ``dst`` atomically."""
-    with open(src, "rb") as f:
-        atomic_write_bytes(dst, f.read())
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -134,7 +134,7 @@ class MoeLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             (PAIR_NTOKENS, tokens),
             (PAIR_SAMPLE_SIZE, torch.ones_like(tokens) if self.sentence_avg else tokens),
         ):
-            sums[name] = values.new_zeros(num_langs * num_langs).index_add_(0, pair_id, values).tolist()
+            sums[name] = values.new_zeros(routing_kinds.num_tasks("pair", num_langs)).index_add_(0, pair_id, values).tolist()
         out = {}
         for pair in pairs:
             index = routing_kinds.pair_task_ids("pair", pair, langs)

@@ -23,6 +23,7 @@ import tempfile
 from typing import Dict, List
 
 from taskmoe_fairseq.errors import TaskMoeError, usage_error
+from taskmoe_fairseq.files import atomic_copy, atomic_move, atomic_write_text
 
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
 
@@ -91,7 +92,7 @@ def write_pair(state, args, task_args, pair: str, data_dir: str, spm: str, folde
     except (ValueError, RuntimeError, TypeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise usage_error(f"CTranslate2 rejected the {pair} model: {first}") from None
-    shutil.copyfile(spm, os.path.join(folder, SPM_FILE))
+    atomic_copy(spm, os.path.join(folder, SPM_FILE))
     conv.update(
         format="ctranslate2",
         ctranslate2_version=ctranslate2.__version__,
@@ -101,9 +102,7 @@ def write_pair(state, args, task_args, pair: str, data_dir: str, spm: str, folde
         routing={"encoder": getattr(args, "encoder_moe_routing", None), "decoder": getattr(args, "decoder_moe_routing", None)},
         layers=layer_summary(network),
     )
-    with open(os.path.join(folder, CONVENTIONS_FILE), "w", encoding="utf-8") as stream:
-        json.dump(conv, stream, indent=2)
-        stream.write("\n")
+    atomic_write_text(os.path.join(folder, CONVENTIONS_FILE), json.dumps(conv, indent=2) + "\n")
     return conv
 
 
@@ -159,7 +158,7 @@ def replace_folder(new: str, target: str):
         os.rmdir(old)
         os.rename(target, old)
     try:
-        os.rename(new, target)
+        atomic_move(new, target)
     except OSError:
         if old:
             os.rename(old, target)

@@ -21,9 +21,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from taskmoe_fairseq.errors import usage_error
+from taskmoe_fairseq.modules.routing_kinds import SENTENCE, TOKEN, layer_name
 
 SIDES = ("encoder", "decoder")
-ROUTED_KINDS = ("token", "sentence")  # routings whose experts depend on the tokens
+ROUTED_KINDS = (TOKEN, SENTENCE)  # routings whose experts depend on the tokens
 IGNORED_SUFFIXES = (".version", "._float_tensor")
 
 
@@ -99,7 +100,7 @@ def routing_of(args, side: str) -> str:
 def moe_layer_names(state: Dict[str, torch.Tensor], side: str) -> List[str]:
     """``["encoder.1", ...]``: layers of ``side`` that hold an MoE FFN (``.moe.`` parameters)."""
     return [
-        f"{side}.{index}"
+        layer_name(side, index)
         for index in layer_indices(state, side)
         if any(key.startswith(f"{side}.layers.{index}.moe.") for key in state)
     ]
@@ -143,7 +144,7 @@ def merged_ffn(state: Dict[str, torch.Tensor], prefix: str) -> Tuple[Tuple[torch
 def dense_layer(state: Dict[str, torch.Tensor], args, side: str, index: int) -> Optional[DenseLayer]:
     """The dense form of layer ``index`` of ``side``, or None if it still has a gate."""
     prefix = f"{side}.layers.{index}"
-    name = f"{side}.{index}"
+    name = layer_name(side, index)
     if prefix + ".fc1.weight" in state:
         ffn = tuple(state[f"{prefix}.{n}"] for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"))
         return DenseLayer(name, prefix, ffn, "dense")
@@ -168,7 +169,7 @@ def build_subnetwork(state: Dict[str, torch.Tensor], args, source: str) -> SubNe
         if indices != list(range(expected)):
             raise usage_error(f"{source}: {side} has layers {indices} in its weights but --{side}-layers {expected}")
         layers = [dense_layer(state, args, side, index) for index in indices]
-        missing = [f"{side}.{i}" for i, layer in zip(indices, layers) if layer is None]
+        missing = [layer_name(side, i) for i, layer in zip(indices, layers) if layer is None]
         if missing:
             raise not_dense_error(source, missing)
         setattr(network, f"{side}_layers", layers)

@@ -8,11 +8,19 @@ gate weights frozen in. Token- and sentence-routed layers stay whole. The
 result is a model of the same class whose args record the pair
 (``moe_extracted_lang_pair``), so it loads as an ordinary fairseq checkpoint
 and translates exactly as the full model does.
+
+The steps are separate functions so that a server holding one model's shared
+weights (``taskmoe_fairseq.serving``) assembles each pair's sub-network the same
+way: :func:`pair_decisions` (the router's ``decide_pair``), :func:`extracted_args`,
+:func:`replaced_prefixes` and :func:`assemble` (``share=True``: the new model's
+tensors *are* the given ones, no copy).
 """
 
 import copy
 import types
-from typing import List, Tuple
+from typing import Dict, List, Tuple
+
+import torch
 
 from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.models.moe_options import SIDES, routed_layers
@@ -29,6 +37,82 @@ def extractable_layers(args) -> List[Tuple[str, int, str]]:
     ]
 
 
+def extracted_args(args, lang_pair: str, merge: bool = False):
+    """A copy of the full model's args recording the sub-network of ``lang_pair``."""
+    new_args = copy.deepcopy(args)
+    new_args.moe_extracted_lang_pair = lang_pair
+    new_args.moe_merged_experts = bool(merge)
+    return new_args
+
+
+def moe_prefix(side: str, index: int) -> str:
+    """State-dict prefix of a layer's MoE FFN: ``"decoder.layers.1.moe."``."""
+    return f"{side}.layers.{index}.moe."
+
+
+def replaced_prefixes(layers) -> Tuple[str, ...]:
+    """State-dict prefixes that extraction replaces: the extracted layers' experts and their gates."""
+    out = []
+    for side, index, _ in layers:
+        out += [moe_prefix(side, index), f"encoder.moe_router.gates.{side}_{index}."]
+    return tuple(out)
+
+
+def pair_decisions(router, layers, lang_pair: str) -> List[Tuple[str, int, str, torch.Tensor, torch.Tensor]]:
+    """``(side, index, routing, experts [K], weights [K] float32)`` per extractable layer: the
+    decisions the model's own router (``decide_pair``) takes for ``lang_pair``."""
+    return [(side, index, routing, *router.decide_pair(side, index, lang_pair)) for side, index, routing in layers]
+
+
+def inference_task(model_or_args, source_dictionary, target_dictionary):
+    """The task fields ``build_model`` reads (the dictionaries' sizes, the languages)."""
+    args = getattr(model_or_args, "args", model_or_args)
+    return types.SimpleNamespace(
+        source_dictionary=source_dictionary,
+        target_dictionary=target_dictionary,
+        langs=list(args.taskmoe_langs),
+        provides_language_ids=True,
+    )
+
+
+def _fill_non_persistent_buffers(model):
+    """Buffers a meta-built model has that no state dict holds: fairseq's sinusoidal
+    positions (``SinusoidalPositionalEmbedding.weights``), recomputed as its ``__init__`` does."""
+    from fairseq.modules.sinusoidal_positional_embedding import SinusoidalPositionalEmbedding
+
+    for name, module in model.named_modules():
+        for buffer_name, buffer in list(module._buffers.items()):
+            if buffer is None or not buffer.is_meta:
+                continue
+            if isinstance(module, SinusoidalPositionalEmbedding) and buffer_name == "weights":
+                module.weights = SinusoidalPositionalEmbedding.get_embedding(
+                    buffer.size(0), module.embedding_dim, module.padding_idx
+                )
+            else:
+                raise RuntimeError(f"cannot assemble the model: buffer {name}.{buffer_name} is in no state dict")
+
+
+def assemble(model_class, args, task, state: Dict[str, torch.Tensor], share: bool = False):
+    """``model_class.build_model(args, task)`` loaded strictly with ``state``.
+
+    ``share``: build on the meta device and take ``state``'s tensors themselves
+    (``load_state_dict(assign=True)``): nothing is allocated or copied, so models assembled
+    from one dict share every tensor (pass Parameters, e.g. ``state_dict(keep_vars=True)``,
+    to share the Parameter objects too); ``state`` must be upgraded already
+    (``model.upgrade_state_dict``), as a built model's ``state_dict()`` is."""
+    if not share:
+        model = model_class.build_model(args, task)
+        model.load_state_dict(state, strict=True)
+        return model
+    with torch.device("meta"):
+        model = model_class.build_model(args, task)
+    # nn.Module's loader: fairseq's (BaseFairseqModel.load_state_dict) takes no ``assign``; ``state``
+    # comes from a built model or a checkpoint already upgraded (``model.upgrade_state_dict``)
+    torch.nn.Module.load_state_dict(model, state, strict=True, assign=True)
+    _fill_non_persistent_buffers(model)
+    return model
+
+
 def extract_model(model, lang_pair: str, merge: bool = False):
     """See :meth:`TaskMoeTransformerModel.extract`; returns ``(model, report rows)``."""
     args = model.args
@@ -41,23 +125,13 @@ def extract_model(model, lang_pair: str, merge: bool = False):
             f"{args.encoder_moe_routing}/{args.decoder_moe_routing}, every token may use every expert)"
         )
     router = model.encoder.moe_router
-    new_args = copy.deepcopy(args)
-    new_args.moe_extracted_lang_pair = lang_pair
-    new_args.moe_merged_experts = bool(merge)
-    task = types.SimpleNamespace(
-        source_dictionary=model.encoder.dictionary,
-        target_dictionary=model.decoder.dictionary,
-        langs=list(args.taskmoe_langs),
-        provides_language_ids=True,
-    )
+    task = inference_task(args, model.encoder.dictionary, model.decoder.dictionary)
 
-    state, rows, replaced = {}, [], []
-    for side, index, routing in layers:
-        experts, weights = router.decide_pair(side, index, lang_pair)
+    state, rows = {}, []
+    for side, index, routing, experts, weights in pair_decisions(router, layers, lang_pair):
         moe = getattr(model, side).layers[index].moe
         extracted = moe.extract(experts, weights, merge)
-        prefix = f"{side}.layers.{index}.moe."
-        replaced += [prefix, f"encoder.moe_router.gates.{side}_{index}."]
+        prefix = moe_prefix(side, index)
         for key, tensor in extracted.state_dict().items():
             state[prefix + key] = tensor
         rows.append(
@@ -71,9 +145,9 @@ def extract_model(model, lang_pair: str, merge: bool = False):
                 "params_after": sum(t.numel() for t in extracted.state_dict().values()),
             }
         )
+    replaced = replaced_prefixes(layers)
     for key, tensor in model.state_dict().items():
-        if not key.startswith(tuple(replaced)):
+        if not key.startswith(replaced):
             state[key] = tensor
-    new_model = type(model).build_model(new_args, task)
-    new_model.load_state_dict(state, strict=True)
+    new_model = assemble(type(model), extracted_args(args, lang_pair, merge), task, state)
     return new_model.to(next(model.parameters()).device), rows

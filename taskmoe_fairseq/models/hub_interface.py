@@ -15,7 +15,9 @@ from fairseq.hub_utils import GeneratorHubInterface
 class TaskMoeHubInterface(GeneratorHubInterface):
     def __init__(self, cfg, task, models):
         super().__init__(cfg, task, models)
-        tags = [f"__{lang}__" for lang in getattr(task, "langs", [])]
+        from taskmoe_fairseq.export.conventions import lang_tag  # fairseq's get_lang_tok, under the task's style
+
+        tags = [lang_tag(lang, getattr(task, "args", None)) for lang in getattr(task, "langs", [])]
         self.language_tags = {self.tgt_dict.index(tag) for tag in tags if tag in self.tgt_dict.indices}
 
     def string(self, tokens) -> str:

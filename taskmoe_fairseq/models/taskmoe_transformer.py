@@ -164,27 +164,24 @@ def taskmoe_base_architecture(args):
     base_architecture(args)
 
 
+def _cpu_preset(args, embed_dim, ffn_dim, layers, heads, num_experts):
+    """Defaults of a small preset (options given on the command line win); the decoder's widths
+    follow the encoder's as in fairseq's ``base_architecture``."""
+    for name, value in (("encoder_embed_dim", embed_dim), ("encoder_ffn_embed_dim", ffn_dim),
+                        ("encoder_layers", layers), ("encoder_attention_heads", heads),
+                        ("decoder_layers", layers), ("decoder_attention_heads", heads)):
+        setattr(args, name, getattr(args, name, value))
+    set_moe_defaults(args, num_experts=num_experts)
+    base_architecture(args)
+
+
 @register_model_architecture("taskmoe_transformer", "taskmoe_transformer_small")
 def taskmoe_small_architecture(args):
     """CPU-sized: 3+3 layers, d_model 256, FFN 1024, 4 heads, 8 experts (MoE in layer 2 of each side)."""
-    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 256)
-    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 1024)
-    args.encoder_layers = getattr(args, "encoder_layers", 3)
-    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 4)
-    args.decoder_layers = getattr(args, "decoder_layers", 3)
-    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
-    set_moe_defaults(args, num_experts=8)
-    base_architecture(args)
+    _cpu_preset(args, embed_dim=256, ffn_dim=1024, layers=3, heads=4, num_experts=8)
 
 
 @register_model_architecture("taskmoe_transformer", "taskmoe_transformer_tiny")
 def taskmoe_tiny_architecture(args):
     """For tests and examples: 2+2 layers, d_model 64, FFN 128, 2 heads, 4 experts."""
-    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 64)
-    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 128)
-    args.encoder_layers = getattr(args, "encoder_layers", 2)
-    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 2)
-    args.decoder_layers = getattr(args, "decoder_layers", 2)
-    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 2)
-    set_moe_defaults(args, num_experts=4)
-    base_architecture(args)
+    _cpu_preset(args, embed_dim=64, ffn_dim=128, layers=2, heads=2, num_experts=4)

@@ -67,7 +67,10 @@ def language_index(langs: Sequence[str], lang: str) -> int:
 def pair_task_ids(key: str, pair: str, langs: List[str]) -> int:
     """The task id of a ``src-tgt`` pair under task key ``key`` (an int)."""
     src, tgt = pair.split("-")
-    ids = task_ids(key, torch.tensor([language_index(langs, src)]), torch.tensor([language_index(langs, tgt)]), len(langs))
+    # explicit device: also right inside a ``torch.device("meta")`` context (a model built without weights)
+    src_id = torch.tensor([language_index(langs, src)], device="cpu")
+    tgt_id = torch.tensor([language_index(langs, tgt)], device="cpu")
+    ids = task_ids(key, src_id, tgt_id, len(langs))
     return int(ids[0])
 
 

@@ -141,7 +141,7 @@ def unpack(deb, cache, force):
         run_tool(["dpkg-deb", "-x", deb, tmp], what="dpkg-deb -x %s" % os.path.basename(deb))
         if os.path.isdir(dest):
             shutil.rmtree(dest)
-        os.replace(tmp, dest)  # a folder: renamed whole, so it is complete or absent
+        atomic_move(tmp, dest)  # a folder: renamed whole, so it is complete or absent
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

@@ -45,30 +45,32 @@ def _package_folder(pkg_info, lang, kind, root):
     return os.path.join(pkg_info[names[kind + "_pkg"]]["dir"], root, names[kind + "_dir"])
 
 
+def _extract_packaged(out, source, langs, force, folder_of, extract, what):
+    """Write OUT/pairs/<source>.en-<xx>.tsv from each language's unpacked package folder
+    (``folder_of(lang)``, read by ``extract(folder)``); ``what`` names the folder in errors."""
+    for lang in langs:
+        path = pairs_path(out, source, lang)
+        if os.path.exists(path) and not force:
+            continue
+        folder = folder_of(lang)
+        if not os.path.isdir(folder):
+            raise UserError("%s missing after unpacking: %s" % (what, folder))
+        t = time.time()
+        n = write_pairs(path, extract(folder))
+        log("[pairs] %-4s en-%s: %d candidate pairs (%.1fs)" % (source, lang, n, time.time() - t))
+
+
 def extract_all(out, langs, sources, pkg_info, lists_dir, force):
     """Write OUT/pairs/<source>.en-<xx>.tsv for every source and language."""
     if "help" in sources:
         en_dir = _package_folder(pkg_info, "en", "help", libreoffice_help.HELP_ROOT)
-        for lang in langs:
-            path = pairs_path(out, "help", lang)
-            if os.path.exists(path) and not force:
-                continue
-            xx_dir = _package_folder(pkg_info, lang, "help", libreoffice_help.HELP_ROOT)
-            if not os.path.isdir(xx_dir):
-                raise UserError("help folder missing after unpacking: %s" % xx_dir)
-            t = time.time()
-            n = write_pairs(path, libreoffice_help.extract_pairs(en_dir, xx_dir))
-            log("[pairs] help en-%s: %d candidate pairs (%.1fs)" % (lang, n, time.time() - t))
+        _extract_packaged(out, "help", langs, force,
+                          lambda lang: _package_folder(pkg_info, lang, "help", libreoffice_help.HELP_ROOT),
+                          lambda xx_dir: libreoffice_help.extract_pairs(en_dir, xx_dir), "help folder")
     if "ui" in sources:
-        for lang in langs:
-            path = pairs_path(out, "ui", lang)
-            if os.path.exists(path) and not force:
-                continue
-            ui_dir = _package_folder(pkg_info, lang, "ui", libreoffice_ui.UI_ROOT)
-            if not os.path.isdir(ui_dir):
-                raise UserError("UI catalog folder missing after unpacking: %s" % ui_dir)
-            n = write_pairs(path, libreoffice_ui.extract_pairs(ui_dir))
-            log("[pairs] ui   en-%s: %d candidate pairs" % (lang, n))
+        _extract_packaged(out, "ui", langs, force,
+                          lambda lang: _package_folder(pkg_info, lang, "ui", libreoffice_ui.UI_ROOT),
+                          libreoffice_ui.extract_pairs, "UI catalog folder")
     if "ddtp" in sources:
         todo = [l for l in langs if force or not os.path.exists(pairs_path(out, "ddtp", l))]
         if todo:

@@ -1,8 +1,10 @@
 """Decoding speed of a TaskMoE sub-network exported to CTranslate2, side by side with fairseq.
 
-    PYTHONPATH=. python benchmarks/ct2_export.py --out docs/benchmarks [--quick] [--workdir DIR]
+    PYTHONPATH=. python benchmarks/measure_ct2_export.py --out docs/benchmarks/ct2_export.json [--quick] [--workdir DIR]
+    PYTHONPATH=. python benchmarks/report.py docs/benchmarks/ct2_export.json --out docs/benchmarks
 
-Writes ``ct2_export.json`` (every round's seconds) and ``ct2_export.md`` to ``--out``.
+Writes one JSON record (benchmarks/timing.py: command, hardware, date, versions; every round's
+seconds, the medians, sizes and peak memory); ``report.py`` turns it into ``ct2_export.md``.
 
 Models (untrained weights: ``fairseq-train --max-update 1`` on the bundled en-de text, vocabulary
 8000): ``taskmoe_transformer_small`` (3+3 layers, d 256, FFN 1024, 4 heads, E = 8, k = 2,
@@ -26,10 +28,8 @@ beam-4 batch of 64 (``VmHWM``).
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,7 +37,9 @@ import tarfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+sys.path[:0] = [REPO, os.path.join(REPO, "benchmarks")]
+import timing  # noqa: E402  (standard library only: the memory probes import this module)
+
 ENV = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
 PLUGIN = os.path.join(REPO, "taskmoe_fairseq")
 BUNDLED = os.path.join(REPO, "examples", "data", "bundled", "libreoffice-6pairs.tar.xz")
@@ -161,7 +163,7 @@ def measure(config, paths):
                     tokens = ct2_decode(translators[(engine, threads)], strings[size], beam, config["length"])
                 seconds = time.perf_counter() - start
                 runs[f"beam{beam}_batch{size}_threads{threads}"][engine].append({"seconds": seconds, "tokens": tokens})
-        print(f"round {round_index + 1}/{config['rounds']} done", file=sys.stderr, flush=True)
+        print(f"round {round_index + 1}/{config['rounds']} done", flush=True)
     return runs
 
 
@@ -176,13 +178,13 @@ def rss():  # VmHWM: this process's peak (ru_maxrss would include the forking pa
 if engine == "fairseq":
     import torch, fairseq, taskmoe_fairseq  # noqa
     torch.set_num_threads(1)
-    import ct2_export as bench
+    import measure_ct2_export as bench
     base = rss()
     f = bench.Fairseq(paths["sub.pt"], paths["bin"])
     f.decode(f.batches(64, 1), 4, length, 1)
 else:
     import ctranslate2
-    import ct2_export as bench
+    import measure_ct2_export as bench
     base = rss()
     with open(batch_file) as stream:
         strings = json.load(stream)
@@ -203,6 +205,8 @@ def size_mib(path):
     if os.path.isfile(path):
         return os.path.getsize(path) / 2**20
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)) / 2**20
+
+
 def summarize(runs):
     rows = {}
     for key, by_engine in runs.items():
@@ -218,90 +222,36 @@ def summarize(runs):
     return rows
 
 
-def markdown(result):
-    lines = [
-        "# CTranslate2 export: decoding speed vs fairseq", "",
-        f"Produced by `{result['command']}` on {result['date']} ({result['machine']}; load average at start "
-        f"{result['load_at_start']}, at end {result['load_at_end']}). Untrained weights, every sentence decoded to "
-        f"exactly {result['config']['length'] + 1} tokens (see the script's docstring); median of "
-        f"{result['config']['rounds']} interleaved rounds; tokens/s counts output tokens.", "",
-        "| beam | batch | threads | fairseq tok/s | CT2 float32 | CT2 int8 | stock CT2 | float32 / fairseq | int8 / fairseq | float32 / stock |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for key, row in result["rows"].items():
-        beam, batch, threads = (int(part.lstrip("beamtchrads")) for part in key.split("_"))
-        t = row["tokens_per_s"]
-        lines.append(f"| {beam} | {batch} | {threads} | {t['fairseq']:.0f} | {t['ct2_float32']:.0f} | {t['ct2_int8']:.0f} | "
-                     f"{t['stock_ct2']:.0f} | {row['ct2_float32_over_fairseq']:.2f}x | {row['ct2_int8_over_fairseq']:.2f}x | "
-                     f"{row['ct2_float32_over_stock_ct2']:.2f}x |")
-    lines += ["", "Targets:", ""]
-    for key in ("beam4_batch64_threads1", "beam4_batch64_threads2"):
-        value = result["rows"][key]["ct2_float32_over_fairseq"]
-        lines.append(f"* {key}: CT2 float32 / fairseq = {value:.2f}x (target >= 2.5x): {'PASS' if value >= 2.5 else 'MISS'}")
-    worst = min(result["rows"].items(), key=lambda kv: kv[1]["ct2_float32_over_stock_ct2"])
-    lines.append(f"* CT2 float32 export / CT2 stock dense transformer, worst setting ({worst[0]}): "
-                 f"{worst[1]['ct2_float32_over_stock_ct2']:.2f}x (target >= 0.95x): "
-                 f"{'PASS' if worst[1]['ct2_float32_over_stock_ct2'] >= 0.95 else 'MISS'}")
-    lines += ["", "| model | size on disk (MiB) | peak RSS, load + one beam-4 batch of 64 (MiB) | peak after imports only (MiB) |",
-              "|---|---|---|---|"]
-    for engine in ENGINES:
-        m = result["memory"][engine]
-        lines.append(f"| {engine} | {result['sizes_mib'][engine]:.1f} | {m['peak_mib']:.0f} | {m['after_imports_mib']:.0f} |")
-    lines += ["", "fairseq's size is the extracted merged checkpoint (`--merge-experts`); CT2 sizes are the model folders.", ""]
-    return "\n".join(lines)
-
-
-def cpu_model():
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def load_average():
-    return " ".join(open("/proc/loadavg").read().split()[:3])
-
-
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="folder for ct2_export.json and ct2_export.md")
+    parser.add_argument("--out", default="docs/benchmarks/ct2_export.json", help="the JSON record to write")
     parser.add_argument("--workdir", help="build folder (reused when it exists); default: a new one under /tmp")
     parser.add_argument("--quick", action="store_true", help="one round, few batches, short outputs (checks the script)")
-    options = parser.parse_args()
+    options = parser.parse_args(argv)
     config = ({"rounds": 1, "length": 12, "batches": {1: 3, 64: 1}} if options.quick
               else {"rounds": 3, "length": 50, "batches": {1: 8, 64: 1}})
-    start_load = load_average()
+    import taskmoe_fairseq  # noqa: F401  (imports fairseq quietly before the record asks its version)
+
+    run = timing.Run("ct2_export", __file__, argv, threads=1, config=config)
+    import ctranslate2
+
+    run.record["environment"]["ctranslate2"] = ctranslate2.__version__
     work = options.workdir or os.path.join("/tmp", f"ct2_export_bench_{os.getpid()}")
     os.makedirs(work, exist_ok=True)
-    print(f"building models in {work} ...", file=sys.stderr, flush=True)
+    run.log(f"building models in {work} ...")
     paths = build(work)
     runs = measure(config, paths)
 
-    import ctranslate2
-    import fairseq
-
     probe_batch = os.path.join(work, "probe_batch.json")
     helper = Fairseq(paths["sub.pt"], paths["bin"])
-    with open(probe_batch, "w") as stream:
+    with open(probe_batch, "w") as stream:  # scratch input of the memory probes
         json.dump(helper.tokens(helper.batches(64, 1)[0]), stream)
     memory = {engine: probe(engine, paths, config["length"], probe_batch) for engine in ENGINES}
     sizes = {"fairseq": size_mib(paths["sub.pt"]), **{e: size_mib(paths[e]) for e in ENGINES[1:]}}
-    result = {
-        "command": "PYTHONPATH=. python benchmarks/ct2_export.py " + " ".join(sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{cpu_model()}, {os.cpu_count()} cores, "
-                   f"ctranslate2 {ctranslate2.__version__}, fairseq {fairseq.__version__}, python {platform.python_version()}",
-        "load_at_start": start_load, "load_at_end": load_average(),
-        "config": config, "rows": summarize(runs), "runs": runs, "memory": memory, "sizes_mib": sizes,
-    }
-    os.makedirs(options.out, exist_ok=True)
-    with open(os.path.join(options.out, "ct2_export.json"), "w") as stream:
-        json.dump(result, stream, indent=1)
-    text = markdown(result)
-    with open(os.path.join(options.out, "ct2_export.md"), "w") as stream:
-        stream.write(text)
-    print(text)
+    run.record["results"] = {"rows": summarize(runs), "runs": runs, "memory": memory, "sizes_mib": sizes}
+    run.write(options.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,8 @@
-"""docs/benchmarks/expert_parallel.md from the record of benchmarks/expert_parallel_traffic.py:
+"""docs/benchmarks/expert_parallel.md from the record of benchmarks/measure_expert_parallel.py:
 all-to-all bytes per step (counted beside the formula) and parameter memory per rank against P,
 then the same formulas at the paper's largest setting. Nothing is measured here.
 
-    PYTHONPATH=. python benchmarks/expert_parallel_report.py docs/benchmarks/expert_parallel.json --out docs/benchmarks
+    PYTHONPATH=. python benchmarks/report_expert_parallel.py docs/benchmarks/expert_parallel.json --out docs/benchmarks
 """
 
 import argparse
@@ -126,7 +126,7 @@ def main(argv=None):
         "# Expert parallelism: all-to-all volume and memory per rank",
         "",
         f"Produced by `{env['command']}` on {env['cpu']} ({env['cores']} cores), {env['date']}, torch {env['torch']},",
-        f"fairseq {env['fairseq']}; then `python benchmarks/expert_parallel_report.py`. Bytes are counted (a wrapper",
+        f"fairseq {env['fairseq']}; then `python benchmarks/report_expert_parallel.py`. Bytes are counted (a wrapper",
         "around `torch.distributed.all_to_all_single` adds up what each rank sends to the other ranks) and",
         "deterministic: the load of the machine does not change them. Each row: the mean over the P ranks.",
         "",

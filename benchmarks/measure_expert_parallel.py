@@ -1,8 +1,8 @@
 """Bytes the expert-parallel all-to-alls move between ranks, counted, beside the formula; and
 parameter memory per rank against P. Writes docs/benchmarks/expert_parallel.json; the markdown
-comes from benchmarks/expert_parallel_report.py.
+comes from benchmarks/report_expert_parallel.py.
 
-    PYTHONPATH=. python benchmarks/expert_parallel_traffic.py --out docs/benchmarks/expert_parallel.json
+    PYTHONPATH=. python benchmarks/measure_expert_parallel.py --out docs/benchmarks/expert_parallel.json
 
 For each P it starts P gloo ranks (this machine, CPU), builds ``taskmoe_transformer_small``
 (3+3 layers, d 256, FFN 1024, one MoE layer per side) with E experts and

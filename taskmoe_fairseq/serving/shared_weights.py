@@ -1,0 +1,175 @@
+"""What a server holds once for a full TaskMoE checkpoint, and where each pair's experts come from.
+
+Kudugunta et al. (2021), section 4: at inference a task needs only its k experts per
+task-routed layer. :class:`SharedWeights` reads the checkpoint once, memory-mapped through the
+safe loader (:func:`taskmoe_fairseq.compat.safe_torch_load`, ``mmap=True``: a tensor is read
+from disk only when touched, so the optimizer state and the experts are never read here), and
+keeps in memory:
+
+* the fairseq config (``cfg``, as ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` builds it,
+  with the data folder, ``--bpe sentencepiece`` and ``--cpu`` as overrides) and the task;
+* every tensor that is not an expert of a task-routed or static layer, copied out of the map
+  once: embeddings, attention, dense FFNs, layer norms, the token-routed MoE layers whole (their
+  tokens may use every expert) and the router's gates — these are the tensors every pair's
+  sub-network shares;
+* the model's own router (:class:`~taskmoe_fairseq.models.router.MoeRouter`, built from the
+  checkpoint's args with its gates loaded), whose ``decide_pair`` picks each pair's experts.
+
+:meth:`SharedWeights.read_experts` maps the file again, copies only the requested expert tensors
+and drops the map, so a pair's experts cost one pickle parse and their own bytes, and an evicted
+expert set leaves no mapped pages behind.
+"""
+
+import copy
+import os
+from typing import Dict, Iterable, List
+
+import torch
+import torch.nn as nn
+
+from taskmoe_fairseq.errors import usage_error
+from taskmoe_fairseq.models import extraction
+
+ROUTER_PREFIX = "encoder.moe_router."
+
+
+def _config(state: dict, path: str, overrides: dict):
+    """fairseq's config of a loaded checkpoint, as ``load_checkpoint_to_cpu`` + ``load_model_ensemble_and_task``
+    build it (legacy ``args`` converted, ``overrides`` applied by name)."""
+    from fairseq import checkpoint_utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf, overwrite_args_by_name
+    from omegaconf import OmegaConf
+
+    if state.get("args") is not None:
+        for name, value in overrides.items():
+            setattr(state["args"], name, value)
+    if state.get("cfg") is not None:
+        state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
+        overwrite_args_by_name(state["cfg"], overrides)
+    state = checkpoint_utils._upgrade_state_dict(state)
+    if state.get("args") is not None:
+        return convert_namespace_to_omegaconf(state["args"])
+    if state.get("cfg") is None:
+        raise usage_error(f"{path}: not a fairseq checkpoint (neither cfg nor args)")
+    return state["cfg"]
+
+
+def model_args_of(state, path: str):
+    """The legacy model namespace of a TaskMoE checkpoint (one-line error otherwise)."""
+    if not isinstance(state, dict) or "model" not in state:
+        raise usage_error(f"{path}: not a fairseq checkpoint (no 'model' entry)")
+    cfg = state.get("cfg")
+    args = cfg.get("model") if isinstance(cfg, dict) else None
+    args = args if args is not None else state.get("args")
+    arch = str(getattr(args, "arch", None) or getattr(args, "_name", None))
+    if args is None or not arch.startswith("taskmoe_transformer"):
+        raise usage_error(f"{path}: not a TaskMoE checkpoint (architecture {arch!r}); serve models trained with --arch taskmoe_transformer")
+    return args
+
+
+class SharedWeights:
+    """A checkpoint's config, task, shared tensors and router (see the module docstring).
+
+    Args:
+        checkpoint: full (or extracted) TaskMoE checkpoint.
+        data_dir: the binarized data folder with the dictionaries (default: the checkpoint's).
+        spm_model: SentencePiece model (default ``DATA_DIR/spm.model``).
+    Raises:
+        TaskMoeError: unreadable or not a TaskMoE checkpoint, missing data folder or SentencePiece model.
+    """
+
+    def __init__(self, checkpoint: str, data_dir: str = None, spm_model: str = None):
+        from taskmoe_fairseq import compat
+        from taskmoe_fairseq.models.taskmoe_transformer import TaskMoeTransformerModel
+        from taskmoe_fairseq.translate import load_spm
+
+        self.path = os.path.abspath(checkpoint)
+        if not os.path.isfile(self.path):
+            raise usage_error(f"{checkpoint}: no such checkpoint file")
+        self._stamp = self._file_stamp()
+        state = compat.safe_torch_load(self.path, mmap=True)
+        recorded = getattr(model_args_of(state, checkpoint), "data", None)
+        task_args = (state.get("cfg") or {}).get("task") if isinstance(state.get("cfg"), dict) else None
+        recorded = getattr(task_args, "data", None) or recorded
+        data_dir = data_dir or recorded
+        if isinstance(data_dir, str) and os.pathsep in data_dir and not os.path.isdir(data_dir):
+            data_dir = data_dir.split(os.pathsep)[0]  # fairseq's sharded data paths
+        if not data_dir or not os.path.isdir(data_dir):
+            raise usage_error(f"data folder {data_dir!r} not found; pass --data-dir (the binarized data with the dictionaries)")
+        self.data_dir = os.path.abspath(data_dir)
+        self.spm_model = os.path.abspath(spm_model or os.path.join(self.data_dir, "spm.model"))
+        load_spm(self.spm_model)  # one clear line before fairseq opens it
+        overrides = {"data": self.data_dir, "bpe": "sentencepiece", "sentencepiece_model": self.spm_model, "cpu": True}
+        self.cfg = _config(state, checkpoint, overrides)
+        self.model_class = TaskMoeTransformerModel
+        self.args = copy.deepcopy(self.cfg.model)
+        self.known_pairs = self._training_pairs()
+        self.task = self.pair_task(self.known_pairs[0])
+        self.layers = extraction.extractable_layers(self.args)
+        self.extracted_pair = getattr(self.args, "moe_extracted_lang_pair", None)
+
+        with torch.device("meta"):  # the full architecture, no memory: for key upgrades and the router
+            full = self.model_class.build_model(copy.deepcopy(self.args), self.task)
+        self._skeleton = full
+        model_state = state["model"]
+        full.upgrade_state_dict(model_state)
+        replaced = extraction.replaced_prefixes(self.layers)
+        parameter_names = {name for name, _ in full.named_parameters()}
+        self.shared: Dict[str, torch.Tensor] = {}
+        router_state = {}
+        for key, tensor in model_state.items():
+            if key.startswith(ROUTER_PREFIX):
+                router_state[key[len(ROUTER_PREFIX):]] = tensor.clone()
+            if key.startswith(replaced):
+                continue
+            owned = tensor.clone()  # out of the map: the shared copy
+            self.shared[key] = nn.Parameter(owned, requires_grad=False) if key in parameter_names else owned
+        self.router = full.encoder.moe_router
+        nn.Module.load_state_dict(self.router, router_state, strict=True, assign=True)
+        del state, model_state
+
+    def _file_stamp(self):
+        info = os.stat(self.path)
+        return info.st_size, info.st_mtime_ns
+
+    def _training_pairs(self) -> List[str]:
+        pairs = getattr(self.cfg.task, "lang_pairs", None)
+        pairs = pairs.split(",") if isinstance(pairs, str) else list(pairs or [])
+        extracted = getattr(self.cfg.model, "moe_extracted_lang_pair", None)
+        if extracted:
+            return [extracted]
+        if not pairs:
+            raise usage_error(f"{self.path}: the checkpoint records no --lang-pairs; pass --lang-pairs")
+        return pairs
+
+    def pair_task(self, pair: str, setup=None):
+        """The task set up for ``pair`` (fairseq's multilingual task reads the direction from its
+        args). Dictionaries already read are reused; fairseq's ``setup_task`` reads the others."""
+        from fairseq import tasks
+
+        args = copy.copy(self.cfg.task)
+        source, target = pair.split("-")
+        args.source_lang, args.target_lang = source, target
+        dicts = getattr(self, "_dicts", {})
+        if source in dicts and target in dicts:
+            return type(self.task)(args, self.task.langs, {lang: dicts[lang] for lang in (source, target)}, False)
+        task = tasks.setup_task(args, from_checkpoint=True)
+        self._dicts = {**task.dicts, **dicts}
+        return task
+
+    def read_experts(self, keys: Iterable[str]) -> Dict[str, torch.Tensor]:
+        """Copies of the named expert tensors, read from a fresh map of the checkpoint.
+
+        Raises:
+            TaskMoeError: the file changed since the server started.
+        """
+        from taskmoe_fairseq import compat
+
+        if not os.path.isfile(self.path) or self._file_stamp() != self._stamp:
+            raise usage_error(f"{self.path} changed on disk since the server started; restart the server")
+        state = compat.safe_torch_load(self.path, mmap=True)
+        model_state = state["model"]
+        self._skeleton.upgrade_state_dict(model_state)
+        out = {key: model_state[key].clone() for key in keys}
+        del state, model_state
+        return out
