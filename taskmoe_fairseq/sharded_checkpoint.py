@@ -72,6 +72,37 @@ def split_state(state: dict, expert_keys: List[str], expert_optimizer_ids: List[
     return shared, shard
 
 
+def save_sharded(model_state: dict, args, stem: str, size: int, run: str = "sharded") -> None:
+    """Write the files expert-parallel training with P = ``size`` writes (``stem``-shared.pt and
+    ``stem``-rank-<l>.pt, layout above) from an ordinary model state dict, without optimizer
+    state: what tests and benchmarks read sharded extraction from. ``args``: the model's
+    Namespace (its ``moe_expert_count`` must be divisible by ``size``).
+
+    Raises:
+        TaskMoeError: E not divisible by ``size``.
+    """
+    import argparse
+
+    num_experts = args.moe_expert_count
+    if size < 1 or num_experts % size:
+        raise usage_error(f"{num_experts} experts do not split into {size} shards")
+    per_shard = num_experts // size
+    meta = {"size": size, "num_experts": num_experts, "run": run, "num_updates": 0}
+    shards: List[dict] = [{} for _ in range(size)]
+    shared = {}
+    for key, tensor in model_state.items():
+        match = EXPERT_KEY.match(key)
+        if match is None:
+            shared[key] = tensor
+            continue
+        index = int(match.group("index"))
+        shards[index // per_shard][f"{match.group('layer')}.{index % per_shard}.{match.group('rest')}"] = tensor
+    saved_args = argparse.Namespace(**{**vars(args), "moe_expert_parallel_size": size})
+    save({"cfg": {"model": saved_args}, "model": shared, "optimizer_history": [], META: meta}, shared_path(stem))
+    for shard, state in enumerate(shards):
+        save({"model": state, META: {**meta, "shard": shard}}, shard_path(stem, shard))
+
+
 def read_meta(path: str) -> dict:
     """The ``expert_parallel`` entry of a shared or shard file (memory-mapped read).
 

@@ -1,9 +1,19 @@
 """Expert parallelism (``--moe-expert-parallel-size``): two gloo ranks each holding half the
 experts give the outputs and gradients of one process holding all of them."""
 
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from expert_parallel_workers import exactness_worker
+from model_helpers import build_model
+from taskmoe_fairseq import consolidate, sharded_checkpoint
+from taskmoe_fairseq.compat import safe_torch_load
+from taskmoe_fairseq.errors import TaskMoeError
+from taskmoe_fairseq.modules import expert_parallel
 
 
 def test_two_ranks_match_one_process_forward_and_backward(tmp_path):
@@ -21,19 +31,6 @@ def test_two_ranks_match_one_process_forward_and_backward(tmp_path):
 
 
 # --- bad input: one line each (TaskMoeError) ---
-
-import argparse  # noqa: E402
-import os  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from model_helpers import build_model  # noqa: E402
-from taskmoe_fairseq import consolidate, sharded_checkpoint  # noqa: E402
-from taskmoe_fairseq.compat import safe_torch_load  # noqa: E402
-from taskmoe_fairseq.errors import TaskMoeError  # noqa: E402
-from taskmoe_fairseq.modules import expert_parallel  # noqa: E402
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -125,27 +122,12 @@ def test_resuming_with_another_expert_parallel_size_is_refused(tmp_path):
 
 
 def shard_a_checkpoint(model, folder, size):
-    """The files expert-parallel training with P = ``size`` writes, made from an in-process model."""
+    """The files expert-parallel training with P = ``size`` writes, made from an in-process model,
+    and the same model as one ordinary checkpoint (``full.pt``)."""
     args = model.args
     args.arch, args.lang_pairs = "taskmoe_transformer_tiny", "en-de,de-en,en-fr,fr-en"
-    num_experts, per_shard = args.moe_expert_count, args.moe_expert_count // size
-    saved_args = argparse.Namespace(**{**vars(args), "moe_expert_parallel_size": size})
     stem = os.path.join(folder, "checkpoint_last")
-    meta = {"size": size, "num_experts": num_experts, "run": "r", "num_updates": 0}
-    shards = [{} for _ in range(size)]
-    shared = {}
-    for key, tensor in model.state_dict().items():
-        match = sharded_checkpoint.EXPERT_KEY.match(key)
-        if match is None:
-            shared[key] = tensor
-            continue
-        index = int(match.group("index"))
-        shards[index // per_shard][f"{match.group('layer')}.{index % per_shard}.{match.group('rest')}"] = tensor
-    sharded_checkpoint.save({"cfg": {"model": saved_args}, "model": shared, "optimizer_history": [],
-                             sharded_checkpoint.META: meta}, sharded_checkpoint.shared_path(stem))
-    for shard, state in enumerate(shards):
-        sharded_checkpoint.save({"model": state, sharded_checkpoint.META: {**meta, "shard": shard}},
-                                sharded_checkpoint.shard_path(stem, shard))
+    sharded_checkpoint.save_sharded(model.state_dict(), args, stem, size, run="r")
     full = {"cfg": {"model": args}, "model": model.state_dict(), "optimizer_history": []}
     sharded_checkpoint.save(full, os.path.join(folder, "full.pt"))
     return stem
