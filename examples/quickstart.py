@@ -116,10 +116,12 @@ def run(command, log_path=None, show=None, env=None, prefix="", total_updates=No
     return output
 
 
-def train(data, save_dir, recipe=None, updates=None, seed=1, env=None, prefix=""):
+def train(data, save_dir, recipe=None, updates=None, seed=1, env=None, prefix="", save_every=None):
     """fairseq-train ``recipe`` (default :data:`RECIPE`) for exactly ``updates`` updates, seeded;
-    return the last checkpoint. A finished run (``save_dir/done``) is reused."""
+    return the last checkpoint. A finished run (``save_dir/done``) is reused. ``save_every``:
+    also keep ``checkpoint_1_<N>.pt`` every that many updates (learning curves)."""
     recipe, updates = recipe or RECIPE, updates or UPDATES
+    save_every, keep = (save_every, "-1") if save_every else (updates, "1")
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
     if os.path.exists(os.path.join(save_dir, "done")):
         print(f"    {checkpoint} exists (delete {save_dir} to retrain)")
@@ -127,7 +129,7 @@ def train(data, save_dir, recipe=None, updates=None, seed=1, env=None, prefix=""
     command = [
         "fairseq-train", data, *task_args(), *recipe,
         "--max-update", str(updates), "--save-dir", save_dir, "--no-epoch-checkpoints",
-        "--save-interval-updates", str(updates), "--keep-interval-updates", "1", "--disable-validation",
+        "--save-interval-updates", str(save_every), "--keep-interval-updates", keep, "--disable-validation",
         "--cpu", "--seed", str(seed), "--log-format", "simple", "--log-interval", "50",
     ]
     run(command, save_dir + ".log", show=r"train_inner|done training", env=env, prefix=prefix, total_updates=updates)
@@ -148,7 +150,7 @@ def generate(data, checkpoint, pair, results_path, beam=4, batch_size=64, env=No
     file (``results_path/generate-test.txt``, see scoring.generate_args); return the detokenised
     hypotheses in test-set order and fairseq's target tokens/s."""
     source, target = pair.split("-")
-    run([
+    log = run([
         "fairseq-generate", data, *task_args(), "--source-lang", source, "--target-lang", target,
         "--path", checkpoint, "--gen-subset", "test", "--beam", str(beam),
         "--max-len-a", "1.2", "--max-len-b", "10", "--batch-size", str(batch_size),
@@ -157,7 +159,7 @@ def generate(data, checkpoint, pair, results_path, beam=4, batch_size=64, env=No
     ], env=env)
     expected = len(test_references(data, pair))
     try:
-        return scoring.read_hypotheses(results_path, "test", expected)
+        return scoring.read_hypotheses(results_path, "test", expected), scoring.generation_speed(log)
     except ValueError as error:
         sys.exit(f"{os.path.basename(sys.argv[0])}: fairseq-generate dropped sentences: {error} ({checkpoint})")
 

@@ -87,23 +87,28 @@ def generate_args(spm_model, results_path):
 
 def read_hypotheses(results_path, subset="test", expected=None):
     """The detokenised hypotheses (``D-<id>`` lines) of ``results_path/generate-<subset>.txt`` in
-    sentence order, and fairseq's ``Translated ... tokens/s`` figure (None when absent).
+    sentence order.
 
     Raises ``ValueError`` naming the file when the ids are not exactly ``0 .. expected - 1``."""
     path = os.path.join(results_path, f"generate-{subset}.txt")
-    hypotheses, speed = {}, None
+    hypotheses = {}
     with open(path, encoding="utf-8") as lines:
         for line in lines:
             if line.startswith("D-"):
                 head, _score, *text = line.rstrip("\n").split("\t", 2)
                 hypotheses[int(head[2:])] = text[0] if text else ""
-            elif "Translated " in line:
-                match = re.search(r"\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", line)
-                speed = float(match.group(2)) if match else None
     count = len(hypotheses) if expected is None else expected
     if sorted(hypotheses) != list(range(count)):
         raise ValueError(f"{path} holds {len(hypotheses)} hypotheses, expected ids 0..{count - 1}")
-    return [hypotheses[i] for i in range(count)], speed
+    return [hypotheses[i] for i in range(count)]
+
+
+def generation_speed(log_text):
+    """fairseq-generate's target tokens/s from its log (``Translated N sentences (T tokens) in S s
+    (... sentences/s, X tokens/s)``; the log goes to the process's output, not the results file,
+    because the plugin's import has configured logging already); None when absent."""
+    match = re.search(r"Translated .*\(([\d.]+) sentences/s, ([\d.]+) tokens/s\)", log_text)
+    return float(match.group(2)) if match else None
 
 
 def degeneracy(hypotheses):
