@@ -130,7 +130,7 @@ def train(data, save_dir, recipe=None, updates=None, seed=1, env=None, prefix=""
         "fairseq-train", data, *task_args(), *recipe,
         "--max-update", str(updates), "--save-dir", save_dir, "--no-epoch-checkpoints",
         "--save-interval-updates", str(save_every), "--keep-interval-updates", keep, "--disable-validation",
-        "--cpu", "--seed", str(seed), "--log-format", "simple", "--log-interval", "50",
+        "--cpu", "--seed", str(seed), "--log-format", "simple", "--log-interval", str(max(1, min(50, updates // 10))),
     ]
     run(command, save_dir + ".log", show=r"train_inner|done training", env=env, prefix=prefix, total_updates=updates)
     atomic_write_bytes(os.path.join(save_dir, "done"), b"")
