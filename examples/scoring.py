@@ -72,6 +72,7 @@ def signatures(target_langs):
 
 def signature_lines(target_langs):
     """The signatures of :func:`signatures` as markdown/terminal lines."""
+    target_langs = list(target_langs)  # read twice below; callers pass generators
     sig = signatures(target_langs)
     langs_of = {}
     for lang in sorted(set(target_langs)):
