@@ -93,6 +93,7 @@ def translate_in_process(data, checkpoint, beam=4, batch_size=64):
             for i, hypos in zip(batch, hypotheses):
                 out[i] = hub.bpe.sp.decode(hub.string(hypos[0]["tokens"]).split()).strip()
         result[pair] = out
+        print(f"    decoded {pair} ({len(result)}/{len(quickstart.PAIRS)})", flush=True)
     return result
 
 
@@ -138,12 +139,13 @@ def measure(options, overrides):
 
 
 def report(paths):
-    print("| name | options changed | updates | chrF avg | BLEU avg | s/update (this run) |")
+    print("| run | options changed | updates | chrF avg | BLEU avg | s/update (this run, its load) |")
     print("|---|---|---|---|---|---|")
     for path in paths:
         r = json.load(open(path))
+        per_update = r["seconds_per_update"]  # NaN for --evaluate-at records (the training was elsewhere)
         print(f"| {r['name']} | `{' '.join(r['overrides']) or '(quickstart recipe)'}` | {r['updates']} | "
-              f"{r['chrf_avg']:.1f} | {r['bleu_avg']:.1f} | {r['seconds_per_update']:.3f} |")
+              f"{r['chrf_avg']:.1f} | {r['bleu_avg']:.2f} | {'—' if per_update != per_update else f'{per_update:.3f}'} |")
 
 
 def main():
