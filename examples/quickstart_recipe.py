@@ -5,8 +5,9 @@ write ``<workdir>/<name>.json`` (command, updates, training seconds, s/update, B
 direction and averaged, sacrebleu signatures). The table in docs/quickstart/recipe.md comes
 from these records (``--report``).
 
-The candidate is the quickstart's recipe (``quickstart.RECIPE``) with fairseq-train options
-replaced or added after ``--``; a flag option given as ``--no-<flag>`` is removed. Quality at a
+The candidate is the recipe of docs/quickstart/results.md (``quickstart.RESULTS_MD_RECIPE``, the
+baseline every row is compared against) with fairseq-train options replaced or added after
+``--``; a flag option given as ``--no-<flag>`` is removed. Quality at a
 fixed number of updates does not depend on machine load; time does, so compare s/update only
 between runs made side by side (``--ratio-against``: the same short number of updates of each,
 interleaved).
@@ -99,7 +100,7 @@ def translate_in_process(data, checkpoint, beam=4, batch_size=64):
 
 def measure(options, overrides):
     save_dir = os.path.join(options.workdir, options.name)
-    recipe = apply_overrides(quickstart.RECIPE, overrides)
+    recipe = apply_overrides(quickstart.RESULTS_MD_RECIPE, overrides)
     if options.evaluate_at:
         # a checkpoint a running or finished training saved along the way (--save-every)
         updates = options.evaluate_at
