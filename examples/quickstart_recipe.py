@@ -145,7 +145,7 @@ def report(paths):
     for path in paths:
         r = json.load(open(path))
         per_update = r["seconds_per_update"]  # NaN for --evaluate-at records (the training was elsewhere)
-        print(f"| {r['name']} | `{' '.join(r['overrides']) or '(quickstart recipe)'}` | {r['updates']} | "
+        print(f"| {r['name']} | `{' '.join(r['overrides']) or '(results.md recipe)'}` | {r['updates']} | "
               f"{r['chrf_avg']:.1f} | {r['bleu_avg']:.2f} | {'—' if per_update != per_update else f'{per_update:.3f}'} |")
 
 
