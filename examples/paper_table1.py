@@ -35,7 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "examples")]  # this checkout's plugin and example helpers
 from data.script_support import atomic_write_bytes  # noqa: E402
-from quickstart import BLEU_TOKENIZE, PAIRS, XX, generate, run, task_args, test_references  # noqa: E402
+import scoring  # noqa: E402  (examples/scoring.py)
+from quickstart import PAIRS, XX, generate, run, task_args, test_references  # noqa: E402
 
 # name -> (encoder routing, decoder routing, extra fairseq-train options); the paper's row order
 CONFIGS = {
@@ -125,23 +126,18 @@ def read_hypotheses(save_dir):
     return {pair: open(path, encoding="utf-8").read().split("\n")[:-1] for pair, path in paths.items()}
 
 
-def evaluate(options, name, save_dir, processor):
-    """Translate every test set with fairseq-generate; keep the detokenised hypotheses
-    (``hypotheses/test.<pair>.txt``, for the bootstrap) and return sacrebleu's BLEU and chrF."""
-    import sacrebleu
-
+def evaluate(options, name, save_dir):
+    """Translate every test set with fairseq-generate (its own results file under
+    ``save_dir/generate/<pair>``); keep the detokenised hypotheses (``hypotheses/test.<pair>.txt``,
+    for the bootstrap) and return sacrebleu's BLEU and chrF with their signatures."""
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
     scores = {}
     for pair in PAIRS:
-        target = pair.split("-")[1]
-        outputs, _ = generate(options.data, checkpoint, pair, processor, beam=options.beam, batch_size=128,
-                              env=thread_env(options))
+        outputs, _ = generate(options.data, checkpoint, pair, os.path.join(save_dir, "generate", pair),
+                              beam=options.beam, batch_size=128, env=thread_env(options))
         references = test_references(options.data, pair)
         atomic_write_bytes(hypotheses_path(save_dir, pair), "".join(line + "\n" for line in outputs).encode("utf-8"))
-        scores[pair] = {
-            "bleu": sacrebleu.corpus_bleu(outputs, [references], tokenize=BLEU_TOKENIZE.get(target, "13a")).score,
-            "chrf": sacrebleu.corpus_chrf(outputs, [references]).score,
-        }
+        scores[pair] = scoring.score(outputs, references, pair.split("-")[1])
         say(f"    {name} {pair}: BLEU {scores[pair]['bleu']:.1f} chrF {scores[pair]['chrf']:.1f}")
     return scores
 
@@ -153,7 +149,6 @@ def bootstrap(options, hypotheses, samples=1000):
     every configuration. Returns, per configuration, ``[samples]`` arrays of the average, xx->en
     and en->xx BLEU."""
     import numpy as np
-    from sacrebleu.metrics import BLEU
 
     references = {pair: test_references(options.data, pair) for pair in PAIRS}
     size = len(references[PAIRS[0]])
@@ -162,7 +157,7 @@ def bootstrap(options, hypotheses, samples=1000):
     for name, outputs in hypotheses.items():
         per_direction = {}
         for pair in PAIRS:
-            metric = BLEU(tokenize=BLEU_TOKENIZE.get(pair.split("-")[1], "13a"))
+            metric = scoring.bleu_metric(pair.split("-")[1])
             stats = np.array(metric._extract_corpus_statistics(outputs[pair], [references[pair]]))  # [size, 2 + 2n]
             per_direction[pair] = np.array([metric._compute_score_from_stats(stats[index].sum(0)).score
                                             for index in resamples])
@@ -288,8 +283,6 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=1,
                         help="configurations trained at once, each with cores/jobs threads (2 is faster on 2 cores)")
     options = parser.parse_args(argv)
-    import sentencepiece
-
     try:
         import matplotlib  # noqa: F401  (the figures; checked before hours of training)
     except ImportError:
@@ -301,7 +294,6 @@ def main(argv=None):
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         sys.exit(f"paper_table1: unknown configuration {','.join(unknown)}; choose from {','.join(CONFIGS)}")
-    processor = sentencepiece.SentencePieceProcessor(model_file=os.path.join(options.data, "spm.model"))
     os.makedirs(options.out, exist_ok=True)
     os.makedirs(options.workdir, exist_ok=True)
     started = time.time()
@@ -313,7 +305,7 @@ def main(argv=None):
         if os.path.exists(scores_path) and read_hypotheses(save_dir) is not None:
             scores = json.load(open(scores_path))
         else:
-            scores = evaluate(options, name, save_dir, processor)
+            scores = evaluate(options, name, save_dir)
             write_json(scores_path, scores)
         total, active = parameter_counts(os.path.join(save_dir, "checkpoint_last.pt"))
         return {"train_seconds": info["train_seconds"], "jobs": info.get("jobs", 1), "command": info["command"],
@@ -374,11 +366,15 @@ def main(argv=None):
         f"sharing the machine (all trainings: {sum(r['train_seconds'] for r in results.values()) / 60:.0f} min, "
         f"divided by {options.jobs} running at once); this invocation took {elapsed / 60:.0f} min "
         "(configurations already trained or scored are reused).  ",
-        "BLEU: sacrebleu on SentencePiece-decoded output (tokenize 13a; zh 'zh', ja 'char'); chrF: sacrebleu defaults. "
+        "BLEU and chrF: sacrebleu on SentencePiece-decoded output (fairseq-generate's own results files), signatures below. "
         "95% intervals: paired bootstrap over the 500 multi-way test sentences (1,000 resamples shared by all "
         "directions and configurations). Parameters per token: the MoE layers count k of their E experts.",
         "",
         *lines,
+        "",
+        "sacrebleu signatures:",
+        "",
+        *("* " + line for line in scoring.signature_lines(pair.split("-")[1] for pair in PAIRS)),
         "",
         "## Per direction",
         *per_direction,
@@ -394,9 +390,11 @@ def main(argv=None):
             report.append(f"* {layer['layer']}: top-2 experts per target language — {experts}. Shared: {shared}.")
     atomic_write_bytes(os.path.join(options.out, "table1.md"), ("\n".join(report) + "\n").encode("utf-8"))
     write_json(os.path.join(options.out, "table1.json"),
-               {"command": command, "hardware": hardware(), "wall_seconds": elapsed, "options": vars(options),
+               {"command": command, "hardware": hardware(),
+                "signatures": scoring.signatures(pair.split("-")[1] for pair in PAIRS), "wall_seconds": elapsed, "options": vars(options),
                 "results": results, "routing_sharing": sharing, "paper": PAPER})
     print("\n".join(lines))
+    print("\n".join(scoring.signature_lines(pair.split("-")[1] for pair in PAIRS)))
     for layer in sharing or []:
         print(f"{layer['layer']} (token/target), experts shared by target languages: "
               + ("; ".join(f"{e}: {', '.join(users)}" for e, users in layer["shared_experts"].items()) or "none"))

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Measure one candidate quickstart recipe: train it for a fixed number of updates with the
+quickstart's data and task, translate the quickstart's test sets (beam 4, the full model) and
+write ``<workdir>/<name>.json`` (command, updates, training seconds, s/update, BLEU and chrF per
+direction and averaged, sacrebleu signatures). The table in docs/quickstart/recipe.md comes
+from these records (``--report``).
+
+The candidate is the recipe of docs/quickstart/results.md (``quickstart.RESULTS_MD_RECIPE``, the
+baseline every row is compared against) with fairseq-train options replaced or added after
+``--``; a flag option given as ``--no-<flag>`` is removed. Quality at a
+fixed number of updates does not depend on machine load; time does, so compare s/update only
+between runs made side by side (``--ratio-against``: the same short number of updates of each,
+interleaved).
+
+Usage::
+
+    python examples/quickstart_recipe.py --data runs/quickstart/bin --name prenorm --updates 1500 -- \\
+        --encoder-normalize-before --decoder-normalize-before --dropout 0
+    python examples/quickstart_recipe.py --report runs/recipe/*.json
+"""
+
+import argparse
+import glob
+import json
+import os
+import resource
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.join(REPO, "examples")]
+import quickstart  # noqa: E402
+import scoring  # noqa: E402
+from data.script_support import atomic_write_text  # noqa: E402
+
+
+def apply_overrides(base, overrides):
+    """``base`` fairseq-train options with ``overrides`` applied: an option present in both takes
+    the override's values; ``--no-X`` removes flag ``--X``; new options are appended."""
+    def split(args):
+        options, current = [], None
+        for arg in args:
+            if arg.startswith("--"):
+                current = [arg]
+                options.append(current)
+            else:
+                current.append(arg)
+        return options
+
+    result = split(base)
+    for option in split(overrides):
+        name = option[0]
+        if name.startswith("--no-") and any(o[0] == "--" + name[5:] for o in result):
+            result = [o for o in result if o[0] != "--" + name[5:]]
+            continue
+        for index, existing in enumerate(result):
+            if existing[0] == name:
+                result[index] = option
+                break
+        else:
+            result.append(option)
+    return [arg for option in result for arg in option]
+
+
+def children_cpu_seconds():
+    """User + system CPU seconds of the finished child processes (fairseq-train's CPU time depends
+    far less on other processes' load than its wall time does)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def translate_in_process(data, checkpoint, beam=4, batch_size=64):
+    """``{pair: hypotheses}`` for every test set, decoded in this one process through fairseq's
+    hub interface (taskmoe_fairseq.translate's loader) with fairseq-generate's options of the
+    quickstart (beam 4, ``max_len_a`` 1.2, ``max_len_b`` 10): the same search without 12 start-ups
+    of fairseq-generate, which on a loaded machine cost more than the decoding."""
+    import torch
+
+    from taskmoe_fairseq.translate import load_fairseq
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    result = {}
+    for pair in quickstart.PAIRS:
+        source, target = pair.split("-")
+        en_xx = "en-" + (source if target == "en" else target)
+        lines = open(os.path.join(data, "raw", f"test.{en_xx}.{source}"), encoding="utf-8").read().splitlines()
+        hub = load_fairseq(checkpoint, pair, data_dir=data).hub
+        encoded = [hub.encode(line) for line in lines]
+        order = sorted(range(len(lines)), key=lambda i: -len(encoded[i]))
+        out = [""] * len(lines)
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            hypotheses = hub.generate([encoded[i] for i in batch], beam=beam, max_len_a=1.2, max_len_b=10)
+            for i, hypos in zip(batch, hypotheses):
+                out[i] = hub.bpe.sp.decode(hub.string(hypos[0]["tokens"]).split()).strip()
+        result[pair] = out
+        print(f"    decoded {pair} ({len(result)}/{len(quickstart.PAIRS)})", flush=True)
+    return result
+
+
+def measure(options, overrides):
+    save_dir = os.path.join(options.workdir, options.name)
+    recipe = apply_overrides(quickstart.RESULTS_MD_RECIPE, overrides)
+    if options.evaluate_at:
+        # a checkpoint a running or finished training saved along the way (--save-every)
+        updates = options.evaluate_at
+        found = glob.glob(os.path.join(save_dir, f"checkpoint_*_{updates}.pt"))
+        if not found:
+            sys.exit(f"quickstart_recipe: no checkpoint_*_{updates}.pt in {save_dir}")
+        checkpoint, train_seconds, train_cpu = found[0], float("nan"), float("nan")
+        name = f"{options.name}@{updates}"
+    else:
+        updates, name = options.updates, options.name
+        started, cpu_before = time.time(), children_cpu_seconds()
+        checkpoint = quickstart.train(options.data, save_dir, recipe, updates, options.seed, save_every=options.save_every)
+        train_seconds, train_cpu = time.time() - started, children_cpu_seconds() - cpu_before
+    rows = {}
+    translations = translate_in_process(options.data, checkpoint) if options.in_process else None
+    for pair in quickstart.PAIRS:
+        if translations:
+            hyps = translations[pair]
+        else:
+            hyps, _ = quickstart.generate(options.data, checkpoint, pair, os.path.join(save_dir, "gen", str(updates), pair))
+        rows[pair] = scoring.score(hyps, quickstart.test_references(options.data, pair), pair.split("-")[1])
+        rows[pair].update(scoring.degeneracy(hyps))
+        print(f"    {options.name} {pair}: BLEU {rows[pair]['bleu']:.1f} chrF {rows[pair]['chrf']:.1f}", flush=True)
+    record = {
+        "name": name, "updates": updates, "checkpoint": checkpoint, "overrides": overrides, "recipe": recipe,
+        "train_seconds": train_seconds, "seconds_per_update": train_seconds / updates,
+        "train_cpu_seconds": train_cpu, "cpu_seconds_per_update": train_cpu / updates,
+        "threads": os.environ.get("OMP_NUM_THREADS"), "evaluator": "in-process hub" if options.in_process else "fairseq-generate", "load_average": os.getloadavg(),
+        "chrf_avg": sum(r["chrf"] for r in rows.values()) / len(rows),
+        "bleu_avg": sum(r["bleu"] for r in rows.values()) / len(rows),
+        "signatures": scoring.signatures(p.split("-")[1] for p in quickstart.PAIRS),
+        "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    atomic_write_text(os.path.join(options.workdir, name.replace("@", "-at-") + ".json"), json.dumps(record, indent=1))
+    print(f"{name}: chrF avg {record['chrf_avg']:.1f}, BLEU avg {record['bleu_avg']:.1f}, "
+          f"{record['seconds_per_update']:.3f} s/update, {record['cpu_seconds_per_update']:.3f} CPU s/update (this run, this load)")
+
+
+def report(paths):
+    print("| run | options changed | updates | chrF avg | BLEU avg | s/update (this run, its load) |")
+    print("|---|---|---|---|---|---|")
+    for path in paths:
+        r = json.load(open(path))
+        per_update = r["seconds_per_update"]  # NaN for --evaluate-at records (the training was elsewhere)
+        print(f"| {r['name']} | `{' '.join(r['overrides']) or '(results.md recipe)'}` | {r['updates']} | "
+              f"{r['chrf_avg']:.1f} | {r['bleu_avg']:.2f} | {'—' if per_update != per_update else f'{per_update:.3f}'} |")
+
+
+def main():
+    argv = sys.argv[1:]
+    overrides = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", help="the quickstart's binarized data (runs/quickstart/bin)")
+    parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "recipe"))
+    parser.add_argument("--name")
+    parser.add_argument("--updates", type=int, default=quickstart.UPDATES)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--save-every", type=int, help="keep a checkpoint every N updates")
+    parser.add_argument("--evaluate-at", type=int, metavar="UPDATES",
+                        help="only evaluate the checkpoint saved at UPDATES (by a --save-every run)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="decode all test sets in this process (hub interface) instead of 12 fairseq-generate runs")
+    parser.add_argument("--report", nargs="*", help="print the table of these JSON records")
+    options = parser.parse_args(argv)
+    if options.report is not None:
+        return report(options.report)
+    if not options.data or not options.name:
+        sys.exit("quickstart_recipe: --data and --name are required (or --report FILES)")
+    measure(options, overrides)
+
+
+if __name__ == "__main__":
+    main()

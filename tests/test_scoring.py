@@ -1,0 +1,75 @@
+"""examples/scoring.py (the example scripts' sacrebleu metrics, signatures and fairseq-generate
+results files), the quickstart's degenerate-output warnings and the recipe runner's option
+overrides."""
+
+import os
+import sys
+
+import pytest
+import sacrebleu
+import sentencepiece
+
+from cli_helpers import REPO, generate_command, parse_generation, run
+
+sys.path[:0] = [os.path.join(REPO, "examples")]
+import quickstart  # noqa: E402
+import quickstart_recipe  # noqa: E402
+import scoring  # noqa: E402
+
+
+def test_scores_are_sacrebleus_with_the_tokenizer_of_the_target_language():
+    hypotheses = ["猫は座った。", "今日は晴れです。"]
+    references = ["猫が座った。", "今日は晴れ。"]
+    for lang, tokenize in (("ja", "char"), ("zh", "zh"), ("de", "13a")):
+        result = scoring.score(hypotheses, references, lang)
+        assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references], tokenize=tokenize).score)
+        assert result["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hypotheses, [references]).score)
+        assert f"tok:{tokenize}" in result["bleu_signature"]
+        assert f"version:{sacrebleu.__version__}" in result["bleu_signature"]
+        assert result["chrf_signature"].startswith("nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no")
+    # one BLEU signature per tokenizer, not per language
+    sig = scoring.signatures(["de", "fr", "ja", "zh", "en"])
+    assert sorted(sig["bleu"]) == ["13a", "char", "zh"]
+    lines = scoring.signature_lines(lang for lang in ["de", "fr", "ja", "zh", "en"])
+    assert lines[0].startswith("BLEU (de, en, fr): `nrefs:1") and lines[-1].startswith("chrF (all): `")
+
+
+def test_generate_results_file_gives_sentencepiece_decoded_hypotheses(data_dir, trained, tmp_path):
+    """fairseq-generate's own results file (--results-path, --bpe sentencepiece) holds, for every
+    sentence, exactly what SentencePiece decodes (byte fallback included) from the pieces of its
+    H- line; the speed is in the process's log."""
+    checkpoint = trained.get("token", "target")
+    results = str(tmp_path / "gen")
+    command = generate_command(data_dir, checkpoint, "en-ru", beam=2)
+    result = run(command + scoring.generate_args(os.path.join(data_dir, "spm.model"), results))
+    with open(os.path.join(results, "generate-test.txt"), encoding="utf-8") as lines:
+        pieces = parse_generation(lines.read())
+    hypotheses = scoring.read_hypotheses(results, "test", expected=len(pieces))
+    processor = sentencepiece.SentencePieceProcessor(model_file=os.path.join(data_dir, "spm.model"))
+    assert len(hypotheses) == 24
+    assert hypotheses == [processor.decode(pieces[i][0].split()) for i in range(len(pieces))]
+    assert scoring.generation_speed(result.stdout + result.stderr) > 0
+    with pytest.raises(ValueError, match="expected ids 0..99"):
+        scoring.read_hypotheses(results, "test", expected=100)
+
+
+def test_degenerate_output_is_named():
+    assert scoring.degeneracy(["Hallo Welt."] * 8 + ["a", "b"])["most_common_share"] == pytest.approx(0.8)
+    assert scoring.degeneracy(["die die die die Datei", "ok so"])["repeating_share"] == pytest.approx(0.5)
+    assert scoring.degeneracy(["表表表表表表表表表表表表", "普通的句子。"])["repeating_share"] == pytest.approx(0.5)
+    assert scoring.degeneracy(["", "x"])["empty_share"] == pytest.approx(0.5)
+    good = [{"pair": "en-de", "chrf_full": 35.0}, {"pair": "de-en", "chrf_full": 40.0}]
+    assert quickstart.degenerate_warnings(good, {"en-de": ["Ein Satz.", "Zwei."], "de-en": ["One.", "Two."]}) == []
+    bad = [{"pair": "en-de", "chrf_full": 4.0}, {"pair": "de-en", "chrf_full": 12.0}]
+    warnings = quickstart.degenerate_warnings(bad, {"en-de": ["die die die die"] * 3, "de-en": ["The."] * 3})
+    assert warnings[0].startswith("average chrF 8.0 < 10")
+    assert any("en-de: chrF 4.0" in w for w in warnings)
+    assert any("de-en: 100% of the hypotheses are one and the same" in w for w in warnings)
+    assert any("en-de: 100% of the hypotheses repeat" in w for w in warnings)
+
+
+def test_recipe_overrides():
+    base = ["--arch", "small", "--share-all-embeddings", "--lr", "3e-3", "--adam-betas", "(0.9,0.98)"]
+    assert quickstart_recipe.apply_overrides(base, ["--lr", "5e-3", "--no-share-all-embeddings", "--dropout", "0"]) == [
+        "--arch", "small", "--lr", "5e-3", "--adam-betas", "(0.9,0.98)", "--dropout", "0"]
+    assert quickstart_recipe.apply_overrides(base, []) == base
