@@ -155,3 +155,24 @@ def run_many(commands, workers=2):
 
 def python_module(module, *args):
     return [sys.executable, "-m", module, *args]
+
+
+TRAIN_INNER = re.compile(r"\| train_inner \| epoch \d+:\s+\d+ / \d+ (.*)$", re.MULTILINE)
+TIMING = {"wps", "ups", "wall", "train_wall", "gb_free", "ppl"}  # timing, and ppl (2 ** loss, 2 decimals)
+
+
+def train_metrics(result):
+    """One ``{metric: value}`` per logged update, timing left out."""
+    rows = []
+    for line in TRAIN_INNER.findall(result.stdout + result.stderr):
+        pairs = (item.split("=", 1) for item in line.split(", "))
+        rows.append({key: float(value) for key, value in pairs if key not in TIMING})
+    return rows
+
+
+def assert_same_metrics(ep_metrics, ddp_metrics):
+    assert [sorted(row) for row in ep_metrics] == [sorted(row) for row in ddp_metrics]
+    for update, (ep_row, ddp_row) in enumerate(zip(ep_metrics, ddp_metrics), 1):
+        for key, value in ep_row.items():
+            # fairseq logs 3 decimals: equal up to where the rounding of a value near a boundary flips
+            assert abs(value - ddp_row[key]) <= 1.001e-3, (update, key, value, ddp_row[key])

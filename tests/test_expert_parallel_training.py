@@ -10,15 +10,11 @@ import sys
 import pytest
 import torch
 
-from cli_helpers import TEST_LINES, generate_command, parse_generation, python_module, run, train_command
+from cli_helpers import TEST_LINES, assert_same_metrics, generate_command, parse_generation, python_module, run, train_command, train_metrics
 from conftest import DDP_EXTRA
 from taskmoe_fairseq.compat import safe_torch_load
 from taskmoe_fairseq.cpu_data_parallel import free_port
 from taskmoe_fairseq.sharded_checkpoint import read_meta
-
-TRAIN_INNER = re.compile(r"\| train_inner \| epoch \d+:\s+\d+ / \d+ (.*)$", re.MULTILINE)
-TIMING = {"wps", "ups", "wall", "train_wall", "gb_free", "ppl"}  # timing, and ppl (2 ** loss, 2 decimals)
-
 
 def ep_command(data_dir, save_dir, max_update, size="2", nprocs="2"):
     command = train_command(data_dir, save_dir, "token", "target", max_update, DDP_EXTRA)[1:]
@@ -39,15 +35,6 @@ def consolidated(ep_run, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("consolidated") / "full.pt")
     result = run(python_module("taskmoe_fairseq.consolidate", "--checkpoint-dir", ep_run[0], "--output", output))
     return output, result
-
-
-def train_metrics(result):
-    """One ``{metric: value}`` per logged update, timing left out."""
-    rows = []
-    for line in TRAIN_INNER.findall(result.stdout + result.stderr):
-        pairs = (item.split("=", 1) for item in line.split(", "))
-        rows.append({key: float(value) for key, value in pairs if key not in TIMING})
-    return rows
 
 
 def valid_loss(checkpoint, data_dir):
@@ -113,14 +100,6 @@ def test_consolidated_checkpoint_generates(consolidated, data_dir):
     assert {key.split(".")[5] for key in state["model"] if key.startswith("decoder.layers.1.moe.experts.")} == {"0", "1", "2", "3"}
     hypotheses = parse_generation(run(generate_command(data_dir, checkpoint, "en-de", beam=2)).stdout)
     assert len(hypotheses) == TEST_LINES
-
-
-def assert_same_metrics(ep_metrics, ddp_metrics):
-    assert [sorted(row) for row in ep_metrics] == [sorted(row) for row in ddp_metrics]
-    for update, (ep_row, ddp_row) in enumerate(zip(ep_metrics, ddp_metrics), 1):
-        for key, value in ep_row.items():
-            # fairseq logs 3 decimals: equal up to where the rounding of a value near a boundary flips
-            assert abs(value - ddp_row[key]) <= 1.001e-3, (update, key, value, ddp_row[key])
 
 
 def test_pytorch_ddp_through_torchrun(ddp_checkpoint, data_dir, tmp_path):
