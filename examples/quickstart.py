@@ -61,11 +61,11 @@ RECIPE = [
     "--max-tokens", "4096", "--dropout", "0.1",
     "--sampling-method", "temperature", "--sampling-temperature", "5",
 ]
-# The recipe of docs/quickstart/results.md (post-norm, lr 3e-3, warm-up 150): the baseline of recipe.md.
+# The previous recipe (post-norm, lr 3e-3, warm-up 150; docs/quickstart/results.md until 2026-12-02): the baseline of recipe.md.
 RESULTS_MD_RECIPE = [arg for arg in RECIPE if not arg.endswith("-normalize-before")]
 RESULTS_MD_RECIPE[RESULTS_MD_RECIPE.index("--lr") + 1] = "3e-3"
 RESULTS_MD_RECIPE[RESULTS_MD_RECIPE.index("--warmup-updates") + 1] = "150"
-UPDATES = 1231  # what the 10-minute budget of docs/quickstart/results.md reached; now fixed
+UPDATES = 1231  # what the previous recipe's 10-minute wall-clock budget reached (2026-11-29); now fixed
 CHRF_FLOOR = 10  # below this average (or per-direction) chrF the output is not translation
 VOCAB_SIZE = 4000
 
