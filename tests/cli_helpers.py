@@ -105,6 +105,15 @@ def make_raw_fixture(out_dir):
     return raw
 
 
+def raw_lines(data_dir, pair="en-de"):
+    """The raw test sentences of ``pair``'s source side (what a user would translate), as
+    binarize.py keeps them under ``<data_dir>/raw``."""
+    source, target = pair.split("-")
+    xx = target if source == "en" else source
+    with open(os.path.join(data_dir, "raw", f"test.en-{xx}.{source}"), encoding="utf-8") as stream:
+        return [line.rstrip("\n") for line in stream]
+
+
 def train_command(data, save_dir, encoder_routing, decoder_routing, max_update, extra=()):
     return [
         "fairseq-train", data, *TASK_ARGS,

@@ -25,7 +25,7 @@ import pytest
 import sentencepiece
 import torch
 
-from cli_helpers import LANG_PAIRS, TASK_ARGS, TEST_LINES, parse_generation, python_module, run, run_in_process, run_main
+from cli_helpers import LANG_PAIRS, TASK_ARGS, TEST_LINES, parse_generation, python_module, raw_lines, run, run_in_process, run_main
 from taskmoe_fairseq.export.conventions import CONVENTIONS_FILE, source_tokens, target_prefix
 from taskmoe_fairseq.export.ct2_decode import translate_pieces
 from taskmoe_fairseq.export.subnetwork import merged_ffn
@@ -55,14 +55,6 @@ def generate_command(data, checkpoint, pair, beam):
     ]
 
 
-def source_lines(data_dir, pair):
-    """The raw test sentences of ``pair``'s source side (what a user would translate)."""
-    source, target = pair.split("-")
-    xx = target if source == "en" else source
-    with open(os.path.join(data_dir, "raw", f"test.en-{xx}.{source}"), encoding="utf-8") as stream:
-        return [line.rstrip("\n") for line in stream]
-
-
 @pytest.fixture(scope="module")
 def exported(trained, data_dir, tmp_path_factory):
     """(full checkpoint, CTranslate2 folder with one <pair>/ per pair, folder of extracted <pair>.pt)."""
@@ -84,7 +76,7 @@ def test_ctranslate2_translates_like_fairseq_generate(exported, data_dir):
         with open(os.path.join(folder, CONVENTIONS_FILE), encoding="utf-8") as stream:
             conv = json.load(stream)
         pieces = sentencepiece.SentencePieceProcessor(model_file=os.path.join(folder, conv["sentencepiece_model"]))
-        sources = [source_tokens(conv, pieces.encode(line, out_type=str)) for line in source_lines(data_dir, pair)]
+        sources = [source_tokens(conv, pieces.encode(line, out_type=str)) for line in raw_lines(data_dir, pair)]
         fairseq_sources = {int(m.group(1)): m.group(2).split() for m in re.finditer(r"^S-(\d+)\t(.*)$", out.stdout, re.M)}
         hypotheses = parse_generation(out.stdout)
         assert sorted(hypotheses) == list(range(TEST_LINES)), f"{pair}: fairseq-generate dropped sentences"
@@ -93,7 +85,7 @@ def test_ctranslate2_translates_like_fairseq_generate(exported, data_dir):
 
         translator = ctranslate2.Translator(folder, device="cpu", intra_threads=1)
         prefix = target_prefix(conv)
-        batch = [pieces.encode(line, out_type=str) for line in source_lines(data_dir, pair)]
+        batch = [pieces.encode(line, out_type=str) for line in raw_lines(data_dir, pair)]
         plain = translate_pieces(translator, conv, batch, beam_size=beam, max_decoding_length=MAX_LEN)
         ranked = translate_pieces(translator, conv, batch, beam_size=beam, max_decoding_length=MAX_LEN, fairseq_ranking=True)
         differing, flips = [], []

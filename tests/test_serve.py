@@ -27,7 +27,7 @@ import pytest
 import sentencepiece
 import torch
 
-from cli_helpers import ENV, LANG_PAIRS, REPO, TASK_ARGS, TEST_LINES, run
+from cli_helpers import ENV, LANG_PAIRS, REPO, TASK_ARGS, TEST_LINES, raw_lines, run
 from taskmoe_fairseq import extract, translate
 from taskmoe_fairseq.errors import TaskMoeError
 from taskmoe_fairseq.serving import cli as serve_cli
@@ -40,13 +40,6 @@ UPDATES = 300  # the target/target model test_translate.py and test_export.py tr
 LOAD_REQUESTS, WARM_UP, CONCURRENCY = 2000, 300, 32  # 32 in flight: requests wait together and are batched
 RSS_TOLERANCE_MIB = 24  # a per-request leak of 12 KiB over the 1,700 measured requests would exceed it
 sys.path.insert(0, os.path.join(REPO, "examples"))
-
-
-def raw_lines(data_dir, pair):
-    source, target = pair.split("-")
-    xx = target if source == "en" else source
-    with open(os.path.join(data_dir, "raw", f"test.en-{xx}.{source}"), encoding="utf-8") as stream:
-        return [line.rstrip("\n") for line in stream]
 
 
 # ---------------------------------------------------------------- in-process: assembly and the store

@@ -17,7 +17,7 @@ import re
 import pytest
 import sentencepiece
 
-from cli_helpers import TASK_ARGS, TEST_LINES, python_module, run, run_in_process
+from cli_helpers import TASK_ARGS, TEST_LINES, python_module, raw_lines, run, run_in_process
 from taskmoe_fairseq import extract, translate
 from taskmoe_fairseq.errors import TaskMoeError
 from taskmoe_fairseq.export import cli as export_cli
@@ -30,13 +30,6 @@ ERROR_PREFIX = "taskmoe_fairseq.translate: error: "
 
 def translate_command(*args):
     return python_module("taskmoe_fairseq.translate", *args)
-
-
-def raw_lines(data_dir, pair="en-de"):
-    source, target = pair.split("-")
-    xx = target if source == "en" else source
-    with open(os.path.join(data_dir, "raw", f"test.en-{xx}.{source}"), encoding="utf-8") as stream:
-        return [line.rstrip("\n") for line in stream]
 
 
 def hub_reference(checkpoint, data_dir, lines, beam, pair="en-de"):
