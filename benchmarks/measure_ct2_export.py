@@ -227,9 +227,10 @@ def main(argv=None):
     parser.add_argument("--out", default="docs/benchmarks/ct2_export.json", help="the JSON record to write")
     parser.add_argument("--workdir", help="build folder (reused when it exists); default: a new one under /tmp")
     parser.add_argument("--quick", action="store_true", help="one round, few batches, short outputs (checks the script)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (ratios are medians of per-round ratios)")
     options = parser.parse_args(argv)
     config = ({"rounds": 1, "length": 12, "batches": {1: 3, 64: 1}} if options.quick
-              else {"rounds": 3, "length": 50, "batches": {1: 8, 64: 1}})
+              else {"rounds": options.rounds, "length": 50, "batches": {1: 8, 64: 1}})
     import taskmoe_fairseq  # noqa: F401  (imports fairseq quietly before the record asks its version)
 
     run = timing.Run("ct2_export", __file__, argv, threads=1, config=config)
