@@ -21,6 +21,7 @@ CASES = [
     ("static-source", "sentence"),
     ("sentence", "static-pair"),
     ("static-pair", "source"),
+    ("target", "target", "softmax"),  # --moe-task-gate-weights softmax: weights that do not sum to 1
 ]
 PAIR, SRC, TGT = "fr-de", 2, 1
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -56,7 +57,9 @@ def models():
     for routing in CASES:
         from model_helpers import fake_task
 
-        full, _ = build_model(*routing, task=fake_task(dictionary))
+        encoder, decoder, *weights = routing
+        overrides = {"moe_task_gate_weights": weights[0]} if weights else {}
+        full, _ = build_model(encoder, decoder, task=fake_task(dictionary), **overrides)
         full.eval()
         plain, rows = full.extract(PAIR)
         merged, _ = full.extract(PAIR, merge=True)

@@ -139,3 +139,33 @@ def test_gate_parameters_stay_float32_when_the_model_is_converted(dtype):
     extracted = ExtractedFeedForward(8, 16, 2).to(dtype)
     assert extracted.expert_weights.dtype == torch.float32
     assert extracted.experts[0].fc1.weight.dtype == dtype  # the experts do convert
+
+
+def _expert_weight_gradient(renormalize):
+    """Gradient of a loss that depends on the task's k weights only (as the cross-entropy does)."""
+    torch.manual_seed(0)
+    gate = TaskGate(num_tasks=3, num_experts=8, top_k=2, renormalize=renormalize)
+    decision = gate(torch.tensor([1, 1]), torch.tensor([5.0, 3.0]))
+    (decision.expert_weight[:, 0] * 2.0 - decision.expert_weight[:, 1]).sum().backward()
+    chosen = set(decision.expert_index[0].tolist())
+    others = [e for e in range(8) if e not in chosen]
+    return gate.task_logits.grad[1], sorted(chosen), others
+
+
+def test_top_k_task_weights_give_the_unchosen_experts_no_gradient():
+    """GShard's renormalised top-k weights depend on the k chosen logits' difference only: the
+    cross-entropy cannot raise a chosen expert above the others (why task gates stay soft)."""
+    grad, chosen, others = _expert_weight_gradient(renormalize=True)
+    # zero up to float32 rounding of the softmax normaliser (analytically exactly zero)
+    assert float(grad[others].abs().max()) < 1e-6
+    assert abs(float(grad[chosen].sum())) < 1e-6 and float(grad[chosen].abs().min()) > 1e-3
+
+
+def test_softmax_task_weights_reach_every_experts_logit():
+    """``--moe-task-gate-weights softmax``: the weights are the probabilities themselves, so the
+    gradient reaches the E - k other logits through the softmax's normaliser."""
+    grad, chosen, others = _expert_weight_gradient(renormalize=False)
+    assert float(grad[others].abs().min()) > 1e-3
+    gate = TaskGate(num_tasks=3, num_experts=8, top_k=2, renormalize=False)
+    probs, weights, experts = gate.route_tasks(torch.tensor([0, 2]))
+    assert torch.equal(weights, probs.gather(1, experts)) and bool((weights.sum(-1) < 1).all())

@@ -74,7 +74,9 @@ class MoeRouter(nn.Module):
                 elif routing_kinds.is_static(routing):
                     gate = StaticTaskGate(num_experts, top_k)
                 else:
-                    gate = TaskGate(routing_kinds.num_tasks(key, len(self.langs)), num_experts, top_k)
+                    # checkpoints from before the option have no attribute: GShard's renormalised weights
+                    renormalize = getattr(cfg, "moe_task_gate_weights", None) in (None, "top-k")
+                    gate = TaskGate(routing_kinds.num_tasks(key, len(self.langs)), num_experts, top_k, renormalize)
                 self.gates[_gate_name(side, index)] = gate
         # extracted model: (side, task key, task id) that every batch must match
         self.extracted_pair = getattr(cfg, "moe_extracted_lang_pair", None)

@@ -20,12 +20,22 @@ from taskmoe_fairseq.modules.routing_decision import (
 
 
 class TaskGate(Float32Params, nn.Module):
-    """``task_logits``: float32 ``[num_tasks, E]`` (kept float32 in fp16/bf16 models)."""
+    """``task_logits``: float32 ``[num_tasks, E]`` (kept float32 in fp16/bf16 models).
+
+    ``renormalize`` (``--moe-task-gate-weights top-k``, the default): the k weights are the top-k
+    probabilities renormalised to sum to 1, as in GShard. Then a weight depends only on the
+    difference of the k chosen logits, so the cross-entropy never reaches the other ``E - k``
+    logits: which experts a task uses is left to the initialisation and the balance loss, and the
+    gates stay soft (docs/quickstart/gates.md). ``False`` (``softmax``): the k weights are the
+    softmax probabilities themselves (they sum to less than 1, as with Switch's k = 1), so the
+    cross-entropy's gradient reaches every expert's logit through the softmax's normaliser.
+    """
 
     per_sentence = True
 
-    def __init__(self, num_tasks: int, num_experts: int, top_k: int = 2):
+    def __init__(self, num_tasks: int, num_experts: int, top_k: int = 2, renormalize: bool = True):
         super().__init__()
+        self.renormalize = renormalize
         # Random, not zero, logits: with equal logits every task would start on the same experts.
         self.task_logits = nn.Parameter(torch.randn(num_tasks, num_experts))
         self.num_experts = num_experts
@@ -34,7 +44,10 @@ class TaskGate(Float32Params, nn.Module):
     def route_tasks(self, tasks: Tensor):
         """Probabilities ``[T, E]``, top-k weights ``[T, K]`` and experts ``[T, K]`` of task ids ``[T]``."""
         probs = self.task_logits.float()[tasks].softmax(dim=-1)
-        weights, index = top_k_weights(probs, self.top_k)
+        if self.renormalize:
+            weights, index = top_k_weights(probs, self.top_k)
+        else:
+            weights, index = probs.topk(self.top_k, dim=-1)
         return probs, weights, index
 
     def forward(self, task_ids: Tensor, sentence_tokens: Tensor) -> RoutingDecision:
