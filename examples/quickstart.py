@@ -87,15 +87,36 @@ def clock(seconds):
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def progress_line(line, total_updates=None):
+class TrainingClock:
+    """Elapsed time and time left of one fairseq-train process, by this process's clock: fairseq's
+    ``wall`` restarts in a resumed run while ``num_updates`` does not, so the rate is taken over the
+    updates this process made (from its ``Loaded checkpoint ... @ N updates`` line)."""
+
+    def __init__(self, now=None):
+        self.start = time.time() if now is None else now
+        self.resumed_at = 0
+
+    def see(self, line):
+        resumed = re.search(r"Loaded checkpoint .* @ (\d+) updates\)", line)
+        if resumed:
+            self.resumed_at = int(resumed.group(1))
+
+    def progress(self, done, total_updates, now=None):
+        elapsed = (time.time() if now is None else now) - self.start
+        made = done - self.resumed_at
+        left = f", about {clock(elapsed / made * (total_updates - done))} left" if total_updates and made > 0 else ""
+        return f"elapsed {clock(elapsed)}{left}"
+
+
+def progress_line(line, total_updates=None, training_clock=None):
     """fairseq's long ``--log-format simple`` lines, shortened to what tells progress: updates done
-    / total, loss, elapsed and (from the rate so far) the time left."""
+    / total, loss, elapsed and (from the rate so far, see :class:`TrainingClock`) the time left."""
     fields = dict(re.findall(r"(\w+)[= ]([\d.]+)", line.split("valid on", 1)[-1]))
     if "train_inner" in line and "num_updates" in fields:
-        done, wall = int(fields["num_updates"]), float(fields.get("wall", 0))
-        left = f", about {clock(wall / done * (total_updates - done))} left" if total_updates and done else ""
+        done = int(fields["num_updates"])
         of = f"/{total_updates}" if total_updates else ""
-        return f"update {done}{of}: loss {fields.get('loss')}, {fields.get('wps')} words/s, elapsed {clock(wall)}{left}"
+        timing = (training_clock or TrainingClock()).progress(done, total_updates)
+        return f"update {done}{of}: loss {fields.get('loss')}, {fields.get('wps')} words/s, {timing}"
     if "valid on" in line:
         return f"validation at update {fields.get('num_updates')}: loss {fields.get('loss')}, ppl {fields.get('ppl')}"
     return line.rstrip()[-160:]
@@ -105,12 +126,14 @@ def run(command, log_path=None, show=None, env=None, prefix="", total_updates=No
     """Run a CLI; stream lines matching ``show`` as progress (each starting with ``prefix``); keep
     the whole log in ``log_path``. ``env``: extra environment variables."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1", **(env or {}))  # progress as it happens
+    training_clock = TrainingClock()
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as process:
         lines = []
         for line in process.stdout:
             lines.append(line)
+            training_clock.see(line)
             if show and re.search(show, line):
-                sys.stdout.write("    " + prefix + progress_line(line, total_updates) + "\n")  # one write: callers may use threads
+                sys.stdout.write("    " + prefix + progress_line(line, total_updates, training_clock) + "\n")  # one write: callers may use threads
                 sys.stdout.flush()
     output = "".join(lines)
     if log_path:

@@ -73,3 +73,17 @@ def test_recipe_overrides():
     assert quickstart_recipe.apply_overrides(base, ["--lr", "5e-3", "--no-share-all-embeddings", "--dropout", "0"]) == [
         "--arch", "small", "--lr", "5e-3", "--adam-betas", "(0.9,0.98)", "--dropout", "0"]
     assert quickstart_recipe.apply_overrides(base, []) == base
+
+
+def test_training_progress_counts_only_this_processs_updates_after_a_resume():
+    """A resumed fairseq-train restarts its ``wall`` but not ``num_updates``: the time left comes
+    from the updates this process made (it printed "about 0:00 left" at 1,350 of 2,400 before)."""
+    clock = quickstart.TrainingClock(now=1000.0)
+    clock.see("INFO | fairseq.trainer | Loaded checkpoint runs/x/checkpoint_last.pt (epoch 5 @ 1231 updates)")
+    assert clock.resumed_at == 1231
+    assert clock.progress(1331, 2400, now=1100.0) == "elapsed 1:40, about 17:49 left"  # 1 s per update
+    fresh = quickstart.TrainingClock(now=0.0)
+    assert fresh.progress(50, 1000, now=25.0) == "elapsed 0:25, about 7:55 left"
+    line = ("epoch 001:     50 / 243 loss=10.9, nll_loss=10.8, wps=3414.6, ups=1.1, wall=0, train_wall=40, "
+            "num_updates=50 | INFO | train_inner")
+    assert quickstart.progress_line(line, 1000, fresh).startswith("update 50/1000: loss 10.9, 3414.6 words/s, elapsed ")
