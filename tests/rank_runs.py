@@ -84,4 +84,4 @@ def assert_ranks(log, nprocs, backend, init_method):
     assert "'load_checkpoint_on_all_dp_ranks': False" in log
     # rank 0 logs; its metrics are the all-reduced ones of every rank (compared by the callers)
     assert f"training on {nprocs} devices" in log
-    assert "Traceback" not in log and "gradients are inconsistent between workers" not in log
+    assert "Traceback" not in log
