@@ -18,7 +18,7 @@ from conftest import _read_log, _save_log, build_once
 from taskmoe_fairseq.cpu_data_parallel import free_port
 
 GLOBAL_BATCHES = 4  # micro-batches per update, over all ranks
-# 500 tokens per micro-batch: about 100 batches per epoch of the fixture, so 20 updates x 4 stay in epoch 1
+# 500 tokens per micro-batch: 156 batches (39 updates of 4) per epoch of the fixture, so 20 updates stay in epoch 1
 LAYOUT = ("--moe-expert-count", "8", "--dropout", "0", "--moe-second-expert-policy", "all",
           "--max-tokens", "500", "--log-interval", "1")
 

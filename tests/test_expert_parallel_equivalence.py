@@ -6,7 +6,9 @@ The same global batch in all three (``rank_runs``: the layout, and why dropout i
 token gate's second expert is taken whole: with ``sampling``, 2 ranks already route ~1% of
 tokens differently from one process at update 1, while expert and data parallelism on the same
 ranks agree exactly: test_expert_parallel_training). The ranks run legacy_ddp, the launcher's
-default.
+default, at both sizes: with pytorch_ddp at P = 2 and legacy_ddp at P = 4 the two curves parted
+at update 16 (grad norm 0.398 vs 0.395), because an expert that no rank used gets a zero gradient
+under legacy_ddp (Adam still moves it) and none under pytorch_ddp with P = W (Adam skips it).
 Tolerance: fairseq logs 3 decimals; a logged value may flip at a rounding boundary (1.001e-3).
 2 and 4 expert-parallel ranks give the same curve to that precision for all 20 updates. Against
 one process, the gradients are the same sums taken in another order (one process accumulates the
