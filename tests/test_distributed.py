@@ -1,44 +1,27 @@
-"""Two CPU ranks (gloo) train and resume with every DDP backend fairseq offers for this model,
+"""Data-parallel training on CPU ranks (gloo) with the DDP backends fairseq offers for this model,
 launched with the plugin's launcher and with torchrun, resuming the way fairseq does by default:
-rank 0 reads the checkpoint and broadcasts it (no ``--load-checkpoint-on-all-dp-ranks``)."""
+rank 0 reads the checkpoint and broadcasts it (no ``--load-checkpoint-on-all-dp-ranks``).
+
+Which backend is run at which rank count (``no_c10d`` is fairseq's other name for
+``legacy_ddp``: one class, ``LegacyDistributedDataParallel``):
+
+* ``legacy_ddp``: 2 ranks, train and resume (the session's ``ddp_checkpoint``, below); with
+  expert parallelism at 2 and 4 ranks (test_expert_parallel_equivalence);
+* ``pytorch_ddp``: 4 ranks, train with the launcher, resume with torchrun (below); with expert
+  parallelism at 2 ranks (torchrun) and 4 ranks, train and sharded resume (test_expert_parallel_training);
+* ``no_c10d``: with expert parallelism at 2 ranks (P = 2) and at 4 ranks (P = 2 on 4 ranks: two
+  data-parallel replicas of two expert shards, whose shared parameters go through the backend
+  over all 4 ranks), train and sharded resume (test_expert_parallel_training).
+"""
 
 import re
-import sys
 
 import pytest
 
-from cli_helpers import python_module, run, train_command
-from taskmoe_fairseq.cpu_data_parallel import free_port
+from cli_helpers import assert_same_metrics, run, train_metrics
+from rank_runs import assert_ranks, launcher, layout_args, log_of, one_process_curve, torchrun
 
-FIRST, RESUMED = 3, 6
-
-
-def fairseq_train_args(data_dir, save_dir, max_update):
-    # 8 experts and small batches: some expert of some layer gets no token on some rank in every
-    # few updates (what made pytorch_ddp die at update 2)
-    command = train_command(data_dir, save_dir, "token", "target", max_update)[1:]  # drop "fairseq-train"
-    return command + ["--moe-expert-count", "8", "--max-tokens", "400"]
-
-
-def launcher(data_dir, save_dir, backend, max_update):
-    return python_module(
-        "taskmoe_fairseq.cpu_data_parallel", "--nprocs", "2", "--ddp-backend", backend, "--",
-        *fairseq_train_args(data_dir, save_dir, max_update),
-    )
-
-
-def torchrun(data_dir, save_dir, backend, max_update):
-    """How fairseq users launch: torchrun starts the ranks, fairseq reads its environment (env://)."""
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        "-m", "fairseq_cli.train", *fairseq_train_args(data_dir, save_dir, max_update),
-        "--distributed-backend", "gloo", "--ddp-backend", backend,
-    ]
-
-
-def log_of(result):
-    return result.stdout + result.stderr
+FIRST, RESUMED = 3, 5
 
 
 def last_update(log):
@@ -46,46 +29,27 @@ def last_update(log):
     return max(updates) if updates else None
 
 
-def assert_two_ranks(log, backend, init_method):
-    assert f"distributed init (rank 0): {init_method}" in log
-    assert f"distributed init (rank 1): {init_method}" in log
-    assert f"'ddp_backend': '{backend}'" in log
-    # fairseq's default resume: rank 0 reads the file and broadcasts it
-    assert "'load_checkpoint_on_all_dp_ranks': False" in log
-
-
-def assert_trained_then_resumed(first, resumed, checkpoint_name="checkpoint_last.pt"):
-    assert last_update(log_of(first)) == FIRST
-    resumed_log = log_of(resumed)
-    assert re.search(rf"Loaded checkpoint \S*{checkpoint_name} \(epoch \d+ @ {FIRST} updates\)", resumed_log)
-    assert last_update(resumed_log) == RESUMED
-    assert "Traceback" not in resumed_log
-
-
-def test_pytorch_ddp_trains_with_the_launcher_and_resumes_with_torchrun(data_dir, tmp_path):
-    """fairseq's default backend: torch's DistributedDataParallel, with find_unused_parameters
-    turned on by the plugin (without it training died at update 2: an unused expert had no gradient)."""
+def test_pytorch_ddp_on_four_ranks_trains_with_the_launcher_and_resumes_with_torchrun(data_dir, shared_root, tmp_path):
+    """fairseq's default backend (torch's DistributedDataParallel) on 4 ranks, with
+    find_unused_parameters turned on by the plugin: without it training dies at update 2
+    ("Expected to have finished reduction in the prior iteration": an expert that no token of a
+    rank's batch chose has no gradient). The 4 ranks take the global batches one process takes
+    with --update-freq 4 (rank_runs), so rank 0's logged metrics, all-reduced over the 4 ranks,
+    are those of one process at every update across the resume, to fairseq's 3 logged decimals
+    (an expert that no rank used gets no gradient here, as in one process: Adam skips it)."""
     save_dir = str(tmp_path / "ckpt")
-    first = run(launcher(data_dir, save_dir, "pytorch_ddp", FIRST))
-    resumed = run(torchrun(data_dir, save_dir, "pytorch_ddp", RESUMED))
-    assert_two_ranks(log_of(first), "pytorch_ddp", "tcp://127.0.0.1:")
-    assert_two_ranks(log_of(resumed), "pytorch_ddp", "env://")
+    routing = ("token", "target")
+    first = run(launcher(4, layout_args(data_dir, save_dir, routing, FIRST, 4), "pytorch_ddp"))
+    resumed = run(torchrun(4, layout_args(data_dir, save_dir, routing, RESUMED, 4), "pytorch_ddp"))
+    assert_ranks(log_of(first), 4, "pytorch_ddp", "tcp://127.0.0.1:")
+    assert_ranks(log_of(resumed), 4, "pytorch_ddp", "env://")
     for result in (first, resumed):
         assert "setting find_unused_parameters=True" in log_of(result)
-        assert "training on 2 devices" in log_of(result)
-    assert_trained_then_resumed(first, resumed)
-
-
-@pytest.mark.parametrize("backend", ["no_c10d"])
-def test_launcher_backend_trains_and_resumes(backend, data_dir, tmp_path):
-    save_dir = str(tmp_path / "ckpt")
-    first = run(launcher(data_dir, save_dir, backend, FIRST))
-    resumed = run(launcher(data_dir, save_dir, backend, RESUMED))
-    for result in (first, resumed):
-        assert_two_ranks(log_of(result), backend, "tcp://127.0.0.1:")
-        # LegacyDistributedDataParallel all-reduces every gradient: nothing to turn on
-        assert "find_unused_parameters=True" not in log_of(result)
-    assert_trained_then_resumed(first, resumed)
+    assert last_update(log_of(first)) == FIRST
+    assert re.search(rf"Loaded checkpoint \S*checkpoint_last\.pt \(epoch 1 @ {FIRST} updates\)", log_of(resumed))
+    curve = train_metrics(first) + train_metrics(resumed)
+    assert [row["num_updates"] for row in curve] == list(range(1, RESUMED + 1))
+    assert_same_metrics(curve, one_process_curve(data_dir, shared_root, routing, 20)[:RESUMED])
 
 
 def test_legacy_ddp_launcher_default_trains_and_resumes(ddp_checkpoint):
@@ -93,7 +57,9 @@ def test_legacy_ddp_launcher_default_trains_and_resumes(ddp_checkpoint):
     ``ddp_checkpoint`` fixture (shared with the extraction test), resumed by broadcast."""
     _, (first, resumed) = ddp_checkpoint
     for result in (first, resumed):
-        assert_two_ranks(log_of(result), "legacy_ddp", "tcp://127.0.0.1:")
+        assert_ranks(log_of(result), 2, "legacy_ddp", "tcp://127.0.0.1:")
+        # LegacyDistributedDataParallel all-reduces every gradient: nothing to turn on
+        assert "find_unused_parameters=True" not in log_of(result)
     assert last_update(log_of(first)) == 6
     assert re.search(r"Loaded checkpoint \S*checkpoint_last.pt \(epoch \d+ @ 6 updates\)", log_of(resumed))
     assert last_update(log_of(resumed)) == 12

@@ -1,40 +1,46 @@
-"""Expert-parallel training through the real fairseq-train on 2 CPU ranks (gloo), against the
-session's 2-rank data-parallel run (``ddp_checkpoint``: token/target, E = 4, legacy_ddp, 6 updates
-then resumed to 12, same data, seed and options): same losses, sharded checkpoints that resume,
-consolidate, generate and extract."""
+"""Expert-parallel training through the real fairseq-train on CPU ranks (gloo).
+
+* 2 ranks, P = 2, ``no_c10d``, against the session's 2-rank data-parallel run (``ddp_checkpoint``:
+  token/target, E = 4, ``legacy_ddp``, the same class under its other name; 6 updates then
+  resumed to 12, same data, seed and options): same losses, sharded checkpoints that resume,
+  consolidate, generate and extract; ``pytorch_ddp`` through torchrun for 3 updates.
+* 4 ranks, P = 2 (two data-parallel replicas of two expert shards), ``no_c10d`` with the plugin's
+  launcher and ``pytorch_ddp`` with torchrun: train, sharded resume, and the loss curve of one
+  process holding every expert.
+"""
 
 import os
 import re
-import sys
 
 import pytest
 import torch
 
 from cli_helpers import TEST_LINES, assert_same_metrics, generate_command, parse_generation, python_module, run, train_command, train_metrics
 from conftest import DDP_EXTRA
+from rank_runs import assert_ranks, launcher, layout_args, log_of, one_process_curve, shared_runs, torchrun
 from taskmoe_fairseq.compat import safe_torch_load
-from taskmoe_fairseq.cpu_data_parallel import free_port
 from taskmoe_fairseq.sharded_checkpoint import read_meta
 
-def ep_command(data_dir, save_dir, max_update, size="2", nprocs="2"):
+
+def ep_command(data_dir, save_dir, max_update):
     command = train_command(data_dir, save_dir, "token", "target", max_update, DDP_EXTRA)[1:]
-    return python_module("taskmoe_fairseq.cpu_data_parallel", "--nprocs", nprocs, "--", *command,
-                         "--moe-expert-parallel-size", size)
+    return launcher(2, [*command, "--moe-expert-parallel-size", "2"], "no_c10d")
 
 
 @pytest.fixture(scope="module")
-def ep_run(data_dir, tmp_path_factory):
-    """P = 2 on 2 ranks: 6 updates, then resumed to 12 from the sharded checkpoint."""
-    save_dir = str(tmp_path_factory.mktemp("ep"))
-    logs = [run(ep_command(data_dir, save_dir, max_update)) for max_update in (6, 12)]
-    return save_dir, logs
+def ep_run(data_dir, shared_root):
+    """P = 2 on 2 ranks: 6 updates, then resumed to 12 from the sharded checkpoint (built once per
+    test run: the xdist workers share it)."""
+    return shared_runs(shared_root, "ep-2-ranks", lambda folder: [ep_command(data_dir, folder, n) for n in (6, 12)])
 
 
 @pytest.fixture(scope="module")
-def consolidated(ep_run, tmp_path_factory):
-    output = str(tmp_path_factory.mktemp("consolidated") / "full.pt")
-    result = run(python_module("taskmoe_fairseq.consolidate", "--checkpoint-dir", ep_run[0], "--output", output))
-    return output, result
+def consolidated(ep_run, shared_root):
+    def commands(folder):
+        return [python_module("taskmoe_fairseq.consolidate", "--checkpoint-dir", ep_run[0], "--output", os.path.join(folder, "full.pt"))]
+
+    folder, (result,) = shared_runs(shared_root, "ep-2-ranks-consolidated", commands)
+    return os.path.join(folder, "full.pt"), result
 
 
 def valid_loss(checkpoint, data_dir):
@@ -67,7 +73,8 @@ def test_expert_parallel_training_matches_data_parallel(ep_run, ddp_checkpoint, 
     assert_same_metrics(ep_metrics, ddp_metrics)
     assert abs(valid_loss(consolidated[0], data_dir) - valid_loss(ddp_full, data_dir)) < 1e-5
     # the experts really were split: each rank holds half of them (fairseq counts them apart)
-    log = ep_logs[0].stdout + ep_logs[0].stderr
+    log = log_of(ep_logs[0])
+    assert_ranks(log, 2, "no_c10d", "tcp://127.0.0.1:")
     assert "expert parallelism: 16 expert parameters are left out of DDP" in log
     assert re.search(r"num\. expert model params: \d+", log)
 
@@ -78,7 +85,7 @@ def test_sharded_checkpoint_files_and_resume(ep_run):
     for stem in ("checkpoint_last", "checkpoint_best"):
         assert {f"{stem}-shared.pt", f"{stem}-rank-0.pt", f"{stem}-rank-1.pt"} <= set(names), names
     assert "checkpoint_last.pt" not in names
-    assert re.search(r"Loaded checkpoint \S*checkpoint_last-rank-0\.pt \(epoch \d+ @ 6 updates\)", resumed.stdout + resumed.stderr)
+    assert re.search(r"Loaded checkpoint \S*checkpoint_last-rank-0\.pt \(epoch \d+ @ 6 updates\)", log_of(resumed))
     shared = safe_torch_load(os.path.join(save_dir, "checkpoint_last-shared.pt"))
     shards = [safe_torch_load(os.path.join(save_dir, f"checkpoint_last-rank-{shard}.pt")) for shard in (0, 1)]
     assert not any(".moe.experts." in key for key in shared["model"])
@@ -108,11 +115,9 @@ def test_pytorch_ddp_through_torchrun(ddp_checkpoint, data_dir, tmp_path):
     match the data-parallel run (every expert of this model gets tokens in each of them, so
     legacy_ddp's zero gradients and pytorch_ddp's missing ones do not differ)."""
     command = train_command(data_dir, str(tmp_path / "ckpt"), "token", "target", 3, DDP_EXTRA)[1:]
-    result = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                  "--master_port", str(free_port()), "-m", "fairseq_cli.train", *command, "--distributed-backend", "gloo",
-                  "--ddp-backend", "pytorch_ddp", "--moe-expert-parallel-size", "2", "--no-save"])
-    log = result.stdout + result.stderr
-    assert "'ddp_backend': 'pytorch_ddp'" in log and "distributed init (rank 1): env://" in log
+    result = run(torchrun(2, [*command, "--moe-expert-parallel-size", "2", "--no-save"]))
+    log = log_of(result)
+    assert_ranks(log, 2, "pytorch_ddp", "env://")
     assert "expert parallelism: 16 expert parameters are left out of DDP" in log
     assert_same_metrics(train_metrics(result), train_metrics(ddp_checkpoint[1][0])[:3])
 
@@ -145,3 +150,43 @@ def test_single_process_run_on_an_expert_parallel_save_dir_is_refused(ep_run, da
     assert ("holds an expert-parallel checkpoint (checkpoint_last-shared.pt, P = 2) and no checkpoint_last.pt: "
             "resume with --moe-expert-parallel-size 2") in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("backend", ["no_c10d", "pytorch_ddp"])
+def test_four_ranks_with_two_expert_shards_train_and_resume(backend, data_dir, shared_root, tmp_path):
+    """P = 2 on 4 ranks: ranks {0, 1} and {2, 3} are two expert-parallel groups, each holding the
+    E = 8 experts as two shards of 4; ranks {0, 2} and {1, 3} are each shard's replicas (its
+    gradients summed over them); the shared parameters go through the backend over all 4 ranks.
+    no_c10d starts with the plugin's launcher, pytorch_ddp with torchrun. 3 updates, then resumed
+    from the sharded checkpoint to 5 (every rank reads the shared file and its shard: ranks 2 and 3
+    read the files ranks 0 and 1 wrote). The 4 ranks take the global batches of one process with
+    --update-freq 4 (rank_runs), so every update's logged metrics, resume included, are those of one
+    process holding all 8 experts, to fairseq's 3 logged decimals: a wrong expert gradient, a
+    replica that drifted or a shard resumed on the wrong rank would show in the loss."""
+    save_dir = str(tmp_path / "ckpt")
+    routing = ("token", "target")
+
+    def start(max_update):
+        args = [*layout_args(data_dir, save_dir, routing, max_update, 4), "--moe-expert-parallel-size", "2"]
+        return launcher(4, args, backend) if backend == "no_c10d" else torchrun(4, args, backend)
+
+    results = [run(start(max_update)) for max_update in (3, 5)]
+    for result in results:
+        assert_ranks(log_of(result), 4, backend, "tcp://127.0.0.1:" if backend == "no_c10d" else "env://")
+        # E = 8 over P = 2: 4 local experts in each of the 2 MoE layers, 4 tensors each
+        assert "expert parallelism: 32 expert parameters are left out of DDP" in log_of(result)
+    assert re.search(r"Loaded checkpoint \S*checkpoint_last-rank-0\.pt \(epoch 1 @ 3 updates\)", log_of(results[1]))
+    curve = [row for result in results for row in train_metrics(result)]
+    assert [row["num_updates"] for row in curve] == [1, 2, 3, 4, 5]
+    assert_same_metrics(curve, one_process_curve(data_dir, shared_root, routing, 20)[:5])
+
+    names = set(os.listdir(save_dir))
+    assert {"checkpoint_last-shared.pt", "checkpoint_last-rank-0.pt", "checkpoint_last-rank-1.pt"} <= names, names
+    assert not {"checkpoint_last.pt", "checkpoint_last-rank-2.pt", "checkpoint_last-rank-3.pt"} & names, names  # replicas do not save
+    paths = [os.path.join(save_dir, f"checkpoint_last-rank-{shard}.pt") for shard in (0, 1)]
+    metas = [read_meta(path) for path in paths]
+    assert [(meta["shard"], meta["size"], meta["num_updates"]) for meta in metas] == [(0, 2, 5), (1, 2, 5)]
+    assert metas[0]["run"] == metas[1]["run"] == read_meta(os.path.join(save_dir, "checkpoint_last-shared.pt"))["run"]
+    shards = [safe_torch_load(path)["model"] for path in paths]
+    assert all(len(shard) == 2 * 4 * 4 for shard in shards)
+    assert not torch.equal(*(shard["decoder.layers.1.moe.experts.0.fc1.weight"] for shard in shards))
