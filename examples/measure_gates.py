@@ -7,8 +7,8 @@ checkpoint holds each task's routing exactly.
 
 Usage::
 
-    python examples/measure_gates.py --out docs/quickstart/gates.json CKPT_200.pt CKPT_400.pt ...
-    python examples/report_gates.py docs/quickstart/gates.json --out docs/quickstart/gates.md
+    python examples/measure_gates.py --name NAME --out docs/quickstart/gates.json CKPT_200.pt CKPT_400.pt ...
+    python examples/report_gates.py docs/quickstart/gates*.json --out docs/quickstart/gates.md
 
 Checkpoints are read with the plugin's safe loader (``weights_only`` plus its allow-list); the
 run's routing, languages and pairs come from the checkpoint's own config. Static and sentence
@@ -19,6 +19,7 @@ import argparse
 import itertools
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -110,11 +111,12 @@ def overlap(point):
     return out
 
 
-def measure(paths):
+def measure(paths, name):
     series = sorted((read_checkpoint(p) for p in paths), key=lambda point: point["updates"])
     return {
         "kind": "gate_diagnostics",
-        "command": " ".join(["python", "examples/measure_gates.py", *sys.argv[1:]]),
+        "name": name,
+        "command": shlex.join(["python", "examples/measure_gates.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "torch": torch.__version__,
         "series": series,
@@ -127,11 +129,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+", help="checkpoints of one run (any order: sorted by updates)")
     parser.add_argument("--out", required=True, help="the JSON record to write")
+    parser.add_argument("--name", default="run", help="what the run was (a heading of the report)")
     options = parser.parse_args(argv)
     for path in options.checkpoints:
         if not os.path.isfile(path):
             raise TaskMoeError(f"no checkpoint at {path}: pass the checkpoint files of one run")
-    record = measure(options.checkpoints)
+    record = measure(options.checkpoints, options.name)
     atomic_write_text(options.out, json.dumps(record, indent=1))
     print(f"wrote {options.out}: {len(record['series'])} checkpoints, layers {', '.join(record['series'][0]['layers'])}")
     return 0

@@ -5,7 +5,7 @@ Nothing is measured here.
 
 Usage::
 
-    python examples/report_gates.py docs/quickstart/gates.json --out docs/quickstart/gates.md
+    python examples/report_gates.py docs/quickstart/gates*.json --out docs/quickstart/gates.md
 """
 
 import argparse
@@ -55,22 +55,28 @@ def layer_tables(record: dict, layer: str):
     return lines
 
 
-def markdown(record: dict, title: str) -> str:
-    lines = [f"# {title}", "", f"`{record['command']}` ({record['date']}, torch {record['torch']}).", ""]
-    for layer in record["series"][0]["layers"]:
-        lines += layer_tables(record, layer) + [""]
+def markdown(records, title: str) -> str:
+    lines = [f"# {title}", "", "Produced by `python examples/report_gates.py` from the records of "
+             "`examples/measure_gates.py` named below; each section is one training run.", ""]
+    for record in records:
+        lines += [f"## {record.get('name', 'run')}", "",
+                  f"`{record['command']}` ({record['date']}, torch {record['torch']}).", ""]
+        for layer in record["series"][0]["layers"]:
+            lines += layer_tables(record, layer) + [""]
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("record", help="a JSON record of measure_gates.py")
+    parser.add_argument("records", nargs="+", help="JSON records of measure_gates.py, one per run")
     parser.add_argument("--out", required=True, help="the markdown file to write")
     parser.add_argument("--title", default="Task-gate diagnostics")
     options = parser.parse_args(argv)
-    with open(options.record, encoding="utf-8") as stream:
-        record = json.load(stream)
-    atomic_write_text(options.out, markdown(record, options.title))
+    records = []
+    for path in options.records:
+        with open(path, encoding="utf-8") as stream:
+            records.append(json.load(stream))
+    atomic_write_text(options.out, markdown(records, options.title))
     print(f"wrote {options.out}")
     return 0
 
