@@ -30,10 +30,10 @@ setup(
     ],
     package_data={"taskmoe_fairseq.serving": ["page.html"]},
     extras_require={
-        # pytest-xdist runs the suite on both cores (-n 2); filelock lets its workers share one
-        # trained model per routing instead of training it once per worker; selenium drives
-        # Debian's chromium (+ chromium-driver) for the serving page's test
-        "test": ["pytest>=7", "pytest-xdist>=3.5", "filelock>=3.12", "selenium>=4.10"],
+        # pytest-xdist runs the suite on both cores (-n 2; 3.8 for pytest.ini's --no-loadscope-reorder);
+        # filelock lets its workers share one trained model per routing instead of training it once
+        # per worker; selenium drives Debian's chromium (+ chromium-driver) for the serving page's test
+        "test": ["pytest>=7", "pytest-xdist>=3.8", "filelock>=3.12", "selenium>=4.10"],
         # python -m taskmoe_fairseq.serve: aiohttp's server (HTTP, body-size limit, JSON) and client (load test)
         "serve": ["aiohttp>=3.9"],
         "bench": ["matplotlib>=3.7"],

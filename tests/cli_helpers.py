@@ -1,13 +1,13 @@
 """Running the real fairseq CLIs (and ours) on the bundled real-text fixture."""
 
 import contextlib
+import copy
 import io
 import os
 import re
 import subprocess
 import sys
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,6 +43,45 @@ def run(command, check=True, stdin=None, timeout=600):
     return result
 
 
+def run_warm(command, check=True, stdin=None, timeout=600, env=ENV):
+    """``run``, but the process is forked from an interpreter that has already imported torch and
+    fairseq (tests/forked_cli.py): the same command, entry point, exit status and output, without
+    seconds of imports per process. Tests of what a cold start prints (import-time output, the
+    one real-process test per tool) use ``run``."""
+    from forked_cli import run_forked
+
+    result = run_forked(command, env, REPO, stdin, timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(command)}\nexit {result.returncode}\n--- stderr (tail)\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+_PARSED_OVERRIDES = {}
+
+
+@contextlib.contextmanager
+def _cached_override_parsing():
+    """fairseq turns every option into a hydra override string and hydra parses each with its
+    ANTLR grammar, most of a second per command; the parse of a string is always the same, so
+    in-process runs parse each string once (a copy per use) while converting their options."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    original = OverridesParser.parse_rule
+
+    def parse_rule(self, text, rule_name):
+        if (text, rule_name) not in _PARSED_OVERRIDES:
+            _PARSED_OVERRIDES[(text, rule_name)] = original(self, text, rule_name)
+        return copy.deepcopy(_PARSED_OVERRIDES[(text, rule_name)])
+
+    OverridesParser.parse_rule = parse_rule
+    try:
+        yield
+    finally:
+        OverridesParser.parse_rule = original
+
+
 def run_in_process(command, stdin=None):
     """``fairseq-generate`` / ``fairseq-interactive`` through the tool's own parser and ``main``
     in this process: the same code as the command, without a fresh interpreter and its seconds
@@ -57,7 +96,8 @@ def run_in_process(command, stdin=None):
         "fairseq-generate": (generate, options.get_generation_parser),
         "fairseq-interactive": (interactive, options.get_interactive_generation_parser),
     }[tool]
-    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser(), args))
+    with _cached_override_parsing():
+        cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser(), args))
     out, saved_stdin = io.StringIO(), sys.stdin
     sys.stdin = io.StringIO(stdin or "")  # fairseq-interactive reads "-" through fileinput
     try:
@@ -129,7 +169,12 @@ def train_command(data, save_dir, encoder_routing, decoder_routing, max_update, 
     ]
 
 
-def generate_command(data, checkpoint, pair, beam):
+# fairseq-generate's data loader in this process (its default, one worker process, adds about 5 s
+# per run: the DataLoader waits that long for the worker to stop); the results are the same
+NO_LOADER_WORKERS = ("--num-workers", "0")
+
+
+def generate_command(data, checkpoint, pair, beam, loader=NO_LOADER_WORKERS):
     source, target = pair.split("-")
     return [
         "fairseq-generate", data, *TASK_ARGS,
@@ -137,7 +182,7 @@ def generate_command(data, checkpoint, pair, beam):
         "--path", checkpoint, "--gen-subset", "test",
         "--beam", str(beam), "--max-len-a", "1.2", "--max-len-b", "10",
         "--batch-size", "16", "--required-batch-size-multiple", "1",
-        "--cpu",
+        "--cpu", *loader,
     ]
 
 
@@ -155,11 +200,6 @@ def parse_generation(stdout):
         else:
             positional[sentence] = [float(value) for value in rest.split()]
     return {sentence: (text, score, positional.get(sentence, [])) for sentence, (text, score) in hypotheses.items()}
-
-
-def run_many(commands, workers=2):
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(run, commands))
 
 
 def python_module(module, *args):

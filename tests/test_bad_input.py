@@ -1,5 +1,9 @@
 """Bad input stops with one line that names the problem and the fix; never a traceback,
-never a half-written file."""
+never a half-written file.
+
+Every command-line case runs as a real process; one per tool starts a fresh interpreter
+(fairseq-train: the unknown routing name; extract: the unknown pair), the others are forked
+from one that has imported torch and fairseq already (``cli_helpers.run_warm``)."""
 
 import decimal
 import os
@@ -7,7 +11,7 @@ import os
 import pytest
 import torch
 
-from cli_helpers import generate_command, python_module, run, train_command
+from cli_helpers import generate_command, python_module, run, run_warm, train_command
 from taskmoe_fairseq import extract
 from taskmoe_fairseq.compat import safe_torch_load
 
@@ -40,38 +44,41 @@ def train(data_dir, tmp_path):
 
 
 def test_unknown_routing_name(train):
-    result = run(with_option(train, "--decoder-moe-routing", "by-magic"), check=False)
+    command = with_option(train, "--decoder-moe-routing", "by-magic")
+    result = run(command, check=False)
     assert_one_line_error(result, "--decoder-moe-routing: invalid choice: 'by-magic'")
+    forked = run_warm(command, check=False)  # what the forked cases below rely on: the same status and stderr
+    assert (forked.returncode, forked.stderr) == (result.returncode, result.stderr)
 
 
 def test_task_routing_without_language_tags(train):
-    result = run(without(train, "--encoder-langtok", flags=("--decoder-langtok",)), check=False)
+    result = run_warm(without(train, "--encoder-langtok", flags=("--decoder-langtok",)), check=False)
     assert_one_line_error(result, "no target-language tag")
     assert "--encoder-langtok tgt" in result.stderr
 
 
 def test_top_k_greater_than_expert_count(train):
-    result = run(with_option(with_option(train, "--moe-expert-count", "4"), "--moe-top-k", "6"), check=False)
+    result = run_warm(with_option(with_option(train, "--moe-expert-count", "4"), "--moe-top-k", "6"), check=False)
     assert_one_line_error(result, "--moe-top-k 6 must be between 1 and --moe-expert-count (4)")
 
 
 def test_language_pair_using_a_language_outside_langs(train):
     command = list(train)
     command[command.index("--lang-pairs") + 1] = "en-de,en-ja"
-    assert_one_line_error(run(command, check=False), "--lang-pairs uses ja, which --langs (en,de,fr,ru) lacks")
+    assert_one_line_error(run_warm(command, check=False), "--lang-pairs uses ja, which --langs (en,de,fr,ru) lacks")
 
 
 def test_generate_for_a_pair_outside_the_languages_or_without_data(trained, data_dir):
     command = generate_command(data_dir, trained.get("token", "target"), "de-ja", beam=1)
-    assert_one_line_error(run(command, check=False), "unknown language pair de-ja: the model knows en-de,de-en")
+    assert_one_line_error(run_warm(command, check=False), "unknown language pair de-ja: the model knows en-de,de-en")
     command = generate_command(data_dir, trained.get("token", "target"), "de-fr", beam=1)
-    assert_one_line_error(run(command, check=False), "de-fr is zero-shot: --lang-pairs has no test data for it")
+    assert_one_line_error(run_warm(command, check=False), "de-fr is zero-shot: --lang-pairs has no test data for it")
 
 
 def test_generate_with_the_stock_task_on_a_task_routed_model(trained, data_dir):
     command = generate_command(data_dir, trained.get("token", "target"), "en-de", beam=1)
     command[command.index("multilingual_translation_taskmoe")] = "translation_multi_simple_epoch"
-    assert_one_line_error(run(command, check=False), "run it with --task multilingual_translation_taskmoe")
+    assert_one_line_error(run_warm(command, check=False), "run it with --task multilingual_translation_taskmoe")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "unsafe global"])
@@ -87,7 +94,7 @@ def test_checkpoint_that_fails_safe_loading(damage, trained, data_dir, tmp_path)
         state["extra_state"]["note"] = decimal.Decimal("1.5")  # not on the allow-list
         torch.save(state, bad)
         expected = "refused by torch's safe loader"
-    assert_one_line_error(run(generate_command(data_dir, bad, "en-de", beam=1), check=False), expected)
+    assert_one_line_error(run_warm(generate_command(data_dir, bad, "en-de", beam=1), check=False), expected)
 
 
 # ---- python -m taskmoe_fairseq.extract ------------------------------------------------
@@ -226,7 +233,7 @@ def test_an_extracted_checkpoint_asked_for_another_pair_stops_with_one_line(tool
     if tool == "fairseq-interactive":
         command = ["fairseq-interactive", *command[1:command.index("--gen-subset")], "--cpu"]
         stdin = "▁hallo\n"
-    result = run(command, check=False, stdin=stdin)
+    result = run_warm(command, check=False, stdin=stdin)
     assert_one_line_error(result, "is the en-de sub-network; it cannot translate de-en")
     assert "H-" not in result.stdout
 

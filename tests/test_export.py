@@ -25,7 +25,7 @@ import pytest
 import sentencepiece
 import torch
 
-from cli_helpers import LANG_PAIRS, TASK_ARGS, TEST_LINES, parse_generation, python_module, raw_lines, run, run_in_process, run_main
+from cli_helpers import LANG_PAIRS, NO_LOADER_WORKERS, TASK_ARGS, TEST_LINES, parse_generation, python_module, raw_lines, run, run_in_process, run_main
 from taskmoe_fairseq.export.conventions import CONVENTIONS_FILE, source_tokens, target_prefix
 from taskmoe_fairseq.export.ct2_decode import translate_pieces
 from taskmoe_fairseq.export.subnetwork import merged_ffn
@@ -51,7 +51,8 @@ def generate_command(data, checkpoint, pair, beam):
         "fairseq-generate", data, *TASK_ARGS, "--source-lang", source, "--target-lang", target,
         "--path", checkpoint, "--gen-subset", "test", "--beam", str(beam),
         "--max-len-a", "0", "--max-len-b", str(MAX_LEN),
-        "--batch-size", "16", "--required-batch-size-multiple", "1", "--cpu",
+        # one batch per pair: a batch decodes until its last sentence ends (200 steps when a beam loops)
+        "--batch-size", str(TEST_LINES), "--required-batch-size-multiple", "1", "--cpu", *NO_LOADER_WORKERS,
     ]
 
 

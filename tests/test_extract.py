@@ -1,7 +1,8 @@
 """python -m taskmoe_fairseq.extract through the real CLIs: the extracted checkpoints load in
 fairseq-generate / fairseq-interactive / --finetune-from-model and translate exactly as the full
 model (one smoke test per tool; every routing and dtype is covered in-process by
-test_extraction.py)."""
+test_extraction.py). extract and fairseq-interactive each start once in a fresh interpreter; the
+other command-line runs are forked from one that has imported torch and fairseq (cli_helpers.run_warm)."""
 
 import hashlib
 import json
@@ -19,6 +20,7 @@ from cli_helpers import (
     run,
     run_in_process,
     run_main,
+    run_warm,
 )
 from taskmoe_fairseq.compat import safe_torch_load
 
@@ -100,12 +102,12 @@ def test_interactive_on_extracted_checkpoint_matches_full_model(trained, data_di
     extract(full, "--lang-pair", "fr-en", "--output", str(tmp_path / "fr-en.pt"), "--merge-experts")
     source_lines = open(os.path.join(data_dir, "spm", "test.en-fr.fr")).read().splitlines()[:6]
 
-    def interactive(checkpoint):
+    def interactive(checkpoint, run=run):
         command = ["fairseq-interactive", data_dir, *TASK_ARGS, "--source-lang", "fr", "--target-lang", "en",
                    "--path", checkpoint, "--beam", "4", "--max-len-b", "20", "--cpu"]
         return [line for line in run(command, stdin="\n".join(source_lines) + "\n").stdout.splitlines() if line.startswith("H-")]
 
-    full_hypotheses = interactive(full)
+    full_hypotheses = interactive(full, run=run_warm)  # (forked: fairseq-interactive's fresh process is the next one)
     assert len(full_hypotheses) == 6
     extracted = interactive(str(tmp_path / "fr-en.pt"))
     assert [line.split("\t")[2] for line in extracted] == [line.split("\t")[2] for line in full_hypotheses]
@@ -121,7 +123,7 @@ def test_extracted_checkpoint_fine_tunes_with_finetune_from_model(trained, data_
                                    "--moe-extracted-lang-pair", "en-de"))
     command[command.index("--lang-pairs") + 1] = "en-de"
     command[command.index("--lr") + 1] = "0"  # two real updates that change nothing: the weights stay the loaded ones
-    run(command)
+    run_warm(command)
     loaded = safe_torch_load(str(tmp_path / "en-de.pt"))["model"]
     tuned = safe_torch_load(str(tmp_path / "ft" / "checkpoint_last.pt"))
     assert tuned["optimizer_history"][-1]["num_updates"] == 2

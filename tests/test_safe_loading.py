@@ -6,13 +6,12 @@ import importlib
 import inspect
 import io
 import os
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from cli_helpers import ENV, REPO, TASK_ARGS, generate_command, train_command
+from cli_helpers import ENV, TASK_ARGS, generate_command, run_warm, train_command
 from taskmoe_fairseq import compat
 from taskmoe_fairseq.errors import usage_error
 
@@ -40,9 +39,9 @@ def code_carrying_checkpoint(tmp_path):
 
 
 def run_unsafe(command, stdin=None):
-    return subprocess.run(
-        command, env=UNSAFE_ENV, capture_output=True, text=True, input=stdin, timeout=600, cwd=REPO
-    )
+    """A real process of ``command`` with the variable set (forked: cli_helpers.run_warm; torch and
+    the plugin read it when they load, not when they are imported)."""
+    return run_warm(command, check=False, stdin=stdin, env=UNSAFE_ENV)
 
 
 def assert_refused(result, path, marker):

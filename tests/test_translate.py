@@ -17,7 +17,7 @@ import re
 import pytest
 import sentencepiece
 
-from cli_helpers import TASK_ARGS, TEST_LINES, python_module, raw_lines, run, run_in_process
+from cli_helpers import NO_LOADER_WORKERS, TASK_ARGS, TEST_LINES, python_module, raw_lines, run, run_in_process, run_warm
 from taskmoe_fairseq import extract, translate
 from taskmoe_fairseq.errors import TaskMoeError
 from taskmoe_fairseq.export import cli as export_cli
@@ -63,7 +63,7 @@ def test_keeps_input_order_and_empty_lines(trained, data_dir, tmp_path):
     assert extract.main(["--checkpoint", full, "--lang-pair", "en-de", "--output", extracted]) == 0
     test = raw_lines(data_dir)
     lines = ["", test[0], " ".join(test[5:9]), "   ", test[1], test[0], "", "", *test[2:5], test[9], "", test[10], ""]
-    result = run(translate_command("--model", extracted, "--lang-pair", "en-de", "--beam", "2", "--batch-size", "3",
+    result = run_warm(translate_command("--model", extracted, "--lang-pair", "en-de", "--beam", "2", "--batch-size", "3",
                                    "--max-len-b", str(MAX_LEN)), stdin="\n".join(lines) + "\n")
     out = output_lines(result)
     assert len(out) == len(lines)
@@ -88,13 +88,13 @@ def generated(trained, data_dir):
     same = ["--beam", "4", "--max-len-a", "0", "--max-len-b", str(MAX_LEN), "--cpu",
             "--bpe", "sentencepiece", "--sentencepiece-model", spm]
     generate = ["fairseq-generate", data_dir, *TASK_ARGS, "--source-lang", "en", "--target-lang", "de", "--path", full,
-                "--gen-subset", "test", "--batch-size", "16", *same]
+                "--gen-subset", "test", "--batch-size", "16", *NO_LOADER_WORKERS, *same]
     interactive = ["fairseq-interactive", data_dir, *TASK_ARGS, "--source-lang", "en", "--target-lang", "de", "--path", full,
                    "--buffer-size", "8", "--batch-size", "8", *same]
     ours = translate_command("--model", full, "--lang-pair", "en-de", "--beam", "4", "--max-len-b", str(MAX_LEN))
     text = "\n".join(lines) + "\n"
-    # ours in its own process (its command-line test); fairseq's two tools through their own main here
-    results = [run(ours, stdin=text, check=False), run_in_process(generate), run_in_process(interactive, stdin=text)]
+    # ours in its own process (forked: cli_helpers.run_warm); fairseq's two tools through their own main here
+    results = [run_warm(ours, stdin=text, check=False), run_in_process(generate), run_in_process(interactive, stdin=text)]
     assert results[0].returncode == 0, results[0].stderr[-3000:]
     return lines, results
 
@@ -148,7 +148,7 @@ def test_ctranslate2_folder_translates_like_the_hub(ct2_export, data_dir):
     extracted, folder = ct2_export
     lines = raw_lines(data_dir)[:10]
     lines = [lines[0], "", *lines[1:6], "  ", *lines[6:]]
-    result = run(translate_command("--model", folder, "--lang-pair", "en-de", "--beam", "1", "--max-len-b", str(MAX_LEN),
+    result = run_warm(translate_command("--model", folder, "--lang-pair", "en-de", "--beam", "1", "--max-len-b", str(MAX_LEN),
                                    "--batch-size", "4"), stdin="\n".join(lines) + "\n")
     out = output_lines(result)
     want = hub_reference(extracted, data_dir, lines, beam=1)
@@ -167,7 +167,8 @@ def assert_one_line_error(status, stderr, *needles):
 def test_bad_input_is_one_line(trained, data_dir, ct2_export, tmp_path, capsys):
     full = trained.get("token", "target")
     _, folder = ct2_export
-    # through the real command: an unknown pair, found by fairseq's task while the hub loads the model
+    # through the real command in a fresh interpreter (the tool's cold-start test): an unknown pair, found
+    # by fairseq's task while the hub loads the model
     unknown = run(translate_command("--model", full, "--lang-pair", "en-xx"), stdin="Hello\n", check=False)
     assert_one_line_error(unknown.returncode, unknown.stderr, "unknown language pair en-xx")
     assert unknown.stdout == ""
