@@ -29,14 +29,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from taskmoe_fairseq.compat import safe_torch_load  # noqa: E402
 from taskmoe_fairseq.errors import TaskMoeError, run_cli  # noqa: E402
+from taskmoe_fairseq.extract import known_pairs, model_args  # noqa: E402
 from taskmoe_fairseq.files import atomic_write_text  # noqa: E402
 from taskmoe_fairseq.modules import routing_kinds  # noqa: E402
 
 PREFIX, SUFFIX = "encoder.moe_router.gates.", ".task_logits"
-
-
-def config_value(cfg, name):
-    return cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
 
 
 def task_names(key: str, pairs, langs):
@@ -52,18 +49,15 @@ def task_names(key: str, pairs, langs):
 def read_checkpoint(path: str) -> dict:
     """One checkpoint's task-routed layers: layer -> task label -> probs, experts, top-1 prob."""
     state = safe_torch_load(path)
-    model_cfg = state["cfg"]["model"]
-    langs = list(config_value(model_cfg, "langs"))
-    pairs = config_value(model_cfg, "lang_pairs")
-    pairs = pairs.split(",") if isinstance(pairs, str) else list(pairs)
-    top_k = int(config_value(model_cfg, "moe_top_k"))
+    args = model_args(state, path)  # extract's reading of the config (one line for a non-TaskMoE file)
+    langs, pairs, top_k = list(args.langs), known_pairs(args), int(args.moe_top_k)
     updates = state["optimizer_history"][-1].get("num_updates")
     layers = {}
     for name, logits in state["model"].items():
         if not (name.startswith(PREFIX) and name.endswith(SUFFIX)):
             continue
         layer = name[len(PREFIX):-len(SUFFIX)]  # e.g. decoder_1
-        routing = config_value(model_cfg, f"{layer.split('_')[0]}_moe_routing")
+        routing = getattr(args, f"{layer.split('_')[0]}_moe_routing")
         key = routing_kinds.task_key(routing)
         probs = logits.float().softmax(dim=-1)
         tasks = {}

@@ -23,7 +23,7 @@ are held to loss and nll_loss within 5e-3 and the grad norm within 2%.
 import pytest
 
 from cli_helpers import assert_same_metrics, run, train_metrics
-from rank_runs import launcher, layout_args, one_process_curve
+from rank_runs import launcher, layout_args, log_of, one_process_curve
 
 UPDATES = 20
 EXACT_UPDATES = 10  # held to logged precision against one process (see above for the rest)
@@ -39,7 +39,7 @@ def expert_parallel_curve(data_dir, save_dir, routing, ranks):
     args = layout_args(data_dir, save_dir, routing, UPDATES, ranks, ("--no-save", "--disable-validation"))
     backend = FOUR_RANK_BACKEND[routing] if ranks == 4 else "legacy_ddp"
     result = run(launcher(ranks, [*args, "--moe-expert-parallel-size", str(ranks)], backend))
-    assert f"'ddp_backend': '{backend}'" in result.stdout + result.stderr
+    assert f"'ddp_backend': '{backend}'" in log_of(result)
     return train_metrics(result)
 
 
