@@ -23,6 +23,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import resource
 import sys
 import time
@@ -98,6 +99,21 @@ def translate_in_process(data, checkpoint, beam=4, batch_size=64):
     return result
 
 
+def data_summary(data):
+    """What the candidate trained on: the binarization's command, vocabulary and line counts
+    (``binarize.json``) and, where the raw text came from a make_bundled.py slice, its options."""
+    summary = {"path": data}
+    info_path = os.path.join(data, "binarize.json")
+    if os.path.isfile(info_path):
+        info = json.load(open(info_path))
+        summary.update(command=info.get("command"), vocab_size=info.get("settings", {}).get("vocab_size"),
+                       lines=info.get("lines"))
+        manifest = os.path.join(os.path.dirname(info.get("settings", {}).get("raw", "")), "manifest.json")
+        if os.path.isfile(manifest):
+            summary["slice_options"] = json.load(open(manifest)).get("options")
+    return summary
+
+
 def measure(options, overrides):
     save_dir = os.path.join(options.workdir, options.name)
     recipe = apply_overrides(quickstart.RESULTS_MD_RECIPE, overrides)
@@ -125,7 +141,7 @@ def measure(options, overrides):
         rows[pair].update(scoring.degeneracy(hyps))
         print(f"    {options.name} {pair}: BLEU {rows[pair]['bleu']:.1f} chrF {rows[pair]['chrf']:.1f}", flush=True)
     record = {
-        "name": name, "updates": updates, "checkpoint": checkpoint, "overrides": overrides, "recipe": recipe,
+        "name": name, "updates": updates, "checkpoint": checkpoint, "data": data_summary(options.data), "overrides": overrides, "recipe": recipe,
         "train_seconds": train_seconds, "seconds_per_update": train_seconds / updates,
         "train_cpu_seconds": train_cpu, "cpu_seconds_per_update": train_cpu / updates,
         "threads": os.environ.get("OMP_NUM_THREADS"), "evaluator": "in-process hub" if options.in_process else "fairseq-generate", "load_average": os.getloadavg(),
@@ -140,12 +156,16 @@ def measure(options, overrides):
 
 
 def report(paths):
-    print("| run | options changed | updates | chrF avg | BLEU avg | s/update (this run, its load) |")
-    print("|---|---|---|---|---|---|")
+    print("| run | training pairs per language | options changed | updates | chrF avg | BLEU avg | s/update (this run, its load) |")
+    print("|---|---|---|---|---|---|---|")
     for path in paths:
         r = json.load(open(path))
         per_update = r["seconds_per_update"]  # NaN for --evaluate-at records (the training was elsewhere)
-        print(f"| {r['name']} | `{' '.join(r['overrides']) or '(results.md recipe)'}` | {r['updates']} | "
+        # records written before the "data" field all trained on the bundled slice (4,000 pairs, <= 100 characters)
+        lines = r.get("data", {}).get("lines") or {"en-xx": {"train": 4000}}
+        chars = re.search(r"--max-chars (\d+)", r.get("data", {}).get("slice_options") or "--max-chars 100")
+        pairs = f"{min(counts['train'] for counts in lines.values()):,} (<= {chars.group(1)} characters)"
+        print(f"| {r['name']} | {pairs} | `{' '.join(r['overrides']) or '(results.md recipe)'}` | {r['updates']} | "
               f"{r['chrf_avg']:.1f} | {r['bleu_avg']:.2f} | {'—' if per_update != per_update else f'{per_update:.3f}'} |")
 
 
