@@ -155,9 +155,15 @@ def measure(options, overrides):
           f"{record['seconds_per_update']:.3f} s/update, {record['cpu_seconds_per_update']:.3f} CPU s/update (this run, this load)")
 
 
+def max_tokens(recipe):
+    """A recipe's --max-tokens (the batch's ceiling in tokens: updates x max-tokens compares
+    recipes of different batch sizes at equal training data)."""
+    return int(recipe[len(recipe) - 1 - recipe[::-1].index("--max-tokens") + 1])
+
+
 def report(paths):
-    print("| run | training pairs per language | options changed | updates | chrF avg | BLEU avg | s/update (this run, its load) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | training pairs per language | options changed | updates | updates x max-tokens (M) | chrF avg | BLEU avg | s/update (this run, its load) |")
+    print("|---|---|---|---|---|---|---|---|")
     for path in paths:
         r = json.load(open(path))
         per_update = r["seconds_per_update"]  # NaN for --evaluate-at records (the training was elsewhere)
@@ -166,6 +172,7 @@ def report(paths):
         chars = re.search(r"--max-chars (\d+)", r.get("data", {}).get("slice_options") or "--max-chars 100")
         pairs = f"{min(counts['train'] for counts in lines.values()):,} (<= {chars.group(1)} characters)"
         print(f"| {r['name']} | {pairs} | `{' '.join(r['overrides']) or '(results.md recipe)'}` | {r['updates']} | "
+              f"{r['updates'] * max_tokens(r['recipe']) / 1e6:.1f} | "
               f"{r['chrf_avg']:.1f} | {r['bleu_avg']:.2f} | {'—' if per_update != per_update else f'{per_update:.3f}'} |")
 
 

@@ -75,6 +75,35 @@ def test_recipe_overrides():
     assert quickstart_recipe.apply_overrides(base, []) == base
 
 
+def test_recipe_records_name_their_data_and_compare_batch_sizes_by_tokens(tmp_path, capsys):
+    """A record says what it trained on (the binarization's line counts, the slice's
+    make_bundled.py options) and the report puts recipes of different --max-tokens side by side
+    by updates x max-tokens; records from before the data field are the bundled 4,000-pair slice."""
+    import json
+
+    raw = tmp_path / "slice" / "raw"
+    raw.mkdir(parents=True)
+    (tmp_path / "slice" / "manifest.json").write_text(json.dumps({"options": "--train-per-lang 16000 --max-chars 200"}))
+    data = tmp_path / "bin"
+    data.mkdir()
+    (data / "binarize.json").write_text(json.dumps({
+        "command": "binarize.py ...", "settings": {"raw": str(raw), "vocab_size": 4000},
+        "lines": {"en-de": {"train": 16000}, "en-ja": {"train": 15000}}}))
+    summary = quickstart_recipe.data_summary(str(data))
+    assert summary["vocab_size"] == 4000 and summary["slice_options"].endswith("--max-chars 200")
+    assert quickstart_recipe.data_summary(str(tmp_path / "missing")) == {"path": str(tmp_path / "missing")}
+    recipe = ["--max-tokens", "4096", "--lr", "5e-3", "--max-tokens", "1024"]  # the last one counts, as in argparse
+    assert quickstart_recipe.max_tokens(recipe) == 1024
+    record = {"name": "r", "overrides": [], "recipe": recipe, "updates": 2000, "chrf_avg": 20.0, "bleu_avg": 5.0,
+              "seconds_per_update": float("nan")}
+    (tmp_path / "new.json").write_text(json.dumps(dict(record, data=summary)))
+    (tmp_path / "old.json").write_text(json.dumps(dict(record, recipe=["--max-tokens", "4096"])))
+    quickstart_recipe.report([str(tmp_path / "new.json"), str(tmp_path / "old.json")])
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert rows[0].startswith("| r | 15,000 (<= 200 characters) | `(results.md recipe)` | 2000 | 2.0 | 20.0 |")
+    assert rows[1].startswith("| r | 4,000 (<= 100 characters) | `(results.md recipe)` | 2000 | 8.2 | 20.0 |")
+
+
 def test_training_progress_counts_only_this_processs_updates_after_a_resume():
     """A resumed fairseq-train restarts its ``wall`` but not ``num_updates``: the time left comes
     from the updates this process made (it printed "about 0:00 left" at 1,350 of 2,400 before)."""
