@@ -35,21 +35,23 @@ import scoring  # noqa: E402
 from data.script_support import atomic_write_text  # noqa: E402
 
 
+def split_options(args):
+    """fairseq-train options as ``[["--name", value, ...], ...]``, in order."""
+    options, current = [], None
+    for arg in args:
+        if arg.startswith("--"):
+            current = [arg]
+            options.append(current)
+        else:
+            current.append(arg)
+    return options
+
+
 def apply_overrides(base, overrides):
     """``base`` fairseq-train options with ``overrides`` applied: an option present in both takes
     the override's values; ``--no-X`` removes flag ``--X``; new options are appended."""
-    def split(args):
-        options, current = [], None
-        for arg in args:
-            if arg.startswith("--"):
-                current = [arg]
-                options.append(current)
-            else:
-                current.append(arg)
-        return options
-
-    result = split(base)
-    for option in split(overrides):
+    result = split_options(base)
+    for option in split_options(overrides):
         name = option[0]
         if name.startswith("--no-") and any(o[0] == "--" + name[5:] for o in result):
             result = [o for o in result if o[0] != "--" + name[5:]]
@@ -158,7 +160,8 @@ def measure(options, overrides):
 def max_tokens(recipe):
     """A recipe's --max-tokens (the batch's ceiling in tokens: updates x max-tokens compares
     recipes of different batch sizes at equal training data)."""
-    return int(recipe[len(recipe) - 1 - recipe[::-1].index("--max-tokens") + 1])
+    (value,) = [option[1] for option in split_options(recipe) if option[0] == "--max-tokens"][-1:]
+    return int(value)
 
 
 def report(paths):
