@@ -9,7 +9,13 @@ out of a beam's length-normalised score, and at the length limit it stops where 
 run long) the plain CTranslate2 1-best differed on 2 of 144 beam-4 sentences (en-fr 16: a near-tie
 between finished beams of 32 and 76 pieces; en-ru 11: a beam at the limit). The test requires
 identity (>= 99% per pair) with ``fairseq_ranking=True`` (CTranslate2's 4 finished beams re-scored as
-fairseq scores them) and at most 10% swaps for the plain 1-best; greedy must match exactly. Both
+fairseq scores them) and at most 10% swaps for the plain 1-best; greedy must match exactly.
+Where the two searches keep different beams the re-ranking cannot help: on an AMD EPYC machine
+(2026-12-02) en-fr 12 came out as fairseq's 77-piece beam ending in ``</s>`` against CTranslate2's
+four beams at the 200-piece limit, fairseq-style scores -1.75449 vs -1.75462 (1.3e-4 apart; on the
+Intel machines before, the same sentence agreed). So a beam-4 difference passes only as such a
+near-tie: both 1-bests within ``NEAR_TIE`` = 1e-3 under fairseq's own score, on at most 10% of a
+pair's sentences; anything further apart fails. Both
 decoders use fairseq's default limit (``--max-len-a 0 --max-len-b 200``; CTranslate2 counts the
 target prefix, so ``max_decoding_length=200`` is the same limit).
 """
@@ -37,6 +43,18 @@ SCORE_TOLERANCE = 1e-4
 POSITIONAL_TOLERANCE = SCORE_TOLERANCE + 5e-5 * math.log(2)
 MIN_IDENTICAL = 0.99
 MAX_RANKING_FLIPS = 0.1  # beam 4, CTranslate2's own ranking: near-ties it breaks otherwise (see ct2_decode)
+# beam 4: the two 1-bests may differ only where fairseq's own score (mean log-probability of tag +
+# pieces + </s>, as CTranslate2's score_batch computes it) puts them within NEAR_TIE of each other,
+# on at most MAX_NEAR_TIES of the sentences (module docstring)
+NEAR_TIE = 1e-3
+MAX_NEAR_TIES = 0.1
+
+
+def fairseq_score_gap(translator, source, prefix, ours, theirs):
+    """|fairseq-style score of CTranslate2's 1-best - that of fairseq's 1-best|, both scored by
+    CTranslate2 (``score_batch`` appends ``</s>``; mean log-probability, natural log)."""
+    a, b = translator.score_batch([source, source], [(prefix or []) + list(ours), (prefix or []) + list(theirs)])
+    return abs(sum(a.log_probs) / len(a.log_probs) - sum(b.log_probs) / len(b.log_probs))
 
 
 def export(*args, check=True, real_process=False):
@@ -89,12 +107,17 @@ def test_ctranslate2_translates_like_fairseq_generate(exported, data_dir):
         batch = [pieces.encode(line, out_type=str) for line in raw_lines(data_dir, pair)]
         plain = translate_pieces(translator, conv, batch, beam_size=beam, max_decoding_length=MAX_LEN)
         ranked = translate_pieces(translator, conv, batch, beam_size=beam, max_decoding_length=MAX_LEN, fairseq_ranking=True)
-        differing, flips = [], []
+        differing, flips, ties = [], [], []
         for i in range(TEST_LINES):
             theirs = hypotheses[i][0]
             if " ".join(ranked[i]) != theirs:
+                gap = fairseq_score_gap(translator, sources[i], prefix, ranked[i], theirs.split())
+                if beam > 1 and gap <= NEAR_TIE:
+                    ties.append(i)  # beam search kept another of two equally good beams (module docstring)
+                    continue
                 at_limit = len(theirs.split()) >= MAX_LEN - len(prefix or [])
-                differing.append(f"sentence {i}{' (fairseq hit the length limit)' if at_limit else ''}:\n"
+                differing.append(f"sentence {i}{' (fairseq hit the length limit)' if at_limit else ''} "
+                                 f"(fairseq-style scores {gap:.2e} apart):\n"
                                  f"  ct2     {' '.join(ranked[i])}\n  fairseq {theirs}")
             elif " ".join(plain[i]) != theirs:
                 flips.append(i)  # CTranslate2's own ranking picked another finished beam (module docstring)
@@ -102,6 +125,7 @@ def test_ctranslate2_translates_like_fairseq_generate(exported, data_dir):
         assert identical >= MIN_IDENTICAL, f"{pair} beam {beam}: {identical:.1%} identical\n" + "\n".join(differing)
         assert beam > 1 or not flips, f"{pair} greedy: {flips} differ"  # no ranking in greedy search
         assert len(flips) <= MAX_RANKING_FLIPS * TEST_LINES, f"{pair} beam {beam}: CTranslate2's ranking differs on {flips}"
+        assert len(ties) <= MAX_NEAR_TIES * TEST_LINES, f"{pair} beam {beam}: near-ties on {ties}"
 
         targets = [(prefix or []) + hypotheses[i][0].split() for i in range(TEST_LINES)]
         scored = translator.score_batch(sources, targets)
@@ -118,7 +142,7 @@ def test_ctranslate2_translates_like_fairseq_generate(exported, data_dir):
             moved = max(np.abs(np.array(a.log_probs) - np.array(b.log_probs)).max() for a, b in zip(untagged, scored))
             assert moved > 100 * SCORE_TOLERANCE, f"{pair}: the source tag does not matter?"
         limit = sum(len(hypotheses[i][0].split()) >= MAX_LEN - len(prefix or []) for i in range(TEST_LINES))
-        report.append(f"{pair} beam {beam}: {identical:.0%} identical with fairseq's ranking, {1 - len(flips) / TEST_LINES:.0%} "
+        report.append(f"{pair} beam {beam}: {identical:.0%} identical or near-tied with fairseq's ranking ({len(ties)} near-ties), {1 - len(flips) / TEST_LINES:.0%} "
                       f"with CTranslate2's own; {limit} at the length limit")
     print("\n".join(report))
 
