@@ -72,11 +72,12 @@ def children_cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
-def translate_in_process(data, checkpoint, beam=4, batch_size=64):
+def translate_in_process(data, checkpoint, beam=4, batch_size=64, lines_per_pair=None):
     """``{pair: hypotheses}`` for every test set, decoded in this one process through fairseq's
     hub interface (taskmoe_fairseq.translate's loader) with fairseq-generate's options of the
     quickstart (beam 4, ``max_len_a`` 1.2, ``max_len_b`` 10): the same search without 12 start-ups
-    of fairseq-generate, which on a loaded machine cost more than the decoding."""
+    of fairseq-generate, which on a loaded machine cost more than the decoding. ``lines_per_pair``:
+    only the first N sentences of every test set."""
     import torch
 
     from taskmoe_fairseq.translate import load_fairseq
@@ -86,7 +87,7 @@ def translate_in_process(data, checkpoint, beam=4, batch_size=64):
     for pair in quickstart.PAIRS:
         source, target = pair.split("-")
         en_xx = "en-" + (source if target == "en" else target)
-        lines = open(os.path.join(data, "raw", f"test.{en_xx}.{source}"), encoding="utf-8").read().splitlines()
+        lines = open(os.path.join(data, "raw", f"test.{en_xx}.{source}"), encoding="utf-8").read().splitlines()[:lines_per_pair]
         hub = load_fairseq(checkpoint, pair, data_dir=data).hub
         encoded = [hub.encode(line) for line in lines]
         order = sorted(range(len(lines)), key=lambda i: -len(encoded[i]))

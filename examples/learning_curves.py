@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""The routing comparison as learning curves (issue #12): every configuration trained with the
+quickstart's recipe (``quickstart.RECIPE``: pre-norm, peak lr 5e-3, 4,096-token batches) on the
+built corpus at equal updates, each checkpoint along training decoded and scored, so a reader can
+see whether the ordering of the routings is still moving.
+
+Measuring only: this writes ``<out>/learning_curves.json`` (per configuration and point: BLEU and
+chrF per direction, the averages with 95% paired-bootstrap intervals and their difference from
+``dense``); ``examples/report_learning_curves.py`` turns it into the table and the plot, and
+``examples/measure_gates.py`` reads the same checkpoints for the task-gate diagnostics.
+
+* Configurations: ``paper_table1.CONFIGS`` (``dense`` is E = k = 2 with static routing, a dense
+  FFN of 2 x the width: the top-2 models' active parameters per token). Only the routing (and for
+  ``dense`` the expert count) differs from the quickstart's recipe.
+* Training: ``quickstart.train`` (fairseq-train, seeded, exactly ``--updates`` updates), a
+  checkpoint every ``updates / points`` updates. ``--jobs`` configurations train at once, one
+  thread each; with all of them at once every configuration has the same number of updates
+  whenever the machine is stopped, and an interrupted run resumes from its last checkpoint.
+* Decoding: the first ``--test-lines`` sentences of every test set (multi-way: sentence i is the
+  same English in all 12 directions), in one process per checkpoint through fairseq's hub
+  interface (``quickstart_recipe.translate_in_process``), greedy by default.
+* Intervals (Koehn 2004, sacrebleu's ``--paired-bs`` statistics): 1,000 resamples of the sentence
+  indices, shared by every direction, configuration and point.
+
+Usage::
+
+    python examples/data/build_corpus.py --out /tmp/corpus
+    python examples/learning_curves.py --data /tmp/corpus/bin --updates 1200 --points 4 --out docs/learning_curves
+    python examples/report_learning_curves.py docs/learning_curves/learning_curves.json
+"""
+
+import argparse
+import glob
+import json
+import os
+import platform
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.join(REPO, "examples")]
+import quickstart  # noqa: E402
+import scoring  # noqa: E402
+from data.script_support import atomic_write_bytes  # noqa: E402
+from paper_table1 import CONFIGS, slug  # noqa: E402
+from quickstart_recipe import apply_overrides, data_summary, translate_in_process  # noqa: E402
+
+DEFAULT_CONFIGS = ("dense", "token/token", "token/target", "target/target", "token/pair", "static")
+SAMPLES = 1000
+
+
+def recipe(name):
+    """The quickstart's fairseq-train options with ``name``'s routing (and expert count)."""
+    encoder, decoder, extra = CONFIGS[name]
+    return apply_overrides(quickstart.RECIPE, ["--encoder-moe-routing", encoder, "--decoder-moe-routing", decoder, *extra])
+
+
+def checkpoints(save_dir):
+    """``{updates: path}`` of the run's ``checkpoint_1_<updates>.pt`` files."""
+    found = {}
+    for path in glob.glob(os.path.join(save_dir, "checkpoint_*_*.pt")):
+        match = re.search(r"checkpoint_\d+_(\d+)\.pt$", path)
+        if match:
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def references(data, lines):
+    return {pair: quickstart.test_references(data, pair)[:lines] for pair in quickstart.PAIRS}
+
+
+def evaluate_point(options, name, updates, path):
+    """Hypotheses and scores of one checkpoint, cached in ``<save_dir>/points/<updates>.json``."""
+    cache = os.path.join(os.path.dirname(path), "points", f"{updates}.json")
+    if os.path.exists(cache):
+        return json.load(open(cache))
+    started = time.time()
+    hypotheses = translate_in_process(options.data, path, beam=options.beam, lines_per_pair=options.test_lines)
+    refs = references(options.data, options.test_lines)
+    scores = {pair: scoring.score(hypotheses[pair], refs[pair], pair.split("-")[1]) for pair in quickstart.PAIRS}
+    point = {"updates": updates, "checkpoint": path, "decode_seconds": time.time() - started,
+             "hypotheses": hypotheses, "scores": scores}
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    atomic_write_bytes(cache, json.dumps(point, ensure_ascii=False).encode("utf-8"))
+    print(f"  [{name}] @{updates}: chrF avg {mean(s['chrf'] for s in scores.values()):.1f}, "
+          f"BLEU avg {mean(s['bleu'] for s in scores.values()):.2f}", flush=True)
+    return point
+
+
+def mean(values):
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def sentence_statistics(hypotheses, refs):
+    """Per direction, sacrebleu's per-sentence sufficient statistics for BLEU and chrF
+    (``[sentences, stats]`` arrays), from which any resample's corpus score is recomputed."""
+    import numpy as np
+
+    stats = {}
+    for pair in quickstart.PAIRS:
+        target = pair.split("-")[1]
+        stats[pair] = {
+            metric: np.array(scorer._extract_corpus_statistics(hypotheses[pair], [refs[pair]]))
+            for metric, scorer in (("bleu", scoring.bleu_metric(target)), ("chrf", scoring.chrf_metric()))
+        }
+    return stats
+
+
+def resampled_averages(stats, resamples):
+    """``{metric: [samples]}``: the 12-direction average of corpus BLEU / chrF on each resample."""
+    import numpy as np
+
+    result = {}
+    for metric in ("bleu", "chrf"):
+        per_direction = []
+        for pair in quickstart.PAIRS:
+            scorer = scoring.bleu_metric(pair.split("-")[1]) if metric == "bleu" else scoring.chrf_metric()
+            per_direction.append([scorer._compute_score_from_stats(stats[pair][metric][index].sum(0)).score
+                                  for index in resamples])
+        result[metric] = np.mean(per_direction, axis=0)
+    return result
+
+
+def interval(values):
+    import numpy as np
+
+    low, high = np.percentile(values, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+def summarise(options, points_of, samples=SAMPLES):
+    """Averages, intervals and differences from dense at every point all configurations reached
+    (``samples`` bootstrap resamples)."""
+    import numpy as np
+
+    refs = references(options.data, options.test_lines)
+    resamples = np.random.default_rng(1).integers(0, options.test_lines, size=(samples, options.test_lines))
+    common = sorted(set.intersection(*(set(points) for points in points_of.values())))
+    baseline = "dense" if "dense" in points_of else next(iter(points_of))
+    summary = {}
+    for updates in common:
+        draws = {name: resampled_averages(sentence_statistics(points[updates]["hypotheses"], refs), resamples)
+                 for name, points in points_of.items()}
+        for name, points in points_of.items():
+            scores = points[updates]["scores"]
+            row = {}
+            for metric in ("bleu", "chrf"):
+                row[f"{metric}_avg"] = mean(s[metric] for s in scores.values())
+                row[f"{metric}_xx_en"] = mean(scores[f"{xx}-en"][metric] for xx in quickstart.XX)
+                row[f"{metric}_en_xx"] = mean(scores[f"en-{xx}"][metric] for xx in quickstart.XX)
+                row[f"{metric}_avg_ci95"] = interval(draws[name][metric])
+                if name != baseline:
+                    row[f"{metric}_minus_{baseline}"] = row[f"{metric}_avg"] - mean(
+                        s[metric] for s in points_of[baseline][updates]["scores"].values())
+                    row[f"{metric}_minus_{baseline}_ci95"] = interval(draws[name][metric] - draws[baseline][metric])
+            row["per_direction"] = {pair: {"bleu": s["bleu"], "chrf": s["chrf"]} for pair, s in scores.items()}
+            summary.setdefault(name, {})[str(updates)] = row
+    return {"baseline": baseline, "points": common, "configs": summary}
+
+
+def hardware():
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor())
+    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="binarized corpus from examples/data/build_corpus.py (its bin/)")
+    parser.add_argument("--out", default=os.path.join(REPO, "docs", "learning_curves"))
+    parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "learning_curves"))
+    parser.add_argument("--updates", type=int, default=1200, help="updates per configuration (equal budget)")
+    parser.add_argument("--points", type=int, default=4, help="checkpoints along training, evenly spaced")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated, of {','.join(CONFIGS)}")
+    parser.add_argument("--jobs", type=int, default=0, help="configurations trained at once, one thread each (0: all)")
+    parser.add_argument("--test-lines", type=int, default=200, help="first N sentences of every test set")
+    parser.add_argument("--beam", type=int, default=1)
+    parser.add_argument("--no-train", action="store_true", help="only decode and score the checkpoints already there")
+    options = parser.parse_args(argv)
+    names = options.configs.split(",")
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown:
+        sys.exit(f"learning_curves: unknown configuration {','.join(unknown)}; choose from {','.join(CONFIGS)}")
+    if not os.path.exists(os.path.join(options.data, "spm.model")):
+        sys.exit(f"learning_curves: {options.data} has no spm.model; build it with examples/data/build_corpus.py")
+    if options.updates % options.points:
+        sys.exit(f"learning_curves: --updates {options.updates} is not a multiple of --points {options.points}")
+    shortest = min(len(quickstart.test_references(options.data, pair)) for pair in quickstart.PAIRS)
+    if options.test_lines > shortest:
+        sys.exit(f"learning_curves: --test-lines {options.test_lines} is more than the {shortest} test sentences there are")
+    os.makedirs(options.workdir, exist_ok=True)
+    started = time.time()
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def train(name):
+        save_dir = os.path.join(options.workdir, slug(name))
+        began = time.time()
+        quickstart.train(options.data, save_dir, recipe(name), options.updates, env=env,
+                         prefix=f"[{name}] ", save_every=options.updates // options.points)
+        return time.time() - began
+
+    train_seconds = {}
+    if not options.no_train:
+        with ThreadPoolExecutor(max_workers=options.jobs or len(names)) as pool:  # the work is in fairseq-train
+            train_seconds = dict(zip(names, pool.map(train, names)))
+    os.environ.update(env)
+    points_of = {}
+    for name in names:
+        save_dir = os.path.join(options.workdir, slug(name))
+        points_of[name] = {updates: evaluate_point(options, name, updates, path)
+                           for updates, path in checkpoints(save_dir).items()}
+    command = "python examples/learning_curves.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = {
+        "command": command, "hardware": hardware(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+        "wall_seconds": time.time() - started, "train_seconds": train_seconds,
+        "jobs": options.jobs or len(names), "threads_per_job": 1, "options": vars(options), "data": data_summary(options.data),
+        "recipe": {name: recipe(name) for name in names},
+        "signatures": scoring.signatures(pair.split("-")[1] for pair in quickstart.PAIRS),
+        "decode_seconds": {name: {str(u): p["decode_seconds"] for u, p in points.items()} for name, points in points_of.items()},
+        **summarise(options, points_of),
+    }
+    os.makedirs(options.out, exist_ok=True)
+    path = os.path.join(options.out, "learning_curves.json")
+    atomic_write_bytes(path, json.dumps(result, indent=1).encode("utf-8"))
+    print(f"wrote {path}; the table and plot: python examples/report_learning_curves.py {path}")
+
+
+if __name__ == "__main__":
+    main()
