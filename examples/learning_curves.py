@@ -33,7 +33,6 @@ import argparse
 import glob
 import json
 import os
-import platform
 import re
 import sys
 import time
@@ -44,7 +43,7 @@ sys.path[:0] = [REPO, os.path.join(REPO, "examples")]
 import quickstart  # noqa: E402
 import scoring  # noqa: E402
 from data.script_support import atomic_write_bytes  # noqa: E402
-from paper_table1 import CONFIGS, slug  # noqa: E402
+from paper_table1 import CONFIGS, hardware, interval, slug  # noqa: E402
 from quickstart_recipe import apply_overrides, data_summary, translate_in_process  # noqa: E402
 
 DEFAULT_CONFIGS = ("dense", "token/token", "token/target", "target/target", "token/pair", "static")
@@ -124,13 +123,6 @@ def resampled_averages(stats, resamples):
     return result
 
 
-def interval(values):
-    import numpy as np
-
-    low, high = np.percentile(values, [2.5, 97.5])
-    return [float(low), float(high)]
-
-
 def summarise(options, points_of, samples=SAMPLES):
     """Averages, intervals and differences from dense at every point all configurations reached
     (``samples`` bootstrap resamples)."""
@@ -151,20 +143,14 @@ def summarise(options, points_of, samples=SAMPLES):
                 row[f"{metric}_avg"] = mean(s[metric] for s in scores.values())
                 row[f"{metric}_xx_en"] = mean(scores[f"{xx}-en"][metric] for xx in quickstart.XX)
                 row[f"{metric}_en_xx"] = mean(scores[f"en-{xx}"][metric] for xx in quickstart.XX)
-                row[f"{metric}_avg_ci95"] = interval(draws[name][metric])
+                row[f"{metric}_avg_ci95"] = list(interval(draws[name][metric]))
                 if name != baseline:
                     row[f"{metric}_minus_{baseline}"] = row[f"{metric}_avg"] - mean(
                         s[metric] for s in points_of[baseline][updates]["scores"].values())
-                    row[f"{metric}_minus_{baseline}_ci95"] = interval(draws[name][metric] - draws[baseline][metric])
+                    row[f"{metric}_minus_{baseline}_ci95"] = list(interval(draws[name][metric] - draws[baseline][metric]))
             row["per_direction"] = {pair: {"bleu": s["bleu"], "chrf": s["chrf"]} for pair, s in scores.items()}
             summary.setdefault(name, {})[str(updates)] = row
     return {"baseline": baseline, "points": common, "configs": summary}
-
-
-def hardware():
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
-    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
 def main(argv=None):
