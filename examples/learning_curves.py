@@ -11,7 +11,9 @@ chrF per direction, the averages with 95% paired-bootstrap intervals and their d
 
 * Configurations: ``paper_table1.CONFIGS`` (``dense`` is E = k = 2 with static routing, a dense
   FFN of 2 x the width: the top-2 models' active parameters per token). Only the routing (and for
-  ``dense`` the expert count) differs from the quickstart's recipe.
+  ``dense`` the expert count) differs from the quickstart's recipe. :data:`REMEDIES` add task-gate
+  remedies to compare with their plain configuration (``token/target+static-init``: the task
+  gate warm-started from the static assignment, ``--moe-task-gate-init static``).
 * Training: ``quickstart.train`` (fairseq-train, seeded, exactly ``--updates`` updates), a
   checkpoint every ``updates / points`` updates. ``--jobs`` configurations train at once, one
   thread each (default 2, one per core: six at once on the 2-core machine made 1.1 updates/s in
@@ -47,12 +49,17 @@ from paper_table1 import CONFIGS, hardware, interval, slug  # noqa: E402
 from quickstart_recipe import apply_overrides, data_summary, translate_in_process  # noqa: E402
 
 DEFAULT_CONFIGS = ("dense", "token/token", "token/target", "target/target", "token/pair", "static")
+# task-gate remedies, each against its plain configuration under the same budget (issue #12)
+REMEDIES = {
+    "token/target+static-init": ("token", "target", ["--moe-task-gate-init", "static"]),  # warm start from static
+}
+CURVE_CONFIGS = {**CONFIGS, **REMEDIES}
 SAMPLES = 1000
 
 
 def recipe(name):
     """The quickstart's fairseq-train options with ``name``'s routing (and expert count)."""
-    encoder, decoder, extra = CONFIGS[name]
+    encoder, decoder, extra = CURVE_CONFIGS[name]
     return apply_overrides(quickstart.RECIPE, ["--encoder-moe-routing", encoder, "--decoder-moe-routing", decoder, *extra])
 
 
@@ -160,16 +167,16 @@ def main(argv=None):
     parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "learning_curves"))
     parser.add_argument("--updates", type=int, default=1200, help="updates per configuration (equal budget)")
     parser.add_argument("--points", type=int, default=4, help="checkpoints along training, evenly spaced")
-    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated, of {','.join(CONFIGS)}")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma-separated, of {','.join(CURVE_CONFIGS)}")
     parser.add_argument("--jobs", type=int, default=2, help="configurations trained at once, one thread each (0: all)")
     parser.add_argument("--test-lines", type=int, default=200, help="first N sentences of every test set")
     parser.add_argument("--beam", type=int, default=1)
     parser.add_argument("--no-train", action="store_true", help="only decode and score the checkpoints already there")
     options = parser.parse_args(argv)
     names = options.configs.split(",")
-    unknown = [name for name in names if name not in CONFIGS]
+    unknown = [name for name in names if name not in CURVE_CONFIGS]
     if unknown:
-        sys.exit(f"learning_curves: unknown configuration {','.join(unknown)}; choose from {','.join(CONFIGS)}")
+        sys.exit(f"learning_curves: unknown configuration {','.join(unknown)}; choose from {','.join(CURVE_CONFIGS)}")
     if not os.path.exists(os.path.join(options.data, "spm.model")):
         sys.exit(f"learning_curves: {options.data} has no spm.model; build it with examples/data/build_corpus.py")
     if options.updates % options.points:

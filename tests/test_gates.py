@@ -169,3 +169,34 @@ def test_softmax_task_weights_reach_every_experts_logit():
     gate = TaskGate(num_tasks=3, num_experts=8, top_k=2, renormalize=False)
     probs, weights, experts = gate.route_tasks(torch.tensor([0, 2]))
     assert torch.equal(weights, probs.gather(1, experts)) and bool((weights.sum(-1) < 1).all())
+
+
+def test_static_warm_start_puts_every_task_on_its_static_experts():
+    """``--moe-task-gate-init static``: each task starts on the static baseline's k experts
+    (logits STATIC_INIT_MARGIN above the rest), for a task table of target languages and of pairs."""
+    from taskmoe_fairseq.modules.task_gate import STATIC_INIT_MARGIN
+
+    for num_tasks in (7, 49):
+        tasks = torch.arange(num_tasks)
+        gate = TaskGate(num_tasks=num_tasks, num_experts=8, top_k=2, init="static")
+        probs, weights, experts = gate.route_tasks(tasks)
+        _, static_experts = StaticTaskGate(8, 2).route_tasks(tasks)
+        assert torch.equal(experts.sort(-1).values, static_experts.sort(-1).values)
+        expected = math.exp(STATIC_INIT_MARGIN) / (2 * math.exp(STATIC_INIT_MARGIN) + 6)
+        assert torch.allclose(probs.gather(1, experts), torch.full((num_tasks, 2), expected))
+        assert torch.allclose(weights, torch.full((num_tasks, 2), 0.5))
+    random = TaskGate(num_tasks=7, num_experts=8, top_k=2)
+    assert not torch.equal(random.route_tasks(torch.arange(7))[2].sort(-1).values,
+                           StaticTaskGate(8, 2).route_tasks(torch.arange(7))[1].sort(-1).values)
+    with pytest.raises(ValueError, match="'random' or 'static'"):
+        TaskGate(num_tasks=7, num_experts=8, init="uniform")
+
+
+def test_the_model_option_reaches_the_router():
+    from model_helpers import build_model
+
+    model, _ = build_model("token", "target", moe_task_gate_init="static")
+    logits = [gate.task_logits for gate in model.encoder.moe_router.gates.values() if hasattr(gate, "task_logits")]
+    assert logits and all(float(table.max()) == 3.0 and int((table > 0).sum(-1).max()) == 2 for table in logits)
+    plain, _ = build_model("token", "target")
+    assert all(float(g.task_logits.min()) < 0 for g in plain.encoder.moe_router.gates.values() if hasattr(g, "task_logits"))

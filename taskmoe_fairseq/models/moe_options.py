@@ -47,6 +47,9 @@ def add_moe_args(parser):
                         help="task gates: 'top-k' renormalises the k chosen probabilities to sum to 1 "
                              "(GShard); 'softmax' keeps them as they are, so the cross-entropy's gradient "
                              "reaches every expert's logit (default top-k; see docs/quickstart/gates.md)")
+    parser.add_argument("--moe-task-gate-init", choices=("random", "static"),
+                        help="task gates' initial logits: 'random' N(0, 1), or 'static', a warm start on the "
+                             "static baseline's experts (task t on (t*k + j) mod E; default random)")
     parser.add_argument("--moe-expert-parallel-size", type=int, metavar="P",
                         help="expert parallelism: each rank holds E / P experts of every MoE layer and tokens "
                              "reach them by all-to-all; P divides E and the world size (default 1: every rank "
@@ -74,6 +77,7 @@ def set_moe_defaults(args, num_experts: int = 32):
     _default(args, "moe_eval_capacity_factor", 0.0)
     _default(args, "moe_second_expert_policy", "sampling")
     _default(args, "moe_task_gate_weights", "top-k")
+    _default(args, "moe_task_gate_init", "random")
     _default(args, "moe_expert_parallel_size", 1)
     _default(args, "moe_extracted_lang_pair", None)
     _default(args, "moe_merged_experts", False)

@@ -76,7 +76,8 @@ class MoeRouter(nn.Module):
                 else:
                     # checkpoints from before the option have no attribute: GShard's renormalised weights
                     renormalize = getattr(cfg, "moe_task_gate_weights", None) in (None, "top-k")
-                    gate = TaskGate(routing_kinds.num_tasks(key, len(self.langs)), num_experts, top_k, renormalize)
+                    gate = TaskGate(routing_kinds.num_tasks(key, len(self.langs)), num_experts, top_k, renormalize,
+                                    init=getattr(cfg, "moe_task_gate_init", None) or "random")
                 self.gates[_gate_name(side, index)] = gate
         # extracted model: (side, task key, task id) that every batch must match
         self.extracted_pair = getattr(cfg, "moe_extracted_lang_pair", None)

@@ -11,12 +11,15 @@ import torch.nn as nn
 from torch import Tensor
 
 from taskmoe_fairseq.modules.float32_params import Float32Params
+from taskmoe_fairseq.modules.static_gate import StaticTaskGate
 from taskmoe_fairseq.modules.routing_decision import (
     RoutingDecision,
     expert_load,
     load_balancing_loss,
     top_k_weights,
 )
+
+STATIC_INIT_MARGIN = 3.0  # logit of a task's static experts over the rest at a static warm start
 
 
 class TaskGate(Float32Params, nn.Module):
@@ -29,15 +32,29 @@ class TaskGate(Float32Params, nn.Module):
     gates stay soft (docs/quickstart/gates.md). ``False`` (``softmax``): the k weights are the
     softmax probabilities themselves (they sum to less than 1, as with Switch's k = 1), so the
     cross-entropy's gradient reaches every expert's logit through the softmax's normaliser.
+
+    ``init`` (``--moe-task-gate-init``): ``random`` (the default) draws the logits from N(0, 1);
+    ``static`` warm-starts the gate from the static baseline's assignment
+    (:class:`StaticTaskGate`: task ``t`` on experts ``(t * k + j) mod E``), those k logits
+    :data:`STATIC_INIT_MARGIN` above the others (0), so every task starts on its static experts
+    (probability 0.44 each for E = 8, k = 2) and the gate may still move away from them.
     """
 
     per_sentence = True
 
-    def __init__(self, num_tasks: int, num_experts: int, top_k: int = 2, renormalize: bool = True):
+    def __init__(self, num_tasks: int, num_experts: int, top_k: int = 2, renormalize: bool = True, init: str = "random"):
         super().__init__()
         self.renormalize = renormalize
-        # Random, not zero, logits: with equal logits every task would start on the same experts.
-        self.task_logits = nn.Parameter(torch.randn(num_tasks, num_experts))
+        if init == "static":
+            logits = torch.zeros(num_tasks, num_experts)
+            _, index = StaticTaskGate(num_experts, top_k).route_tasks(torch.arange(num_tasks))
+            logits.scatter_(1, index, STATIC_INIT_MARGIN)
+        elif init == "random":
+            # Random, not zero, logits: with equal logits every task would start on the same experts.
+            logits = torch.randn(num_tasks, num_experts)
+        else:
+            raise ValueError(f"task gate init must be 'random' or 'static', not {init!r}")
+        self.task_logits = nn.Parameter(logits)
         self.num_experts = num_experts
         self.top_k = top_k
 
