@@ -75,6 +75,15 @@ def checkpoints(save_dir):
     return dict(sorted(found.items()))
 
 
+def fairseq_train_seconds(log_path):
+    """fairseq-train's own ``done training in S seconds`` from a run's log (None without one), so
+    a measurement that reuses finished trainings still reports how long they took."""
+    if not os.path.exists(log_path):
+        return None
+    match = re.search(r"done training in ([\d.]+) seconds", open(log_path, encoding="utf-8", errors="replace").read())
+    return float(match.group(1)) if match else None
+
+
 def references(data, lines):
     return {pair: quickstart.test_references(data, pair)[:lines] for pair in quickstart.PAIRS}
 
@@ -141,7 +150,7 @@ def summarise(options, points_of, samples=SAMPLES):
     resamples = np.random.default_rng(1).integers(0, options.test_lines, size=(samples, options.test_lines))
     common = sorted(set.intersection(*(set(points) for points in points_of.values())))
     baseline = "dense" if "dense" in points_of else next(iter(points_of))
-    summary = {}
+    summary, remedies = {}, {}
     for updates in common:
         draws = {name: resampled_averages(sentence_statistics(points[updates]["hypotheses"], refs), resamples)
                  for name, points in points_of.items()}
@@ -159,7 +168,14 @@ def summarise(options, points_of, samples=SAMPLES):
                     row[f"{metric}_minus_{baseline}_ci95"] = list(interval(draws[name][metric] - draws[baseline][metric]))
             row["per_direction"] = {pair: {"bleu": s["bleu"], "chrf": s["chrf"]} for pair, s in scores.items()}
             summary.setdefault(name, {})[str(updates)] = row
-    return {"baseline": baseline, "points": common, "configs": summary}
+        for name in points_of:
+            plain = name.split("+")[0]
+            if name in REMEDIES and plain in points_of:  # the remedy against its plain gate, same resamples
+                row = remedies.setdefault(name, {"against": plain, "points": {}})["points"].setdefault(str(updates), {})
+                for metric in ("bleu", "chrf"):
+                    row[f"{metric}_minus_plain"] = summary[name][str(updates)][f"{metric}_avg"] - summary[plain][str(updates)][f"{metric}_avg"]
+                    row[f"{metric}_minus_plain_ci95"] = list(interval(draws[name][metric] - draws[plain][metric]))
+    return {"baseline": baseline, "points": common, "configs": summary, "remedies": remedies}
 
 
 def main(argv=None):
@@ -191,16 +207,13 @@ def main(argv=None):
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
     def train(name):
-        save_dir = os.path.join(options.workdir, slug(name))
-        began = time.time()
-        quickstart.train(options.data, save_dir, recipe(name), options.updates, env=env,
+        quickstart.train(options.data, os.path.join(options.workdir, slug(name)), recipe(name), options.updates, env=env,
                          prefix=f"[{name}] ", save_every=options.updates // options.points)
-        return time.time() - began
 
-    train_seconds = {}
     if not options.no_train:
         with ThreadPoolExecutor(max_workers=options.jobs or len(names)) as pool:  # the work is in fairseq-train
-            train_seconds = dict(zip(names, pool.map(train, names)))
+            list(pool.map(train, names))
+    train_seconds = {name: fairseq_train_seconds(os.path.join(options.workdir, slug(name)) + ".log") for name in names}
     os.environ.update(env)
     points_of = {}
     for name in names:

@@ -21,6 +21,13 @@ from data.script_support import atomic_write_bytes  # noqa: E402
 from quickstart import PAIRS  # noqa: E402
 
 
+def training_time(result):
+    seconds = [s for s in result.get("train_seconds", {}).values() if s]
+    if not seconds:
+        return "training time not recorded"
+    return f"training {min(seconds) / 60:.0f}-{max(seconds) / 60:.0f} min per configuration (fairseq-train's log)"
+
+
 def cell(row, metric, digits):
     low, high = row[f"{metric}_avg_ci95"]
     return f"{row[f'{metric}_avg']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
@@ -56,6 +63,23 @@ def ranking(result):
         order = sorted(result["configs"], key=lambda name: -result["configs"][name][str(updates)]["chrf_avg"])
         lines.append(f"* {updates} updates: " + " > ".join(
             f"{name} ({result['configs'][name][str(updates)]['chrf_avg']:.1f})" for name in order))
+    return lines
+
+
+def remedies(result):
+    """Markdown lines: each task-gate remedy against its plain configuration, per point."""
+    lines = []
+    for name, entry in result.get("remedies", {}).items():
+        lines += [f"{name} against {entry['against']} (same resamples):", "",
+                  "| updates | Δ chrF [95% CI] | Δ BLEU [95% CI] |", "|---|---|---|"]
+        for updates in result["points"]:
+            row = entry["points"][str(updates)]
+            cells = []
+            for metric, digits in (("chrf", 1), ("bleu", 2)):
+                low, high = row[f"{metric}_minus_plain_ci95"]
+                cells.append(f"{row[f'{metric}_minus_plain']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]")
+            lines.append(f"| {updates} | " + " | ".join(cells) + " |")
+        lines.append("")
     return lines
 
 
@@ -113,7 +137,8 @@ def main(argv=None):
         "",
         f"Command: `{result['command']}`, then `python examples/report_learning_curves.py {options.json}`  ",
         f"Date: {result['date']}; hardware: {result['hardware']}; {result['jobs']} configurations trained at once, "
-        f"{result['threads_per_job']} thread each; wall time of the measurement {result['wall_seconds'] / 60:.0f} min.  ",
+        f"{result['threads_per_job']} thread each; {training_time(result)}; this invocation took "
+        f"{result['wall_seconds'] / 60:.0f} min (finished trainings and decoded points are reused).  ",
         f"Recipe: the quickstart's (`quickstart.RECIPE`), only the routing differs (dense: E = k = 2, static). "
         f"{opts['updates']} updates, a checkpoint every {opts['updates'] // opts['points']}; decoding beam "
         f"{opts['beam']} on the first {opts['test_lines']} sentences of each of the 12 test sets (in-process hub).  ",
@@ -127,6 +152,7 @@ def main(argv=None):
         "",
         *ranking(result),
         "",
+        *remedies(result),
         f"chrF per direction at {result['points'][-1]} updates:",
         "",
         *per_direction(result),

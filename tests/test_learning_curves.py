@@ -80,14 +80,14 @@ def test_intervals_and_differences_come_from_the_hypotheses_at_common_points(tmp
     assert good["bleu_avg"] == pytest.approx(100) and good["per_direction"]["en-ja"]["chrf"] == pytest.approx(100)
 
     result = {"command": "python examples/learning_curves.py ...", "date": "2026-12-02 13:00 UTC", "hardware": "test",
-              "jobs": 2, "threads_per_job": 1, "wall_seconds": 60, "options": {"updates": 1200, "points": 3, "beam": 1,
+              "jobs": 2, "threads_per_job": 1, "wall_seconds": 60, "train_seconds": {"dense": 600, "token/target": 660}, "options": {"updates": 1200, "points": 3, "beam": 1,
               "test_lines": len(SENTENCES)}, "signatures": {"bleu": {"13a": "BLEU-sig"}, "chrf": "chrF-sig"}, **summary}
     path = tmp_path / "out" / "learning_curves.json"
     path.parent.mkdir()
     path.write_text(json.dumps(result))
     report_learning_curves.main([str(path)])
     text = (path.parent / "learning_curves.md").read_text()
-    assert "| token/target | 800 | 100.0 [100.0, 100.0] |" in text
+    assert "| token/target | 800 | 100.0 [100.0, 100.0] |" in text and "training 10-11 min per configuration" in text
     assert "* 800 updates: token/target (100.0) > dense" in text
     assert (path.parent / "learning_curves.png").stat().st_size > 10_000
 
@@ -101,3 +101,16 @@ def test_report_of_a_measurement_without_common_points_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as stop:
         report_learning_curves.main([str(tmp_path / "missing.json")])
     assert str(stop.value).startswith("report_learning_curves: cannot read")
+
+
+def test_a_remedy_is_compared_with_its_plain_gate(tmp_path):
+    data = write_test_sets(str(tmp_path))
+    options = SimpleNamespace(data=data, test_lines=len(SENTENCES))
+    points_of = {"token/target": {300: point(data, 300, False)},
+                 "token/target+static-init": {300: point(data, 300, True)}}
+    summary = learning_curves.summarise(options, points_of, samples=50)
+    row = summary["remedies"]["token/target+static-init"]["points"]["300"]
+    assert summary["remedies"]["token/target+static-init"]["against"] == "token/target"
+    assert row["chrf_minus_plain"] > 80 and row["chrf_minus_plain_ci95"][0] > 80
+    lines = report_learning_curves.remedies({"points": [300], **summary})
+    assert lines[0] == "token/target+static-init against token/target (same resamples):"
