@@ -189,6 +189,7 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=0, help="configurations trained at once, one thread each (0: all)")
     parser.add_argument("--test-lines", type=int, default=200, help="first N sentences of every test set")
     parser.add_argument("--beam", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1, help="fairseq-train's --seed for every configuration")
     parser.add_argument("--no-train", action="store_true", help="only decode and score the checkpoints already there")
     options = parser.parse_args(argv)
     names = options.configs.split(",")
@@ -208,7 +209,7 @@ def main(argv=None):
 
     def train(name):
         quickstart.train(options.data, os.path.join(options.workdir, slug(name)), recipe(name), options.updates, env=env,
-                         prefix=f"[{name}] ", save_every=options.updates // options.points)
+                         prefix=f"[{name}] ", save_every=options.updates // options.points, seed=options.seed)
 
     if not options.no_train:
         with ThreadPoolExecutor(max_workers=options.jobs or len(names)) as pool:  # the work is in fairseq-train
