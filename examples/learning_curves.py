@@ -162,19 +162,23 @@ def summarise(options, points_of, samples=SAMPLES):
                 row[f"{metric}_xx_en"] = mean(scores[f"{xx}-en"][metric] for xx in quickstart.XX)
                 row[f"{metric}_en_xx"] = mean(scores[f"en-{xx}"][metric] for xx in quickstart.XX)
                 row[f"{metric}_avg_ci95"] = list(interval(draws[name][metric]))
-                if name != baseline:
-                    row[f"{metric}_minus_{baseline}"] = row[f"{metric}_avg"] - mean(
-                        s[metric] for s in points_of[baseline][updates]["scores"].values())
-                    row[f"{metric}_minus_{baseline}_ci95"] = list(interval(draws[name][metric] - draws[baseline][metric]))
             row["per_direction"] = {pair: {"bleu": s["bleu"], "chrf": s["chrf"]} for pair, s in scores.items()}
             summary.setdefault(name, {})[str(updates)] = row
+
+        def compare(name, other, row, suffix):
+            """``row[<metric>_minus_<suffix>]`` and its interval: ``name`` minus ``other``, same resamples."""
+            for metric in ("bleu", "chrf"):
+                row[f"{metric}_minus_{suffix}"] = (summary[name][str(updates)][f"{metric}_avg"]
+                                                   - summary[other][str(updates)][f"{metric}_avg"])
+                row[f"{metric}_minus_{suffix}_ci95"] = list(interval(draws[name][metric] - draws[other][metric]))
+
         for name in points_of:
+            if name != baseline:
+                compare(name, baseline, summary[name][str(updates)], baseline)
             plain = name.split("+")[0]
-            if name in REMEDIES and plain in points_of:  # the remedy against its plain gate, same resamples
-                row = remedies.setdefault(name, {"against": plain, "points": {}})["points"].setdefault(str(updates), {})
-                for metric in ("bleu", "chrf"):
-                    row[f"{metric}_minus_plain"] = summary[name][str(updates)][f"{metric}_avg"] - summary[plain][str(updates)][f"{metric}_avg"]
-                    row[f"{metric}_minus_plain_ci95"] = list(interval(draws[name][metric] - draws[plain][metric]))
+            if name in REMEDIES and plain in points_of:  # the remedy against its plain gate
+                entry = remedies.setdefault(name, {"against": plain, "points": {}})
+                compare(name, plain, entry["points"].setdefault(str(updates), {}), "plain")
     return {"baseline": baseline, "points": common, "configs": summary, "remedies": remedies}
 
 

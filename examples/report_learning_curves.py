@@ -28,17 +28,19 @@ def training_time(result):
     return f"training {min(seconds) / 60:.0f}-{max(seconds) / 60:.0f} min per configuration (fairseq-train's log)"
 
 
+def with_interval(value, bounds, digits, sign=""):
+    """``value [low, high]`` at ``digits`` decimals (``sign="+"``: signed, for differences)."""
+    low, high = bounds
+    return f"{value:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
+
+
 def cell(row, metric, digits):
-    low, high = row[f"{metric}_avg_ci95"]
-    return f"{row[f'{metric}_avg']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    return with_interval(row[f"{metric}_avg"], row[f"{metric}_avg_ci95"], digits)
 
 
 def difference(row, metric, baseline, digits):
     key = f"{metric}_minus_{baseline}"
-    if key not in row:
-        return "—"
-    low, high = row[key + "_ci95"]
-    return f"{row[key]:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+    return with_interval(row[key], row[key + "_ci95"], digits, "+") if key in row else "—"
 
 
 def table(result):
@@ -74,11 +76,7 @@ def remedies(result):
                   "| updates | Δ chrF [95% CI] | Δ BLEU [95% CI] |", "|---|---|---|"]
         for updates in result["points"]:
             row = entry["points"][str(updates)]
-            cells = []
-            for metric, digits in (("chrf", 1), ("bleu", 2)):
-                low, high = row[f"{metric}_minus_plain_ci95"]
-                cells.append(f"{row[f'{metric}_minus_plain']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]")
-            lines.append(f"| {updates} | " + " | ".join(cells) + " |")
+            lines.append(f"| {updates} | {difference(row, 'chrf', 'plain', 1)} | {difference(row, 'bleu', 'plain', 2)} |")
         lines.append("")
     return lines
 
