@@ -141,9 +141,10 @@ DDP_EXTRA = ("--log-interval", "1")
 
 def ddp_trained(data_dir, shared_root, wait=True):
     def train(save_dir):
-        for max_update in (6, 12):
+        for max_update, start_method in ((6, "fork"), (12, "exec")):
             command = train_command(data_dir, save_dir, "token", "target", max_update, DDP_EXTRA)[1:]  # drop "fairseq-train"
-            result = run_warm(python_module("taskmoe_fairseq.cpu_data_parallel", "--nprocs", "2", "--", *command))
+            launch = ("--nprocs", "2", "--start-method", start_method, "--")
+            result = run_warm(python_module("taskmoe_fairseq.cpu_data_parallel", *launch, *command))
             _save_log(save_dir, f"train{max_update}", result)
 
     return build_once(os.path.join(shared_root, "ddp"), train, wait)
@@ -152,8 +153,9 @@ def ddp_trained(data_dir, shared_root, wait=True):
 @pytest.fixture(scope="session")
 def ddp_checkpoint(data_dir, shared_root):
     """token/target trained by 2 CPU ranks (gloo), then resumed by 2 ranks (losses logged every
-    update: the expert-parallel test compares them). The launcher is forked (``run_warm``); the
-    ranks it starts are fresh fairseq-train processes."""
+    update: the expert-parallel test compares them). The launcher is forked (``run_warm``); it
+    forks the first run's ranks (its default) and starts the resumed run's as new fairseq-train
+    processes (``--start-method exec``), so the two start methods give one loss curve."""
     save_dir = ddp_trained(data_dir, shared_root)
     return os.path.join(save_dir, "checkpoint_last.pt"), [_read_log(save_dir, f"train{n}") for n in (6, 12)]
 

@@ -13,7 +13,7 @@ gate's second expert is taken whole (``all``) instead of sampled.
 import os
 import sys
 
-from cli_helpers import python_module, run, train_metrics, train_command
+from cli_helpers import python_module, run_warm, train_metrics, train_command
 from conftest import _read_log, _save_log, build_once
 from taskmoe_fairseq.cpu_data_parallel import free_port
 
@@ -52,7 +52,7 @@ def shared_runs(shared_root, name, commands):
 
     def build(folder):
         for index, command in enumerate(commands(folder)):
-            _save_log(folder, str(index), run(command))
+            _save_log(folder, str(index), run_warm(command))
 
     folder = build_once(os.path.join(shared_root, name), build)
     count = len([entry for entry in os.listdir(folder) if entry.endswith(".stdout")])

@@ -18,7 +18,7 @@ import re
 
 import pytest
 
-from cli_helpers import assert_same_metrics, run, train_metrics
+from cli_helpers import TASK_ARGS, assert_same_metrics, python_module, run, run_warm, train_metrics
 from rank_runs import assert_ranks, launcher, layout_args, log_of, one_process_curve, torchrun
 
 FIRST, RESUMED = 3, 5
@@ -39,8 +39,8 @@ def test_pytorch_ddp_on_four_ranks_trains_with_the_launcher_and_resumes_with_tor
     (an expert that no rank used gets no gradient here, as in one process: Adam skips it)."""
     save_dir = str(tmp_path / "ckpt")
     routing = ("token", "target")
-    first = run(launcher(4, layout_args(data_dir, save_dir, routing, FIRST, 4), "pytorch_ddp"))
-    resumed = run(torchrun(4, layout_args(data_dir, save_dir, routing, RESUMED, 4), "pytorch_ddp"))
+    first = run_warm(launcher(4, layout_args(data_dir, save_dir, routing, FIRST, 4), "pytorch_ddp"))
+    resumed = run_warm(torchrun(4, layout_args(data_dir, save_dir, routing, RESUMED, 4), "pytorch_ddp"))
     assert_ranks(log_of(first), 4, "pytorch_ddp", "tcp://127.0.0.1:")
     assert_ranks(log_of(resumed), 4, "pytorch_ddp", "env://")
     for result in (first, resumed):
@@ -63,6 +63,20 @@ def test_legacy_ddp_launcher_default_trains_and_resumes(ddp_checkpoint):
     assert last_update(log_of(first)) == 6
     assert re.search(r"Loaded checkpoint \S*checkpoint_last.pt \(epoch \d+ @ 6 updates\)", log_of(resumed))
     assert last_update(log_of(resumed)) == 12
+
+
+@pytest.mark.parametrize("start_method, nprocs", [("fork", 2), ("exec", 1)])
+def test_a_failing_rank_makes_the_launcher_fail(start_method, nprocs, tmp_path):
+    """A rank that stops (here: no dictionary in the data folder) ends the launch with its non-zero
+    status and one line from the launcher, whether the ranks are forked or new processes (an exec
+    launch once reported 0 here)."""
+    args = ["--nprocs", str(nprocs), "--start-method", start_method, "--", str(tmp_path), *TASK_ARGS,
+            "--arch", "taskmoe_transformer_tiny", "--max-tokens", "100"]
+    # the exec case runs the launcher as a fresh interpreter too (the other launches are forked: run_warm)
+    result = (run_warm if start_method == "fork" else run)(python_module("taskmoe_fairseq.cpu_data_parallel", *args), check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.rstrip().endswith("taskmoe_fairseq.cpu_data_parallel: a rank exited with status 1")
+    assert re.search(r"No such file or directory: \S*dict\.\w+\.txt", result.stderr)
 
 
 def test_launcher_rejects_an_unknown_ddp_backend(capsys):

@@ -22,7 +22,7 @@ are held to loss and nll_loss within 5e-3 and the grad norm within 2%.
 
 import pytest
 
-from cli_helpers import assert_same_metrics, run, train_metrics
+from cli_helpers import assert_same_metrics, run_warm, train_metrics
 from rank_runs import launcher, layout_args, log_of, one_process_curve
 
 UPDATES = 20
@@ -38,7 +38,7 @@ FOUR_RANK_BACKEND = {("token", "target"): "legacy_ddp", ("target", "target"): "n
 def expert_parallel_curve(data_dir, save_dir, routing, ranks):
     args = layout_args(data_dir, save_dir, routing, UPDATES, ranks, ("--no-save", "--disable-validation"))
     backend = FOUR_RANK_BACKEND[routing] if ranks == 4 else "legacy_ddp"
-    result = run(launcher(ranks, [*args, "--moe-expert-parallel-size", str(ranks)], backend))
+    result = run_warm(launcher(ranks, [*args, "--moe-expert-parallel-size", str(ranks)], backend))
     assert f"'ddp_backend': '{backend}'" in log_of(result)
     return train_metrics(result)
 

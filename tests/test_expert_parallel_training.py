@@ -5,7 +5,7 @@
   resumed to 12, same data, seed and options): same losses, sharded checkpoints that resume,
   consolidate, generate and extract; ``pytorch_ddp`` through torchrun for 3 updates.
 * 4 ranks, P = 2 (two data-parallel replicas of two expert shards), ``pytorch_ddp`` with
-  torchrun: train, sharded resume, and the loss curve of one process holding every expert
+  the launcher: train, sharded resume, and the loss curve of one process holding every expert
   (no_c10d's 4-rank run is in test_expert_parallel_equivalence).
 """
 
@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from cli_helpers import TEST_LINES, assert_same_metrics, generate_command, parse_generation, python_module, run, train_command, train_metrics
+from cli_helpers import TEST_LINES, assert_same_metrics, generate_command, parse_generation, python_module, run_warm, train_command, train_metrics
 from conftest import DDP_EXTRA
 from rank_runs import assert_ranks, launcher, layout_args, log_of, one_process_curve, shared_runs, torchrun
 from taskmoe_fairseq.compat import safe_torch_load
@@ -105,7 +105,7 @@ def test_consolidated_checkpoint_generates(consolidated, data_dir):
     state = safe_torch_load(checkpoint)
     assert state["cfg"]["model"].moe_expert_parallel_size == 1
     assert {key.split(".")[5] for key in state["model"] if key.startswith("decoder.layers.1.moe.experts.")} == {"0", "1", "2", "3"}
-    hypotheses = parse_generation(run(generate_command(data_dir, checkpoint, "en-de", beam=2)).stdout)
+    hypotheses = parse_generation(run_warm(generate_command(data_dir, checkpoint, "en-de", beam=2)).stdout)
     assert len(hypotheses) == TEST_LINES
 
 
@@ -115,7 +115,7 @@ def test_pytorch_ddp_through_torchrun(ddp_checkpoint, data_dir, tmp_path):
     match the data-parallel run (every expert of this model gets tokens in each of them, so
     legacy_ddp's zero gradients and pytorch_ddp's missing ones do not differ)."""
     command = train_command(data_dir, str(tmp_path / "ckpt"), "token", "target", 3, DDP_EXTRA)[1:]
-    result = run(torchrun(2, [*command, "--moe-expert-parallel-size", "2", "--no-save"]))
+    result = run_warm(torchrun(2, [*command, "--moe-expert-parallel-size", "2", "--no-save"]))
     log = log_of(result)
     assert_ranks(log, 2, "pytorch_ddp", "env://")
     assert "expert parallelism: 16 expert parameters are left out of DDP" in log
@@ -123,7 +123,7 @@ def test_pytorch_ddp_through_torchrun(ddp_checkpoint, data_dir, tmp_path):
 
 
 def extract(*args):
-    return run(python_module("taskmoe_fairseq.extract", *args))
+    return run_warm(python_module("taskmoe_fairseq.extract", *args))
 
 
 def test_extraction_from_the_shards_equals_extraction_from_the_consolidated_file(ep_run, consolidated, data_dir, tmp_path):
@@ -137,7 +137,7 @@ def test_extraction_from_the_shards_equals_extraction_from_the_consolidated_file
     assert "read expert shards [0, 1]" in result.stderr
     a, b = safe_torch_load(from_shards)["model"], safe_torch_load(from_full)["model"]
     assert sorted(a) == sorted(b) and all(torch.equal(a[key], b[key]) for key in a)
-    hypotheses = parse_generation(run(generate_command(data_dir, from_shards, "de-en", beam=2)).stdout)
+    hypotheses = parse_generation(run_warm(generate_command(data_dir, from_shards, "de-en", beam=2)).stdout)
     assert len(hypotheses) == TEST_LINES
 
 
@@ -145,7 +145,7 @@ def test_single_process_run_on_an_expert_parallel_save_dir_is_refused(ep_run, da
     """Without --moe-expert-parallel-size, fairseq would look for checkpoint_last.pt, find none and
     silently start afresh beside the shards: one line instead."""
     command = train_command(data_dir, ep_run[0], "token", "target", 14)
-    result = run(command, check=False)
+    result = run_warm(command, check=False)
     assert result.returncode != 0
     assert ("holds an expert-parallel checkpoint (checkpoint_last-shared.pt, P = 2) and no checkpoint_last.pt: "
             "resume with --moe-expert-parallel-size 2") in result.stderr
@@ -157,7 +157,9 @@ def test_four_ranks_with_two_expert_shards_train_and_resume(backend, data_dir, s
     """P = 2 on 4 ranks: ranks {0, 1} and {2, 3} are two expert-parallel groups, each holding the
     E = 8 experts as two shards of 4; ranks {0, 2} and {1, 3} are each shard's replicas (its
     gradients summed over them); the shared parameters go through the backend over all 4 ranks.
-    no_c10d starts with the plugin's launcher, pytorch_ddp with torchrun. (no_c10d, one class with
+    The plugin's launcher starts the ranks (torchrun did until 2026-12-02: it starts every rank as
+    a new interpreter, about 9 s of imports each; torchrun's env:// start keeps its 2-rank expert-
+    parallel run above and test_distributed's 4-rank resume). (no_c10d, one class with
     legacy_ddp, ran here too until its 4-rank run moved into test_expert_parallel_equivalence,
     P = 4 target/target: the same class over 4 ranks, held to one process for 20 updates, at no
     extra cost to the suite.) 3 updates, then resumed
@@ -171,11 +173,11 @@ def test_four_ranks_with_two_expert_shards_train_and_resume(backend, data_dir, s
 
     def start(max_update):
         args = [*layout_args(data_dir, save_dir, routing, max_update, 4), "--moe-expert-parallel-size", "2"]
-        return launcher(4, args, backend) if backend == "no_c10d" else torchrun(4, args, backend)
+        return launcher(4, args, backend)
 
-    results = [run(start(max_update)) for max_update in (3, 5)]
+    results = [run_warm(start(max_update)) for max_update in (3, 5)]
     for result in results:
-        assert_ranks(log_of(result), 4, backend, "tcp://127.0.0.1:" if backend == "no_c10d" else "env://")
+        assert_ranks(log_of(result), 4, backend, "tcp://127.0.0.1:")
         # E = 8 over P = 2: 4 local experts in each of the 2 MoE layers, 4 tensors each
         assert "expert parallelism: 32 expert parameters are left out of DDP" in log_of(result)
     assert re.search(r"Loaded checkpoint \S*checkpoint_last-rank-0\.pt \(epoch 1 @ 3 updates\)", log_of(results[1]))
