@@ -14,7 +14,9 @@ Which backend is run at which rank count (``no_c10d`` is fairseq's other name fo
   over all 4 ranks), train and sharded resume (test_expert_parallel_training).
 """
 
+import os
 import re
+import sys
 
 import pytest
 
@@ -65,18 +67,35 @@ def test_legacy_ddp_launcher_default_trains_and_resumes(ddp_checkpoint):
     assert last_update(log_of(resumed)) == 12
 
 
-@pytest.mark.parametrize("start_method, nprocs", [("fork", 2), ("exec", 1)])
-def test_a_failing_rank_makes_the_launcher_fail(start_method, nprocs, tmp_path):
+def test_a_failing_rank_makes_the_launcher_fail(tmp_path):
     """A rank that stops (here: no dictionary in the data folder) ends the launch with its non-zero
-    status and one line from the launcher, whether the ranks are forked or new processes (an exec
-    launch once reported 0 here)."""
-    args = ["--nprocs", str(nprocs), "--start-method", start_method, "--", str(tmp_path), *TASK_ARGS,
-            "--arch", "taskmoe_transformer_tiny", "--max-tokens", "100"]
-    # the exec case runs the launcher as a fresh interpreter too (the other launches are forked: run_warm)
-    result = (run_warm if start_method == "fork" else run)(python_module("taskmoe_fairseq.cpu_data_parallel", *args), check=False)
+    status and one line from the launcher (forked ranks, the default)."""
+    args = ["--nprocs", "2", "--", str(tmp_path), *TASK_ARGS, "--arch", "taskmoe_transformer_tiny", "--max-tokens", "100"]
+    result = run_warm(python_module("taskmoe_fairseq.cpu_data_parallel", *args), check=False)
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.rstrip().endswith("taskmoe_fairseq.cpu_data_parallel: a rank exited with status 1")
     assert re.search(r"No such file or directory: \S*dict\.\w+\.txt", result.stderr)
+
+
+def test_exec_ranks_a_failing_rank_stops_the_others(monkeypatch, capsys, tmp_path):
+    """--start-method exec (one new process per rank): rank 1 exits with 3 while rank 0 would run for
+    10 minutes; the launcher stops rank 0 (SIGTERM, which rank 0 records) and exits with 3 (an exec
+    launch once reported 0)."""
+    from taskmoe_fairseq import cpu_data_parallel
+
+    marker, ready = str(tmp_path / "rank0-stopped"), str(tmp_path / "rank0-ready")
+
+    def rank_command(train_args, nprocs, rank, port, ddp_backend):
+        if rank == 1:  # fails once rank 0 listens for SIGTERM
+            return [sys.executable, "-c", f"import os, sys, time\nwhile not os.path.exists({ready!r}): time.sleep(0.01)\nsys.exit(3)"]
+        return [sys.executable, "-c", "import signal, sys, time\n"
+                f"signal.signal(signal.SIGTERM, lambda *_: (open({marker!r}, 'w').close(), sys.exit(143)))\n"
+                f"open({ready!r}, 'w').close()\ntime.sleep(600)"]
+
+    monkeypatch.setattr(cpu_data_parallel, "rank_command", rank_command)
+    assert cpu_data_parallel.main(["--nprocs", "2", "--start-method", "exec", "--", "data"]) == 3
+    assert os.path.exists(marker)  # rank 0 was stopped, not waited for
+    assert capsys.readouterr().err.strip() == "taskmoe_fairseq.cpu_data_parallel: a rank exited with status 3"
 
 
 def test_launcher_rejects_an_unknown_ddp_backend(capsys):
