@@ -12,10 +12,14 @@ is torch's DistributedDataParallel with ``find_unused_parameters=True`` (set by 
 (benchmarks/timing.py: command, hardware, date, versions, every round); ``report.py`` turns it
 into ``ddp_backend_cost.md``. A backend written ``B+epP`` (e.g.
 ``legacy_ddp+ep2``) is B with ``--moe-expert-parallel-size P``: expert parallelism against data
-parallelism on the same ranks (``--kind expert_parallel_speed`` names that record and its report)::
+parallelism on the same ranks (``--kind expert_parallel_speed`` names that record and its report).
+A suffix ``@exec`` or ``@fork`` chooses the launcher's ``--start-method`` (default ``fork``): the
+cost of starting every rank as a new fairseq-train process (``--kind rank_start``)::
 
     PYTHONPATH=. python benchmarks/measure_ddp_backend.py --data DATA_BIN --backends legacy_ddp,legacy_ddp+ep2 \
         --kind expert_parallel_speed --out docs/benchmarks/expert_parallel_speed.json
+    PYTHONPATH=. python benchmarks/measure_ddp_backend.py --data DATA_BIN --backends legacy_ddp@fork,legacy_ddp@exec \
+        --kind rank_start --updates 6 --arch taskmoe_transformer_tiny --experts 4 --out docs/benchmarks/rank_start.json
 
 """
 
@@ -27,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO, os.path.join(REPO, "benchmarks")]
@@ -52,23 +57,24 @@ def train_args(data, save_dir, updates, arch, experts):
 
 
 def run_once(backend, options):
+    backend, _, start_method = backend.partition("@")
     ddp_backend, _, parallel = backend.partition("+ep")
     with tempfile.TemporaryDirectory() as save_dir:
         command = [sys.executable, "-m", "taskmoe_fairseq.cpu_data_parallel", "--nprocs", "2",
-                   "--ddp-backend", ddp_backend, "--",
+                   "--ddp-backend", ddp_backend, "--start-method", start_method or "fork", "--",
                    *train_args(options.data, save_dir, options.updates, options.arch, options.experts),
                    *(["--moe-expert-parallel-size", parallel] if parallel else [])]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, PYTHONWARNINGS="ignore")
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        wall_seconds, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_seconds = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     log = result.stdout + result.stderr
     if result.returncode != 0:
         raise SystemExit(f"{backend}: training failed\n{log[-3000:]}")
     summary = [line for line in log.splitlines() if re.search(r"\| train \| epoch", line)][-1]
     value = lambda key: float(re.search(rf"\| {key} ([\d.]+)", summary).group(1))  # noqa: E731
-    return {"wps": value("wps"), "ups": value("ups"), "cpu_s": cpu_seconds,
+    return {"wps": value("wps"), "ups": value("ups"), "cpu_s": cpu_seconds, "wall_s": wall_seconds,
             "find_unused": "find_unused_parameters=True" in log}
 
 
@@ -81,8 +87,9 @@ def main(argv=None):
     parser.add_argument("--arch", default="taskmoe_transformer_small")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--backends", default="legacy_ddp,pytorch_ddp",
-                        help="comma-separated, the first is the reference of the ratios; B+epP adds --moe-expert-parallel-size P")
-    parser.add_argument("--kind", default="ddp_backend_cost", choices=("ddp_backend_cost", "expert_parallel_speed"),
+                        help="comma-separated, the first is the reference of the ratios; B+epP adds --moe-expert-parallel-size P, "
+                             "B@exec / B@fork the launcher's --start-method")
+    parser.add_argument("--kind", default="ddp_backend_cost", choices=("ddp_backend_cost", "expert_parallel_speed", "rank_start"),
                         help="the record's kind: report.py writes <kind>.md from it")
     parser.add_argument("--note", action="append", default=[], help="a sentence for the report, e.g. what DATA is (repeatable)")
     options = parser.parse_args(argv)
@@ -100,7 +107,7 @@ def main(argv=None):
             rounds.append({"round": round_index, "backend": backend, **measured})
             run.log(f"round {round_index} {backend}: {measured['wps']:.0f} words/s, {measured['ups']:.2f} updates/s, "
                     f"{measured['cpu_s']:.1f} CPU s")
-    medians = {b: {k: statistics.median(r[k] for r in rounds if r["backend"] == b) for k in ("wps", "ups", "cpu_s")}
+    medians = {b: {k: statistics.median(r[k] for r in rounds if r["backend"] == b) for k in ("wps", "ups", "cpu_s", "wall_s")}
                for b in backends}
     run.record["results"] = {"rounds": rounds, "medians": medians}
     run.write(options.out)

@@ -5,7 +5,8 @@ Nothing is measured here; ``report.py`` calls :func:`markdown`."""
 import statistics
 
 TITLES = {"ddp_backend_cost": "# DDP backend cost, 2 CPU ranks (gloo)",
-          "expert_parallel_speed": "# Expert parallelism vs data parallelism, 2 CPU ranks (gloo)"}
+          "expert_parallel_speed": "# Expert parallelism vs data parallelism, 2 CPU ranks (gloo)",
+          "rank_start": "# Starting the ranks: forked after one import vs new processes, 2 CPU ranks (gloo)"}
 SAME_CPU = 0.05  # CPU time within 5%: a slower backend waited rather than computed more
 
 
@@ -46,6 +47,10 @@ def markdown(record: dict) -> str:
                     f"{reference_cpu:.1f} CPU s per run (start-up included)")
         if ratios[b] < 1 and abs(cpu / reference_cpu - 1) <= SAME_CPU:
             sentence += ": the same CPU time, so the cost is waiting, not extra computation"
+        if "wall_s" in medians[b]:  # records since 2026-12-02: the whole launch, start-up included
+            pairs = zip(per_backend[b], per_backend[reference])
+            sentence += (f"; the whole launch took {medians[b]['wall_s']:.1f} vs {medians[reference]['wall_s']:.1f} s "
+                         f"(median of per-round ratios {statistics.median(m['wall_s'] / r['wall_s'] for m, r in pairs):.2f}x)")
         reading.append(sentence + ".")
     lines += ["", " ".join(reading + list(config.get("notes", []))), ""]
     if record.get("converted"):

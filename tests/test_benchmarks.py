@@ -90,9 +90,9 @@ def test_the_committed_records_render_to_the_committed_markdown(tmp_path):
     """docs/benchmarks/*.md are what report.py writes from the committed JSON records (no measuring)."""
     import report
 
-    single = [os.path.join(DOCS, name) for name in ("ct2_export.json", "ddp_backend_cost.json")]
+    single = [os.path.join(DOCS, name) for name in ("ct2_export.json", "ddp_backend_cost.json", "rank_start.json")]
     assert report.main([*single, "--out", str(tmp_path)]) == 0
-    for name in ("ct2_export.md", "ddp_backend_cost.md"):
+    for name in ("ct2_export.md", "ddp_backend_cost.md", "rank_start.md"):
         assert (tmp_path / name).read_text() == open(os.path.join(DOCS, name)).read(), name
     serving = [f"docs/benchmarks/{kind}.json" for kind in SCRIPTS]
     command = "python benchmarks/report.py " + " ".join(serving) + " --out docs/benchmarks"
