@@ -46,10 +46,9 @@ def free_port() -> int:
 DDP_BACKENDS = ("legacy_ddp", "no_c10d", "pytorch_ddp", "c10d")
 
 
-def rank_command(train_args, nprocs: int, rank: int, port: int, ddp_backend: str = "legacy_ddp"):
-    executable = shutil.which("fairseq-train")
-    base = [executable] if executable else [sys.executable, "-m", "fairseq_cli.train"]
-    return base + list(train_args) + [
+def rank_args(train_args, nprocs: int, rank: int, port: int, ddp_backend: str = "legacy_ddp"):
+    """fairseq-train's arguments for rank ``rank`` of ``nprocs`` (the program not included)."""
+    return list(train_args) + [
         "--cpu",
         "--distributed-world-size", str(nprocs),
         "--distributed-rank", str(rank),
@@ -59,6 +58,13 @@ def rank_command(train_args, nprocs: int, rank: int, port: int, ddp_backend: str
         "--distributed-init-method", f"tcp://127.0.0.1:{port}",
         "--ddp-backend", ddp_backend,
     ]
+
+
+def rank_command(train_args, nprocs: int, rank: int, port: int, ddp_backend: str = "legacy_ddp"):
+    """The rank as a new process: ``fairseq-train`` (or ``python -m fairseq_cli.train``) and :func:`rank_args`."""
+    executable = shutil.which("fairseq-train")
+    base = [executable] if executable else [sys.executable, "-m", "fairseq_cli.train"]
+    return base + rank_args(train_args, nprocs, rank, port, ddp_backend)
 
 
 START_METHODS = ("fork", "exec")
@@ -95,16 +101,15 @@ def _run_forked_rank(argv) -> None:
         os._exit(status)
 
 
-class _Rank:
-    """One rank: a forked child (``pid``) or a ``subprocess.Popen``; ``poll`` / ``signal`` / ``wait`` as Popen's."""
+class _ForkedRank:
+    """A forked rank with the part of ``subprocess.Popen``'s interface the launcher uses
+    (``poll``, ``send_signal``, ``kill``, ``wait(timeout)``, ``returncode``)."""
 
-    def __init__(self, pid=None, process=None):
-        self.pid, self.process, self.returncode = pid, process, None
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
 
     def poll(self):
-        if self.process is not None:
-            self.returncode = self.process.poll()
-        elif self.returncode is None:
+        if self.returncode is None:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
@@ -113,44 +118,37 @@ class _Rank:
     def send_signal(self, signum):
         if self.poll() is None:
             try:
-                os.kill(self.process.pid if self.process is not None else self.pid, signum)
+                os.kill(self.pid, signum)
             except ProcessLookupError:
                 pass
 
-    def wait(self, timeout):
-        deadline = time.monotonic() + timeout
-        while self.poll() is None:
-            if time.monotonic() > deadline:
-                self.send_signal(signal.SIGKILL)
-                if self.process is not None:
-                    self.returncode = self.process.wait()
-                    return self.returncode
-                return self._reap()
-            time.sleep(0.05)
-        return self.returncode
+    def kill(self):
+        self.send_signal(signal.SIGKILL)
 
-    def _reap(self):
-        _, status = os.waitpid(self.pid, 0)
-        self.returncode = os.waitstatus_to_exitcode(status)
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"rank pid {self.pid}", timeout)
+            time.sleep(0.05)
         return self.returncode
 
 
 def start_ranks(train_args, nprocs: int, port: int, ddp_backend: str = "legacy_ddp", start_method: str = "fork"):
-    """Start the ``nprocs`` ranks; returns one :class:`_Rank` per rank. ``OMP_NUM_THREADS`` must be
-    in ``os.environ`` already (torch reads it when imported)."""
-    commands = [rank_command(train_args, nprocs, rank, port, ddp_backend) for rank in range(nprocs)]
+    """Start the ``nprocs`` ranks: ``subprocess.Popen`` objects (``exec``) or :class:`_ForkedRank`
+    (``fork``). ``OMP_NUM_THREADS`` must be in ``os.environ`` already (torch reads it when imported)."""
     if start_method == "exec" or not hasattr(os, "fork"):
-        return [_Rank(process=subprocess.Popen(command)) for command in commands]
+        return [subprocess.Popen(rank_command(train_args, nprocs, rank, port, ddp_backend)) for rank in range(nprocs)]
     import fairseq_cli.train  # noqa: F401  (once, here: every child has it)
 
     sys.stdout.flush()
     sys.stderr.flush()
     ranks = []
-    for command in commands:
+    for rank in range(nprocs):
         pid = os.fork()
         if pid == 0:
-            _run_forked_rank(command[1:] if command[0] != sys.executable else command[3:])
-        ranks.append(_Rank(pid=pid))
+            _run_forked_rank(rank_args(train_args, nprocs, rank, port, ddp_backend))
+        ranks.append(_ForkedRank(pid))
     return ranks
 
 
@@ -195,7 +193,11 @@ def main(argv=None):
             if rank.poll() is None:
                 rank.send_signal(signal.SIGTERM if status else signal.SIGINT)
         for rank in ranks:
-            rank.wait(timeout=30)
+            try:
+                rank.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                rank.kill()
+                rank.wait()
     status = status or next((rank.returncode for rank in ranks if rank.returncode), 0)
     if status:
         print(f"taskmoe_fairseq.cpu_data_parallel: a rank exited with status {status}", file=sys.stderr)

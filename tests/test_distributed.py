@@ -20,7 +20,7 @@ import sys
 
 import pytest
 
-from cli_helpers import TASK_ARGS, assert_same_metrics, python_module, run, run_warm, train_metrics
+from cli_helpers import TASK_ARGS, assert_same_metrics, python_module, run_warm, train_metrics
 from rank_runs import assert_ranks, launcher, layout_args, log_of, one_process_curve, torchrun
 
 FIRST, RESUMED = 3, 5
