@@ -80,7 +80,8 @@ def fairseq_train_seconds(log_path):
     a measurement that reuses finished trainings still reports how long they took."""
     if not os.path.exists(log_path):
         return None
-    match = re.search(r"done training in ([\d.]+) seconds", open(log_path, encoding="utf-8", errors="replace").read())
+    with open(log_path, encoding="utf-8", errors="replace") as log:
+        match = re.search(r"done training in ([\d.]+) seconds", log.read())
     return float(match.group(1)) if match else None
 
 
