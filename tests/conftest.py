@@ -1,3 +1,4 @@
+import gc
 import os
 import shutil
 import sys
@@ -218,6 +219,15 @@ MODULES_FIRST = [
     "test_benchmarks", "test_export", "test_translate", "test_serve", "test_expert_parallel_training", "test_plugin",
     "test_expert_parallel_equivalence", "test_distributed", "test_zero_shot", "test_cli_end_to_end", "test_extract",
 ]
+
+
+def pytest_collection_finish(session):
+    """Every test module is imported (torch, fairseq, the plugin and their hundreds of thousands
+    of objects, alive to the end): take them out of the garbage collector's view, so that each
+    full collection (Python's own, and those that tests, the benchmarks and torch's profiler ask
+    for) scans only what the tests make (measured: a third of a second per collection)."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks

@@ -18,6 +18,7 @@ the server answers ``{"id", "returncode"}`` when a child ends. Several commands 
 """
 
 import atexit
+import gc
 import itertools
 import json
 import os
@@ -33,6 +34,11 @@ IMPORT_TIME_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH", "PYTHONWA
 
 
 FAIRSEQ = ("fairseq", "fairseq.checkpoint_utils", "fairseq.options", "fairseq.sequence_generator", "fairseq.trainer")
+# imported by the commands later than fairseq's import: torch.optim's first optimizer imports
+# torch._dynamo (and sympy with it, ~800 modules, over a second per fairseq-train); hydra loads
+# its core plugins when fairseq composes the config; torchrun's launcher
+LATER = ("torch._dynamo", "hydra._internal.core_plugins.basic_launcher", "hydra._internal.core_plugins.basic_sweeper",
+         "hydra._internal.core_plugins.structured_config_source", "torch.distributed.run")
 OWN_MODULES = ("fairseq", "fairseq_cli", "taskmoe_fairseq")
 
 
@@ -49,7 +55,7 @@ def _preload():
     probe = os.fork()
     if probe == 0:
         os.close(read)
-        for name in FAIRSEQ:
+        for name in FAIRSEQ + LATER:
             importlib.import_module(name)
         names = [name for name in sys.modules if name.split(".")[0] not in OWN_MODULES]
         os.write(write, "\n".join(names).encode())
@@ -222,6 +228,7 @@ def run_forked(argv, env, cwd, stdin=None, timeout=600):
 
 if __name__ == "__main__":
     _preload()
+    gc.freeze()  # the preloaded modules, shared with every child: no child's collections scan (and copy) them
     kind, target = _become(_serve(int(sys.argv[1]), int(sys.argv[2])))
     import runpy
 
