@@ -2,8 +2,9 @@
 
 Every ``fairseq-*`` command and ``python -m taskmoe_fairseq...`` starts by importing torch and
 fairseq, seconds of CPU per process. The server is one interpreter that imports, once, what
-fairseq imports (torch, scipy, sklearn, hydra ...: four fifths of the time) but not fairseq, the
-plugin or a ``fairseq_cli`` module, and leaves logging unconfigured;
+fairseq imports (torch, scipy, sklearn, hydra ...) and fairseq itself, but not the plugin or a
+``fairseq_cli`` module, and leaves logging unconfigured (what fairseq's import does to logging is
+replayed in each child where its command imports fairseq: ``_import_fairseq``);
 for each command it forks a child that takes the command's stdin/stdout/stderr files, argv,
 environment and working directory and runs the command's own entry point as the interpreter
 would (a console script's ``cli_main``, ``runpy`` for ``-m`` and scripts). The child is a real
@@ -18,9 +19,12 @@ the server answers ``{"id", "returncode"}`` when a child ends. Several commands 
 """
 
 import atexit
+import builtins
 import gc
+import importlib
 import itertools
 import json
+import logging
 import os
 import select
 import signal
@@ -28,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 # import-time environment: the server only serves commands whose environment agrees on these
 IMPORT_TIME_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTHONPATH", "PYTHONWARNINGS", "PYTHONHASHSEED")
@@ -43,14 +48,11 @@ OWN_MODULES = ("fairseq", "fairseq_cli", "taskmoe_fairseq")
 
 
 def _preload():
-    """Every module that importing fairseq imports (torch, scipy, sklearn, hydra, ...), but not
-    fairseq's own: a command imports fairseq itself, in its own order. (fairseq's speech tasks call
-    ``logging.basicConfig`` when imported: fairseq-train configures logging before importing
-    fairseq, fairseq-generate and -interactive after it, our commands put it back. So fairseq's
-    own import, about a fifth of the time, stays with the command.) The names come from a forked
-    probe that imports fairseq; they are imported here in the order the probe first met them."""
-    import importlib
-
+    """Every module that importing fairseq imports (torch, scipy, sklearn, hydra, ...), then fairseq's
+    own (``_import_fairseq``), but not the plugin or a ``fairseq_cli`` module: those configure
+    logging when imported, each in its own way. The dependencies' names come from a forked probe
+    that imports fairseq; they are imported here in the order the probe first met them. Returns
+    what fairseq's import did to logging (``_import_fairseq``)."""
     read, write = os.pipe()
     probe = os.fork()
     if probe == 0:
@@ -70,6 +72,57 @@ def _preload():
                 importlib.import_module(name)
             except Exception:  # a module that only imports inside its package's own import: it comes with it
                 pass
+    return _import_fairseq()
+
+
+def _import_fairseq():
+    """Import fairseq's modules, keeping for the commands what the import does to logging: its
+    speech tasks call ``logging.basicConfig`` (INFO, stderr) and log a line, and which of that
+    takes effect depends on the command (fairseq-train configures logging before importing
+    fairseq, so its own format wins; fairseq-generate after, so fairseq's wins). Here the calls
+    and the records are recorded, nothing is printed, and the root logger is left as it was;
+    each child replays them when its command first imports fairseq (``_replay_at_fairseq_import``),
+    where a fresh interpreter would run them."""
+    events, root = [], logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    basic_config, handle = logging.basicConfig, logging.Logger.handle
+
+    def recording_basic_config(**kwargs):
+        events.append(("basicConfig", kwargs))
+        basic_config(**kwargs)  # applied, so that the levels decide which records exist, as they would
+
+    logging.basicConfig = recording_basic_config
+    logging.Logger.handle = lambda logger, record: events.append(("record", record))
+    try:
+        for name in FAIRSEQ:
+            importlib.import_module(name)
+    finally:
+        logging.basicConfig, logging.Logger.handle = basic_config, handle
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return events
+
+
+def _replay_at_fairseq_import(events):
+    """In the child: at the command's first ``import fairseq...``, what fairseq's import did to
+    logging (``_import_fairseq``), in order, under the command's logging configuration."""
+    original = builtins.__import__
+
+    def first_fairseq_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0 and name.split(".")[0] == "fairseq":
+            builtins.__import__ = original
+            for kind, event in events:
+                if kind == "basicConfig":
+                    logging.basicConfig(**event)
+                    continue
+                logger = logging.getLogger(event.name)
+                if logger.isEnabledFor(event.levelno):
+                    event.created, event.process = time.time(), os.getpid()
+                    event.msecs = (event.created - int(event.created)) * 1000
+                    logger.handle(event)
+        return original(name, globals, locals, fromlist, level)
+
+    builtins.__import__ = first_fairseq_import
 
 
 def _serve(commands_fd, replies_fd):
@@ -227,9 +280,10 @@ def run_forked(argv, env, cwd, stdin=None, timeout=600):
 
 
 if __name__ == "__main__":
-    _preload()
+    fairseq_logging = _preload()
     gc.freeze()  # the preloaded modules, shared with every child: no child's collections scan (and copy) them
     kind, target = _become(_serve(int(sys.argv[1]), int(sys.argv[2])))
+    _replay_at_fairseq_import(fairseq_logging)
     import runpy
 
     if kind == "module":

@@ -37,7 +37,7 @@ from taskmoe_fairseq.serving.shared_weights import SharedWeights
 MAX_LEN = 30
 BEAM = 4
 UPDATES = 300  # the target/target model test_translate.py and test_export.py train
-LOAD_REQUESTS, WARM_UP, CONCURRENCY = 2000, 300, 32  # 32 in flight: requests wait together and are batched
+LOAD_REQUESTS, WARM_UP, CONCURRENCY = 2000, 300, 64  # 64 in flight: requests wait together and are batched (about 10 per pair)
 RSS_TOLERANCE_MIB = 24  # a per-request leak of 12 KiB over the 1,700 measured requests would exceed it
 sys.path.insert(0, os.path.join(REPO, "examples"))
 
