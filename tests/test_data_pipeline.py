@@ -309,3 +309,17 @@ def test_build_corpus_rejects_bad_options_with_one_line():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "build_corpus.py: error: --langs must be a non-empty subset of de,fr,es,ru,ja,zh (got de,xx)")
+
+
+# ----------------------------------------------------------------------------- binarize.py's fairseq-preprocess step
+
+
+def test_forked_preprocess_failure_is_one_line_and_writes_nothing(data_dir, tmp_path):
+    """fairseq-preprocess runs forked from binarize.py's process (fairseq imported once); a pair
+    whose input is missing stops with fairseq's own last line and moves nothing into the output."""
+    from binarize_steps.fairseq_preprocess import run_preprocess
+
+    args = types.SimpleNamespace(workers=1, out=str(tmp_path), fairseq_preprocess=None)
+    with pytest.raises(script_support.UserError, match=r"^fairseq-preprocess en-xx failed: .*No such file"):
+        run_preprocess(args, [("xx", ["train"])], os.path.join(data_dir, "dict.txt"), str(tmp_path / "spm"))
+    assert os.listdir(tmp_path) == []  # not even its temporary folder

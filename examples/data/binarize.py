@@ -128,8 +128,9 @@ def parse_args(argv=None):
                    help="SentencePiece character_coverage (rarer characters use byte fallback)")
     p.add_argument("--spm-sentences", type=int, default=1000000,
                    help="SentencePiece input_sentence_size (random sample of training lines)")
-    p.add_argument("--fairseq-preprocess", default="fairseq-preprocess",
-                   help="fairseq-preprocess command")
+    p.add_argument("--fairseq-preprocess", default=None, metavar="COMMAND",
+                   help="run this fairseq-preprocess command as a new process per pair (default: "
+                        "fairseq's own, imported once and forked per pair)")
     p.add_argument("--force", action="store_true", help="redo every stage")
     args = p.parse_args(argv)
     args.langs = [l.strip() for l in args.langs.split(",") if l.strip()] if args.langs else None
@@ -147,9 +148,9 @@ def main(argv=None):
     langs = list(pairs)
     os.makedirs(args.out, exist_ok=True)
     args.out = os.path.abspath(args.out)
-    if shutil.which(args.fairseq_preprocess) is None and not os.path.exists(args.fairseq_preprocess):
-        raise UserError("fairseq-preprocess not found on PATH (install fairseq, e.g. "
-                        "pip install ve-fairseq)")
+    if args.fairseq_preprocess is not None and shutil.which(args.fairseq_preprocess) is None \
+            and not os.path.exists(args.fairseq_preprocess):
+        raise UserError(f"--fairseq-preprocess {args.fairseq_preprocess}: no such command")
     try:
         import sentencepiece as spm
     except ImportError:

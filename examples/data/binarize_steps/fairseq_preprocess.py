@@ -3,13 +3,18 @@
 Reads the piece-encoded text ``BIN/spm/{split}.en-<xx>.{en,<xx>}`` and ``BIN/dict.txt``; writes
 ``BIN/{split}.en-<xx>.{en,<xx>}.{bin,idx}``. Each run writes into a temporary folder inside BIN
 and its outputs are moved into place only when it succeeded; several pairs run side by side
-(``--workers``). Entry point: ``run_preprocess``.
+(``--workers``). Each run is fairseq-preprocess's own ``main`` in a process forked from this one,
+which imports fairseq once (a new interpreter per pair cost about 4 s of imports each), or, with
+``--fairseq-preprocess COMMAND``, that command as a new process. Entry point: ``run_preprocess``.
 """
 
+import logging
+import multiprocessing
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -17,8 +22,51 @@ from layout import raw_name
 from script_support import UserError, atomic_move, log
 
 
+def _preprocess_main(argv, log_fd):
+    """In the forked child: fairseq-preprocess's ``main`` on ``argv``, its output to ``log_fd``."""
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in (1, 2))
+    for handler in logging.getLogger().handlers:  # the command logs to stdout (its basicConfig)
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(sys.stdout)
+    from fairseq import options
+    from fairseq_cli import preprocess
+
+    preprocess.main(options.get_preprocessing_parser().parse_args(argv))
+
+
+class ForkedPreprocess:
+    """fairseq-preprocess with ``argv`` in a forked child, with the part of ``subprocess.Popen``'s
+    interface that ``run_preprocess`` uses (``poll``, ``returncode``, ``kill``). An exception
+    in the child is printed to the log and exits 1, as the command would."""
+
+    def __init__(self, argv, logf):
+        self._process = multiprocessing.get_context("fork").Process(target=_preprocess_main, args=(argv, logf.fileno()))
+        self._process.start()
+
+    def poll(self):
+        return self._process.exitcode  # None while it runs
+
+    @property
+    def returncode(self):
+        return self._process.exitcode
+
+    def kill(self):
+        self._process.kill()
+
+
+def import_fairseq_preprocess():
+    """Import fairseq-preprocess here, once, before the pairs are forked (raises UserError)."""
+    try:
+        import fairseq_cli.preprocess  # noqa: F401  (configures logging to stdout, as the command does)
+    except ImportError as error:
+        raise UserError(f"fairseq is not importable ({error}); install it (pip install ve-fairseq) "
+                        "or pass --fairseq-preprocess COMMAND")
+
+
 def preprocess_cmd(args, lang, splits, spm_dir, dest, dict_path, workers):
-    cmd = [args.fairseq_preprocess, "--source-lang", "en", "--target-lang", lang,
+    cmd = [args.fairseq_preprocess or "fairseq-preprocess", "--source-lang", "en", "--target-lang", lang,
            "--destdir", dest, "--srcdict", dict_path, "--tgtdict", dict_path,
            "--workers", str(workers), "--dataset-impl", "mmap"]
     for split in splits:
@@ -41,6 +89,8 @@ def run_preprocess(args, jobs, dict_path, spm_dir):
     running = []
     stats = {}
     env = dict(os.environ, PYTHONWARNINGS="ignore")
+    if args.fairseq_preprocess is None:
+        import_fairseq_preprocess()
     while pending or running:
         while pending and len(running) < parallel:
             lang, splits = pending.pop(0)
@@ -48,7 +98,10 @@ def run_preprocess(args, jobs, dict_path, spm_dir):
             cmd = preprocess_cmd(args, lang, splits, spm_dir, tmp, dict_path, per_job_workers)
             logf = open(os.path.join(tmp, "stdout.log"), "w+", encoding="utf-8")
             try:
-                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+                if args.fairseq_preprocess is None:
+                    proc = ForkedPreprocess(cmd[1:], logf)
+                else:
+                    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
             except FileNotFoundError:
                 raise UserError("fairseq-preprocess not found (install fairseq, or pass "
                                 "--fairseq-preprocess PATH)")
@@ -64,8 +117,11 @@ def run_preprocess(args, jobs, dict_path, spm_dir):
             logf.close()
             if proc.returncode != 0:
                 lines = [l for l in output.strip().splitlines() if l.strip()]
-                for p, *_ in running:
+                for p, _, _, other_tmp, other_log, _ in running:
                     p.kill()
+                    other_log.close()
+                    shutil.rmtree(other_tmp, ignore_errors=True)
+                shutil.rmtree(tmp, ignore_errors=True)  # nothing of a failed run is left in the output
                 raise UserError("fairseq-preprocess en-%s failed: %s"
                                 % (lang, lines[-1] if lines else "exit %d" % proc.returncode))
             replaced = [float(x) for x in re.findall(r"([0-9.]+)% replaced", output)]
