@@ -2,12 +2,12 @@
 checkpoint and a copy whose German gate row was changed by hand: the change found is the one made."""
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from cli_helpers import run_warm
 from taskmoe_fairseq.compat import safe_torch_load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,8 +68,9 @@ def test_report_renders_every_checkpoint_and_the_change(series, tmp_path):
 
 def test_a_checkpoint_without_task_gates_is_one_line(trained, tmp_path):
     token_token = trained.get("token", "token", 1)
-    result = subprocess.run([sys.executable, os.path.join(REPO, "examples", "measure_gates.py"), "--out",
-                             str(tmp_path / "x.json"), token_token], capture_output=True, text=True)
+    # a real process, forked from one that has imported torch and fairseq (tests/forked_cli.py)
+    result = run_warm([sys.executable, os.path.join(REPO, "examples", "measure_gates.py"), "--out",
+                       str(tmp_path / "x.json"), token_token], check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("measure_gates: error: ")
     assert "has no task-routed MoE layer" in result.stderr and "Traceback" not in result.stderr
