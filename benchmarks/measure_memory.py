@@ -19,6 +19,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models as bench  # noqa: E402  (also puts the repository on sys.path)
@@ -63,22 +64,26 @@ def child(spec: dict) -> dict:
     }
 
 
-def run_children(run, specs, parallel: int):
-    """One fresh interpreter per spec, ``parallel`` at a time (memory is per process)."""
+def run_child(command, env):
+    """``command`` in a new process: ``(returncode, stdout, stderr)``."""
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    return done.returncode, done.stdout, done.stderr
+
+
+def run_children(run, specs, parallel: int, run_command=None):
+    """One fresh interpreter per spec, ``parallel`` at a time (memory is per process);
+    ``run_command(command, env)`` starts one (default ``run_child``)."""
     env = dict(os.environ, PYTHONPATH=bench.REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    pending, running, results = list(enumerate(specs)), [], {}
-    while pending or running:
-        while pending and len(running) < parallel:
-            index, spec = pending.pop(0)
-            command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
-            running.append((index, spec, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)))
-        index, spec, process = running.pop(0)
-        stdout, stderr = process.communicate()
-        if process.returncode != 0:
+    commands = [[sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)] for spec in specs]
+    with ThreadPoolExecutor(parallel) as pool:
+        outcomes = list(pool.map(lambda command: (run_command or run_child)(command, env), commands))
+    results = []
+    for spec, (returncode, stdout, stderr) in zip(specs, outcomes):
+        if returncode != 0:
             raise RuntimeError(f"memory child failed for {spec['key']} E={spec.get('E')}:\n{stderr[-3000:]}")
-        results[index] = json.loads(stdout.strip().splitlines()[-1])
-        run.log(f"memory {spec['key']} E={spec.get('E', '-')}: peak {results[index]['peak_rss_mb']:.0f} MiB")
-    return [results[index] for index in range(len(specs))]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+        run.log(f"memory {spec['key']} E={spec.get('E', '-')}: peak {results[-1]['peak_rss_mb']:.0f} MiB")
+    return results
 
 
 def sizes(model, path: str) -> dict:
@@ -91,7 +96,7 @@ def sizes(model, path: str) -> dict:
     }
 
 
-def main(argv=None):
+def main(argv=None, run_command=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bench.add_common_args(parser, os.path.join(bench.REPO, "docs", "benchmarks", "memory.json"), "32")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -124,7 +129,7 @@ def main(argv=None):
             del models, model
             gc.collect()  # the children measure alone, without this process holding the models
             specs = [spec for spec, _ in pending]
-            for (spec, row), result in zip(pending, run_children(run, specs, cfg["parallel"])):
+            for (spec, row), result in zip(pending, run_children(run, specs, cfg["parallel"], run_command)):
                 row["memory"] = result
                 os.unlink(spec["checkpoint_path"])
             pending = []

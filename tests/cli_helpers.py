@@ -58,6 +58,16 @@ def run_warm(command, check=True, stdin=None, timeout=600, env=ENV):
     return result
 
 
+# what differs from run to run in fairseq's log lines: clock times, durations and speeds
+_TIMES = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|\d+:\d\d:\d\d\.\d+|[\d.]+ ?(?:seconds|s)\b|"
+                    r"\b(?:wps|ups|wall|train_wall|sentences/s|tokens/s)[ =][\d.]+|[\d.]+ (?:sentences|tokens)/s")
+
+
+def mask_times(log):
+    """``log`` with every clock time, duration and speed replaced by ``T`` (to compare two runs)."""
+    return _TIMES.sub("T", log)
+
+
 _PARSED_OVERRIDES = {}
 
 

@@ -20,15 +20,24 @@ ENVIRONMENT = {"command", "date", "cpu", "cores", "torch_threads", "python", "to
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     """The measuring scripts' and the report's ``main`` in this process (one import of torch and
-    fairseq); the memory script still starts one fresh interpreter per model, as it must."""
+    fairseq). The memory script's one process per model runs its real ``--child`` command, forked
+    from the tests' fork server instead of a fresh interpreter (tests/forked_cli.py): the record's
+    layout is what is checked here, not the memory figures a fresh interpreter gives."""
     import importlib
+
+    from cli_helpers import run_warm
+
+    def forked(command, env):
+        result = run_warm(command, check=False)
+        return result.returncode, result.stdout, result.stderr
 
     tmp_path = tmp_path_factory.mktemp("bench")
     paths = {}
     for kind, script in SCRIPTS.items():
         paths[kind] = str(tmp_path / f"{kind}.json")
         module = importlib.import_module(script[:-3])
-        assert module.main(["--quick", "--tiny", "--experts", "4", "--out", paths[kind]]) == 0
+        options = {"run_command": forked} if kind == "memory" else {}
+        assert module.main(["--quick", "--tiny", "--experts", "4", "--out", paths[kind]], **options) == 0
     out = tmp_path / "report"
     import report
 
