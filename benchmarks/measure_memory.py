@@ -71,12 +71,13 @@ def run_child(command, env):
 
 
 def run_children(run, specs, parallel: int, run_command=None):
-    """One fresh interpreter per spec, ``parallel`` at a time (memory is per process);
-    ``run_command(command, env)`` starts one (default ``run_child``)."""
+    """One process per spec, ``parallel`` at a time (memory is per process), each started by
+    ``run_command(command, env)`` (default ``run_child``: a fresh interpreter)."""
+    start = run_command or run_child
     env = dict(os.environ, PYTHONPATH=bench.REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     commands = [[sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)] for spec in specs]
     with ThreadPoolExecutor(parallel) as pool:
-        outcomes = list(pool.map(lambda command: (run_command or run_child)(command, env), commands))
+        outcomes = list(pool.map(lambda command: start(command, env), commands))
     results = []
     for spec, (returncode, stdout, stderr) in zip(specs, outcomes):
         if returncode != 0:

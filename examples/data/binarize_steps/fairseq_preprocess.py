@@ -103,8 +103,7 @@ def run_preprocess(args, jobs, dict_path, spm_dir):
                 else:
                     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
             except FileNotFoundError:
-                raise UserError("fairseq-preprocess not found (install fairseq, or pass "
-                                "--fairseq-preprocess PATH)")
+                raise UserError("--fairseq-preprocess %s: no such command" % cmd[0])
             running.append((proc, lang, splits, tmp, logf, time.time()))
         time.sleep(0.2)
         for item in list(running):
