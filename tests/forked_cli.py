@@ -173,10 +173,20 @@ def _become(request):
         opened = os.open(path, mode)
         os.dup2(opened, fd)
         os.close(opened)
-    os.chdir(request["cwd"])
+    return _command(request["argv"], request["env"], request["cwd"])
+
+
+def _command(argv, env, cwd):
+    """The command's environment, working directory, argv and sys.path; returns what to run:
+    ``("module" | "script" | "console", name)``. ``python -u`` (torchrun's ranks) unbuffers
+    stdout and stderr, as the interpreter's flag does."""
+    os.chdir(cwd)
     os.environ.clear()
-    os.environ.update(request["env"])
-    argv = request["argv"]
+    os.environ.update(env)
+    if argv[0] == sys.executable and argv[1] == "-u":
+        argv = argv[:1] + argv[2:]
+        for stream in (sys.stdout, sys.stderr):
+            stream.reconfigure(write_through=True)
     if argv[0] == sys.executable and argv[1] == "-m":
         sys.argv = [argv[2], *argv[3:]]  # runpy puts the module's path in argv[0]
         sys.path[0] = os.getcwd()
@@ -281,8 +291,11 @@ def run_forked(argv, env, cwd, stdin=None, timeout=600):
 
 if __name__ == "__main__":
     fairseq_logging = _preload()
+    import forked_torchrun  # (tests/ is sys.path[0] until a command's own path replaces it)
     gc.freeze()  # the preloaded modules, shared with every child: no child's collections scan (and copy) them
     kind, target = _become(_serve(int(sys.argv[1]), int(sys.argv[2])))
+    if (kind, target) == ("module", "torch.distributed.run"):  # its ranks are forked too (tests/forked_torchrun.py)
+        kind, target = forked_torchrun.start_zygote(_command, IMPORT_TIME_ENV) or (kind, target)
     _replay_at_fairseq_import(fairseq_logging)
     import runpy
 

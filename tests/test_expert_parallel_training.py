@@ -157,9 +157,8 @@ def test_four_ranks_with_two_expert_shards_train_and_resume(backend, data_dir, s
     """P = 2 on 4 ranks: ranks {0, 1} and {2, 3} are two expert-parallel groups, each holding the
     E = 8 experts as two shards of 4; ranks {0, 2} and {1, 3} are each shard's replicas (its
     gradients summed over them); the shared parameters go through the backend over all 4 ranks.
-    The plugin's launcher starts the ranks (torchrun did until 2026-12-02: it starts every rank as
-    a new interpreter, about 9 s of imports each; torchrun's env:// start keeps its 2-rank expert-
-    parallel run above and test_distributed's 4-rank resume). (no_c10d, one class with
+    The plugin's launcher starts the ranks (torchrun's env:// start keeps its 2-rank expert-parallel
+    run above and test_distributed's 4-rank resume). (no_c10d, one class with
     legacy_ddp, ran here too until its 4-rank run moved into test_expert_parallel_equivalence,
     P = 4 target/target: the same class over 4 ranks, held to one process for 20 updates, at no
     extra cost to the suite.) 3 updates, then resumed
