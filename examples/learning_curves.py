@@ -54,7 +54,11 @@ DEFAULT_CONFIGS = ("dense", "token/token", "token/target", "target/target", "tok
 # task-gate remedies, each against its plain configuration under the same budget (issue #12)
 REMEDIES = {
     "token/target+static-init": ("token", "target", ["--moe-task-gate-init", "static"]),  # warm start from static
+    # sparse upcycling: a dense model (no MoE layers) for the first point's updates, then the MoE
+    # model from it for the rest of the budget (train_upcycled)
+    "token/target+upcycle": ("token", "target", ["--moe-upcycle"]),
 }
+NO_MOE = ["--encoder-moe-freq", "0", "--decoder-moe-freq", "0"]
 CURVE_CONFIGS = {**CONFIGS, **REMEDIES}
 SAMPLES = 1000
 
@@ -65,14 +69,45 @@ def recipe(name):
     return apply_overrides(quickstart.RECIPE, ["--encoder-moe-routing", encoder, "--decoder-moe-routing", decoder, *extra])
 
 
-def checkpoints(save_dir):
-    """``{updates: path}`` of the run's ``checkpoint_1_<updates>.pt`` files."""
+def checkpoints(save_dir, offset=0):
+    """``{updates: path}`` of the run's ``checkpoint_1_<updates>.pt`` files (``offset``: updates
+    before the run's own, as for an upcycled run's dense stage)."""
     found = {}
     for path in glob.glob(os.path.join(save_dir, "checkpoint_*_*.pt")):
         match = re.search(r"checkpoint_\d+_(\d+)\.pt$", path)
         if match:
-            found[int(match.group(1))] = path
+            found[offset + int(match.group(1))] = path
     return dict(sorted(found.items()))
+
+
+def is_upcycled(name):
+    return "--moe-upcycle" in CURVE_CONFIGS[name][2]
+
+
+def dense_stage(save_dir):
+    return save_dir + "-dense"
+
+
+def run_checkpoints(save_dir, name, options):
+    """``{updates: path}`` along a configuration's budget; an upcycled run's first point is its dense
+    stage's checkpoint, the others its MoE stage's, counted after the dense updates."""
+    if not is_upcycled(name):
+        return checkpoints(save_dir)
+    first = options.updates // options.points
+    return {**checkpoints(dense_stage(save_dir)), **checkpoints(save_dir, offset=first)}
+
+
+def train_upcycled(options, name, save_dir, env):
+    """Sparse upcycling under the same budget: the quickstart's recipe without MoE layers (a
+    fairseq transformer) for the first point's ``updates / points`` updates, then ``name``'s MoE
+    model from its checkpoint (``--finetune-from-model ... --moe-upcycle``: every expert a copy of
+    its layer's dense FFN) for the rest. fairseq's fine-tuning starts the MoE stage's optimizer and
+    learning-rate schedule (its warm-up included) anew."""
+    first, every = options.updates // options.points, options.updates // options.points
+    dense = quickstart.train(options.data, dense_stage(save_dir), apply_overrides(quickstart.RECIPE, NO_MOE), first,
+                             env=env, prefix=f"[{name}, dense stage] ", save_every=every, seed=options.seed)
+    quickstart.train(options.data, save_dir, recipe(name) + ["--finetune-from-model", dense], options.updates - first,
+                     env=env, prefix=f"[{name}] ", save_every=every, seed=options.seed)
 
 
 def fairseq_train_seconds(log_path):
@@ -213,6 +248,8 @@ def main(argv=None):
     env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
     def train(name):
+        if is_upcycled(name):
+            return train_upcycled(options, name, os.path.join(options.workdir, slug(name)), env)
         quickstart.train(options.data, os.path.join(options.workdir, slug(name)), recipe(name), options.updates, env=env,
                          prefix=f"[{name}] ", save_every=options.updates // options.points, seed=options.seed)
 
@@ -225,7 +262,7 @@ def main(argv=None):
     for name in names:
         save_dir = os.path.join(options.workdir, slug(name))
         points_of[name] = {updates: evaluate_point(options, name, updates, path)
-                           for updates, path in checkpoints(save_dir).items()}
+                           for updates, path in run_checkpoints(save_dir, name, options).items()}
     command = "python examples/learning_curves.py " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {
         "command": command, "hardware": hardware(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),

@@ -9,7 +9,7 @@ Only command-line entry points turn it into one line and a non-zero exit:
 * fairseq's commands (``fairseq-train``, ``fairseq-generate``,
   ``fairseq-interactive``) are not ours to wrap, so importing the plugin
   installs :func:`install_excepthook`: an uncaught :class:`TaskMoeError`
-  prints ``taskmoe-fairseq: error: <message>`` instead of a traceback (exit
+  (or an exception fairseq raised while handling one) prints ``taskmoe-fairseq: error: <message>`` instead of a traceback (exit
   status 1, as for any uncaught exception); every other exception keeps
   Python's usual traceback.
 """
@@ -38,10 +38,23 @@ def usage_error(message: str) -> TaskMoeError:
     return TaskMoeError(message)
 
 
+def _cause(value) -> Optional[TaskMoeError]:
+    """``value`` or the exception it was raised from or during: fairseq re-raises what fails while
+    it loads a checkpoint as ``Exception("Cannot load model parameters from checkpoint ...")``."""
+    seen = set()
+    while value is not None and id(value) not in seen:
+        if isinstance(value, TaskMoeError):
+            return value
+        seen.add(id(value))
+        value = value.__cause__ or value.__context__
+    return None
+
+
 def _excepthook(previous):
     def hook(kind, value, traceback):
-        if isinstance(value, TaskMoeError):
-            print(f"taskmoe-fairseq: error: {value.message}", file=sys.stderr)
+        cause = _cause(value)
+        if cause is not None:
+            print(f"taskmoe-fairseq: error: {cause.message}", file=sys.stderr)
             return
         previous(kind, value, traceback)
 

@@ -127,7 +127,7 @@ def start_zygote(run_command, import_time_env):
     the forked rank (it returns what the child must run, like the fork server's ``_become``);
     ``import_time_env`` names the variables a rank must share with this process to be forked.
     Returns in the zygote's ranks (with ``run_command``'s result) and in torchrun's process (None)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # one request per message
     if os.fork() == 0:
         ours.close()
         return _zygote(theirs, run_command)

@@ -34,7 +34,7 @@ def test_recipes_differ_from_the_quickstarts_only_in_routing():
         options = dict((o[0], o[1:]) for o in split_options(learning_curves.recipe(name)))
         changed = {key for key in set(base) | set(options) if base.get(key) != options.get(key)}
         allowed = {"--encoder-moe-routing", "--decoder-moe-routing", "--moe-expert-count"}
-        assert changed <= allowed | ({"--moe-task-gate-init"} if name in learning_curves.REMEDIES else set()), name
+        assert changed <= allowed | ({"--moe-task-gate-init", "--moe-upcycle"} if name in learning_curves.REMEDIES else set()), name
     warm = dict((o[0], o[1:]) for o in split_options(learning_curves.recipe("token/target+static-init")))
     assert warm["--moe-task-gate-init"] == ["static"]  # the remedy differs from plain token/target in that alone
     dense = dict((o[0], o[1:]) for o in split_options(learning_curves.recipe("dense")))
@@ -114,3 +114,33 @@ def test_a_remedy_is_compared_with_its_plain_gate(tmp_path):
     assert row["chrf_minus_plain"] > 80 and row["chrf_minus_plain_ci95"][0] > 80
     lines = report_learning_curves.remedies({"points": [300], **summary})
     assert lines[0] == "token/target+static-init against token/target (same resamples):"
+
+
+def test_an_upcycled_run_is_a_dense_stage_then_the_moe_model_under_the_same_budget(tmp_path, monkeypatch):
+    """token/target+upcycle: fairseq-train without MoE layers for the first point's updates, then
+    token/target from its checkpoint with --moe-upcycle for the rest; its points count the updates
+    of both stages."""
+    calls = []
+
+    def fake_train(data, save_dir, recipe, updates, **kwargs):
+        calls.append((save_dir, recipe, updates, kwargs["save_every"]))
+        return os.path.join(save_dir, "checkpoint_last.pt")
+
+    monkeypatch.setattr(quickstart, "train", fake_train)
+    options = SimpleNamespace(data="DATA", updates=600, points=4, seed=1)
+    save_dir = str(tmp_path / "token-target+upcycle")
+    learning_curves.train_upcycled(options, "token/target+upcycle", save_dir, env={})
+    (dense_dir, dense_recipe, dense_updates, dense_every), (moe_dir, moe_recipe, moe_updates, moe_every) = calls
+    assert (dense_dir, dense_updates, dense_every) == (save_dir + "-dense", 150, 150)
+    assert dense_recipe == learning_curves.apply_overrides(quickstart.RECIPE, learning_curves.NO_MOE)
+    assert (moe_dir, moe_updates, moe_every) == (save_dir, 450, 150)
+    assert moe_recipe == learning_curves.recipe("token/target+upcycle") + [
+        "--finetune-from-model", os.path.join(save_dir + "-dense", "checkpoint_last.pt")]
+    assert "--moe-upcycle" in moe_recipe and "--moe-upcycle" not in dense_recipe
+    for folder, updates in ((save_dir + "-dense", 150), (save_dir, 150), (save_dir, 300), (save_dir, 450)):
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, f"checkpoint_1_{updates}.pt"), "w").close()
+    found = learning_curves.run_checkpoints(save_dir, "token/target+upcycle", options)
+    assert {updates: os.path.relpath(path, tmp_path) for updates, path in found.items()} == {
+        150: "token-target+upcycle-dense/checkpoint_1_150.pt", 300: "token-target+upcycle/checkpoint_1_150.pt",
+        450: "token-target+upcycle/checkpoint_1_300.pt", 600: "token-target+upcycle/checkpoint_1_450.pt"}

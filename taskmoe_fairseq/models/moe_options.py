@@ -50,6 +50,10 @@ def add_moe_args(parser):
     parser.add_argument("--moe-task-gate-init", choices=("random", "static"),
                         help="task gates' initial logits: 'random' N(0, 1), or 'static', a warm start on the "
                              "static baseline's experts (task t on (t*k + j) mod E; default random)")
+    parser.add_argument("--moe-upcycle", action="store_true",
+                        help="sparse upcycling: with --finetune-from-model DENSE.pt (this model trained with "
+                             "--encoder-moe-freq 0 --decoder-moe-freq 0), every expert starts as a copy of its "
+                             "layer's dense FFN and the gates as initialised (see docs/learning_curves)")
     parser.add_argument("--moe-expert-parallel-size", type=int, metavar="P",
                         help="expert parallelism: each rank holds E / P experts of every MoE layer and tokens "
                              "reach them by all-to-all; P divides E and the world size (default 1: every rank "
@@ -78,6 +82,7 @@ def set_moe_defaults(args, num_experts: int = 32):
     _default(args, "moe_second_expert_policy", "sampling")
     _default(args, "moe_task_gate_weights", "top-k")
     _default(args, "moe_task_gate_init", "random")
+    _default(args, "moe_upcycle", False)
     _default(args, "moe_expert_parallel_size", 1)
     _default(args, "moe_extracted_lang_pair", None)
     _default(args, "moe_merged_experts", False)
@@ -137,6 +142,13 @@ def check_moe_args(args, num_langs: int):
                 "list: train with --task multilingual_translation_taskmoe --langs ..."
             )
     check_expert_parallel_args(args)
+    if getattr(args, "moe_upcycle", False):
+        if all(getattr(args, f"{side}_moe_freq") == 0 for side in SIDES):
+            raise usage_error("--moe-upcycle starts experts from a dense model, but this model has no MoE layers "
+                              "(--encoder-moe-freq 0 --decoder-moe-freq 0); drop --moe-upcycle")
+        if hasattr(args, "finetune_from_model") and not args.finetune_from_model:
+            raise usage_error("--moe-upcycle needs --finetune-from-model DENSE.pt, the dense checkpoint whose "
+                              "FFNs the experts start from")
     for option in UNSUPPORTED_OPTIONS:
         if getattr(args, option, False):
             raise usage_error(f"--{option.replace('_', '-')} is not supported by taskmoe_transformer; drop it")

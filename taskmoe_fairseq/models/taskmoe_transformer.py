@@ -16,6 +16,7 @@ from fairseq.models.transformer import TransformerModel, base_architecture
 from torch import Tensor
 
 from taskmoe_fairseq.errors import usage_error
+from taskmoe_fairseq.models import upcycling
 from taskmoe_fairseq.models.moe_options import SIDES, add_moe_args, check_moe_args, namespace_summary, set_moe_defaults
 from taskmoe_fairseq.models.taskmoe_decoder import TaskMoeTransformerDecoder
 from taskmoe_fairseq.models.taskmoe_encoder import TaskMoeTransformerEncoder
@@ -143,7 +144,13 @@ class TaskMoeTransformerModel(TransformerModel):
     def upgrade_state_dict_named(self, state_dict, name):
         """Checkpoints from before the router kept per-sentence gates in their layers
         (``decoder.layers.1.moe.gate.task_logits``); they now live in the router
-        (``encoder.moe_router.gates.decoder_1.task_logits``)."""
+        (``encoder.moe_router.gates.decoder_1.task_logits``). With ``--moe-upcycle``, a dense
+        model's state dict becomes this model's (:mod:`taskmoe_fairseq.models.upcycling`).
+
+        Raises:
+            TaskMoeError: a dense FFN where this model has experts, without ``--moe-upcycle``;
+                with it, a dense model of other sizes.
+        """
         prefix = f"{name}." if name else ""
         for key in list(state_dict):
             match = re.fullmatch(rf"{re.escape(prefix)}(encoder|decoder)\.layers\.(\d+)\.moe\.gate\.(task_logits|wg\.weight)", key)
@@ -153,6 +160,11 @@ class TaskMoeTransformerModel(TransformerModel):
             if getattr(self.args, f"{side}_moe_routing") == routing_kinds.TOKEN:
                 continue
             state_dict[f"{prefix}encoder.moe_router.gates.{side}_{index}.{param}"] = state_dict.pop(key)
+        # a dense model's weights (--finetune-from-model): experts from its FFNs, or one line
+        if getattr(self.args, "moe_upcycle", False):
+            upcycling.upcycle_state_dict(self, state_dict, prefix)
+        else:
+            upcycling.check_dense_checkpoint(self, state_dict, prefix)
         super().upgrade_state_dict_named(state_dict, name)
 
 
