@@ -80,6 +80,11 @@ def checkpoints(save_dir, offset=0):
     return dict(sorted(found.items()))
 
 
+def updates_per_point(options):
+    """The updates between two checkpoints along the budget (the first point's updates)."""
+    return options.updates // options.points
+
+
 def is_upcycled(name):
     return "--moe-upcycle" in CURVE_CONFIGS[name][2]
 
@@ -93,8 +98,7 @@ def run_checkpoints(save_dir, name, options):
     stage's checkpoint, the others its MoE stage's, counted after the dense updates."""
     if not is_upcycled(name):
         return checkpoints(save_dir)
-    first = options.updates // options.points
-    return {**checkpoints(dense_stage(save_dir)), **checkpoints(save_dir, offset=first)}
+    return {**checkpoints(dense_stage(save_dir)), **checkpoints(save_dir, offset=updates_per_point(options))}
 
 
 def train_upcycled(options, name, save_dir, env):
@@ -103,10 +107,10 @@ def train_upcycled(options, name, save_dir, env):
     model from its checkpoint (``--finetune-from-model ... --moe-upcycle``: every expert a copy of
     its layer's dense FFN) for the rest. fairseq's fine-tuning starts the MoE stage's optimizer and
     learning-rate schedule (its warm-up included) anew."""
-    first, every = options.updates // options.points, options.updates // options.points
-    dense = quickstart.train(options.data, dense_stage(save_dir), apply_overrides(quickstart.RECIPE, NO_MOE), first,
+    every = updates_per_point(options)
+    dense = quickstart.train(options.data, dense_stage(save_dir), apply_overrides(quickstart.RECIPE, NO_MOE), every,
                              env=env, prefix=f"[{name}, dense stage] ", save_every=every, seed=options.seed)
-    quickstart.train(options.data, save_dir, recipe(name) + ["--finetune-from-model", dense], options.updates - first,
+    quickstart.train(options.data, save_dir, recipe(name) + ["--finetune-from-model", dense], options.updates - every,
                      env=env, prefix=f"[{name}] ", save_every=every, seed=options.seed)
 
 
@@ -251,7 +255,7 @@ def main(argv=None):
         if is_upcycled(name):
             return train_upcycled(options, name, os.path.join(options.workdir, slug(name)), env)
         quickstart.train(options.data, os.path.join(options.workdir, slug(name)), recipe(name), options.updates, env=env,
-                         prefix=f"[{name}] ", save_every=options.updates // options.points, seed=options.seed)
+                         prefix=f"[{name}] ", save_every=updates_per_point(options), seed=options.seed)
 
     if not options.no_train:
         with ThreadPoolExecutor(max_workers=options.jobs or len(names)) as pool:  # the work is in fairseq-train

@@ -9,9 +9,10 @@ Only command-line entry points turn it into one line and a non-zero exit:
 * fairseq's commands (``fairseq-train``, ``fairseq-generate``,
   ``fairseq-interactive``) are not ours to wrap, so importing the plugin
   installs :func:`install_excepthook`: an uncaught :class:`TaskMoeError`
-  (or an exception fairseq raised while handling one) prints ``taskmoe-fairseq: error: <message>`` instead of a traceback (exit
-  status 1, as for any uncaught exception); every other exception keeps
-  Python's usual traceback.
+  (or an exception fairseq raised while handling one) prints
+  ``taskmoe-fairseq: error: <message>`` instead of a traceback (exit status 1,
+  as for any uncaught exception); every other exception keeps Python's usual
+  traceback.
 """
 
 import sys

@@ -28,8 +28,8 @@ from torch.distributed.elastic.multiprocessing.subprocess_handler import subproc
 
 def _zygote(channel, run_command):
     """The zygote's loop: fork a rank per request, report each rank's pid and, later, its exit
-    status; exit when torchrun's end of ``channel`` closes. Never returns in the zygote; returns
-    ``(argv, env, cwd)`` in a forked rank, after it has taken its files."""
+    status; exit when torchrun's end of ``channel`` closes. Never returns in the zygote; in a forked
+    rank, after it has taken its files, returns ``run_command(argv, env, cwd)``."""
     children = set()
     while True:
         ready, _, _ = select.select([channel], [], [], 0.02 if children else None)
@@ -98,12 +98,15 @@ class _ZygoteClient:
         self.pids, self.exits = [], {}
 
     def read(self, timeout):
+        """Every reply that arrives within ``timeout`` seconds (None: wait for one), and any
+        others already there."""
         with self._lock:
-            if select.select([self._channel], [], [], timeout)[0]:
+            while select.select([self._channel], [], [], timeout)[0]:
                 chunk = self._channel.recv(65536)
                 if not chunk:
                     raise RuntimeError("the zygote that forks torchrun's ranks is gone")
                 self._buffer += chunk
+                timeout = 0
             while b"\n" in self._buffer:
                 line, self._buffer = self._buffer.split(b"\n", 1)
                 reply = json.loads(line)

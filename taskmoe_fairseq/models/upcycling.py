@@ -16,8 +16,9 @@ token gate), the upcycled model computes the dense model's function before its f
 """
 
 import re
-from typing import Dict, List
+from typing import Dict, Tuple
 
+import torch.nn as nn
 from torch import Tensor
 
 from taskmoe_fairseq.errors import usage_error
@@ -27,14 +28,16 @@ FFN_PARAMS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 GATE_KEY = re.compile(r"(^|\.)(moe\.gate|moe_router)\.")
 
 
-def dense_ffn_layers(model, state_dict: Dict[str, Tensor], prefix: str = "") -> List[str]:
-    """Names (``"decoder.1"``) of the model's MoE layers for which ``state_dict`` holds a dense FFN
-    (``decoder.layers.1.fc1.weight`` ...) instead of experts."""
-    found = []
-    for name, _ in model.moe_layers():
+def dense_ffn_layers(model, state_dict: Dict[str, Tensor], prefix: str = "") -> Dict[str, Tuple[str, nn.Module]]:
+    """The model's MoE layers for which ``state_dict`` holds a dense FFN
+    (``decoder.layers.1.fc1.weight`` ...) instead of experts: ``{"decoder.1": (the layer's key
+    prefix, e.g. "decoder.layers.1.", its MoE FFN)}``, in layer order."""
+    found = {}
+    for name, moe in model.moe_layers():
         side, index = name.split(".")
-        if f"{prefix}{side}.layers.{index}.fc1.weight" in state_dict:
-            found.append(name)
+        keys = f"{prefix}{side}.layers.{index}."
+        if keys + "fc1.weight" in state_dict:
+            found[name] = (keys, moe)
     return found
 
 
@@ -53,19 +56,15 @@ def upcycle_state_dict(model, state_dict: Dict[str, Tensor], prefix: str = "") -
     layers = dense_ffn_layers(model, state_dict, prefix)
     if not layers:
         return
-    own = model.state_dict()
-    for name in layers:
-        side, index = name.split(".")
-        experts = len(dict(model.moe_layers())[name].experts)
+    for keys, moe in layers.values():
         for param in FFN_PARAMS:
-            dense = state_dict.pop(f"{prefix}{side}.layers.{index}.{param}")
-            for expert in range(experts):
-                state_dict[f"{prefix}{side}.layers.{index}.moe.experts.{expert}.{param}"] = dense.clone()
-    for key, value in own.items():
-        if f"{prefix}{key}" not in state_dict and GATE_KEY.search(key):
-            state_dict[f"{prefix}{key}"] = value.detach().clone()
-    for key, value in own.items():
-        loaded = state_dict.get(f"{prefix}{key}")
+            dense = state_dict.pop(keys + param)
+            for expert in range(len(moe.experts)):
+                state_dict[f"{keys}moe.experts.{expert}.{param}"] = dense.clone()
+    for key, value in model.state_dict().items():
+        loaded = state_dict.get(prefix + key)
+        if loaded is None and GATE_KEY.search(key):
+            loaded = state_dict[prefix + key] = value.detach().clone()
         if loaded is None:
             raise usage_error(f"--moe-upcycle: the dense checkpoint has no {key}; it must be this model "
                               "with --encoder-moe-freq 0 --decoder-moe-freq 0 and the same sizes")
