@@ -72,12 +72,23 @@ def children_cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
-def translate_in_process(data, checkpoint, beam=4, batch_size=64, lines_per_pair=None):
+def references(data, pair, split="test"):
+    """The raw references of ``pair``'s ``split`` (test or valid; ``xx-en`` reads the ``en-xx`` files)."""
+    if split == "test":
+        return quickstart.test_references(data, pair)
+    source, target = pair.split("-")
+    en_xx = "en-" + (source if target == "en" else target)
+    return open(os.path.join(data, "raw", f"{split}.{en_xx}.{target}"), encoding="utf-8").read().splitlines()
+
+
+def translate_in_process(data, checkpoint, beam=4, batch_size=64, lines_per_pair=None, lenpen=1.0, split="test"):
     """``{pair: hypotheses}`` for every test set, decoded in this one process through fairseq's
     hub interface (taskmoe_fairseq.translate's loader) with fairseq-generate's options of the
-    quickstart (beam 4, ``max_len_a`` 1.2, ``max_len_b`` 10): the same search without 12 start-ups
+    quickstart (beam 4, ``max_len_a`` 1.2, ``max_len_b`` 10, ``lenpen``: fairseq's length penalty,
+    default 1.0 as fairseq's; the quickstart decodes with ``quickstart.LENPEN``): the same search without 12 start-ups
     of fairseq-generate, which on a loaded machine cost more than the decoding. ``lines_per_pair``:
-    only the first N sentences of every test set."""
+    only the first N sentences of every test set; ``split``: ``valid`` translates the valid sets
+    instead (where decoding options are chosen)."""
     import torch
 
     from taskmoe_fairseq.translate import load_fairseq
@@ -87,14 +98,14 @@ def translate_in_process(data, checkpoint, beam=4, batch_size=64, lines_per_pair
     for pair in quickstart.PAIRS:
         source, target = pair.split("-")
         en_xx = "en-" + (source if target == "en" else target)
-        lines = open(os.path.join(data, "raw", f"test.{en_xx}.{source}"), encoding="utf-8").read().splitlines()[:lines_per_pair]
+        lines = open(os.path.join(data, "raw", f"{split}.{en_xx}.{source}"), encoding="utf-8").read().splitlines()[:lines_per_pair]
         hub = load_fairseq(checkpoint, pair, data_dir=data).hub
         encoded = [hub.encode(line) for line in lines]
         order = sorted(range(len(lines)), key=lambda i: -len(encoded[i]))
         out = [""] * len(lines)
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            hypotheses = hub.generate([encoded[i] for i in batch], beam=beam, max_len_a=1.2, max_len_b=10)
+            hypotheses = hub.generate([encoded[i] for i in batch], beam=beam, max_len_a=1.2, max_len_b=10, lenpen=lenpen)
             for i, hypos in zip(batch, hypotheses):
                 out[i] = hub.bpe.sp.decode(hub.string(hypos[0]["tokens"]).split()).strip()
         result[pair] = out
@@ -130,24 +141,36 @@ def measure(options, overrides):
         name = f"{options.name}@{updates}"
     else:
         updates, name = options.updates, options.name
+        reused = os.path.exists(os.path.join(save_dir, "done"))  # a finished run decoded again: no training time
         started, cpu_before = time.time(), children_cpu_seconds()
         checkpoint = quickstart.train(options.data, save_dir, recipe, updates, options.seed, save_every=options.save_every)
         train_seconds, train_cpu = time.time() - started, children_cpu_seconds() - cpu_before
+        if reused:
+            train_seconds = train_cpu = float("nan")
     rows = {}
-    translations = translate_in_process(options.data, checkpoint) if options.in_process else None
+    if options.split != "test":
+        name += "-" + options.split
+    if options.tag:
+        name += "-" + options.tag
+    translations = (translate_in_process(options.data, checkpoint, lenpen=options.lenpen, split=options.split)
+                    if options.in_process else None)
     for pair in quickstart.PAIRS:
         if translations:
             hyps = translations[pair]
         else:
-            hyps, _ = quickstart.generate(options.data, checkpoint, pair, os.path.join(save_dir, "gen", str(updates), pair))
-        rows[pair] = scoring.score(hyps, quickstart.test_references(options.data, pair), pair.split("-")[1])
+            hyps, _ = quickstart.generate(options.data, checkpoint, pair, os.path.join(save_dir, "gen", str(updates), pair),
+                                          lenpen=options.lenpen)
+        refs = references(options.data, pair, options.split)
+        rows[pair] = scoring.score(hyps, refs, pair.split("-")[1])
+        # hypothesis / reference length in characters (beam search's length bias; see --lenpen)
+        rows[pair]["length_ratio"] = sum(map(len, hyps)) / max(1, sum(map(len, refs)))
         rows[pair].update(scoring.degeneracy(hyps))
         print(f"    {options.name} {pair}: BLEU {rows[pair]['bleu']:.1f} chrF {rows[pair]['chrf']:.1f}", flush=True)
     record = {
         "name": name, "updates": updates, "checkpoint": checkpoint, "data": data_summary(options.data), "overrides": overrides, "recipe": recipe,
         "train_seconds": train_seconds, "seconds_per_update": train_seconds / updates,
         "train_cpu_seconds": train_cpu, "cpu_seconds_per_update": train_cpu / updates,
-        "threads": os.environ.get("OMP_NUM_THREADS"), "evaluator": "in-process hub" if options.in_process else "fairseq-generate", "load_average": os.getloadavg(),
+        "threads": os.environ.get("OMP_NUM_THREADS"), "evaluator": "in-process hub" if options.in_process else "fairseq-generate", "lenpen": options.lenpen, "split": options.split, "load_average": os.getloadavg(),
         "chrf_avg": sum(r["chrf"] for r in rows.values()) / len(rows),
         "bleu_avg": sum(r["bleu"] for r in rows.values()) / len(rows),
         "signatures": scoring.signatures(p.split("-")[1] for p in quickstart.PAIRS),
@@ -166,8 +189,8 @@ def max_tokens(recipe):
 
 
 def report(paths):
-    print("| run | training pairs per language | options changed | updates | updates x max-tokens (M) | chrF avg | BLEU avg | s/update (this run, its load) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| run | training pairs per language | options changed | updates | updates x max-tokens (M) | chrF avg | BLEU avg | s/update (this run, its load) | lenpen |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for path in paths:
         r = json.load(open(path))
         per_update = r["seconds_per_update"]  # NaN for --evaluate-at records (the training was elsewhere)
@@ -177,7 +200,8 @@ def report(paths):
         pairs = f"{min(counts['train'] for counts in lines.values()):,} (<= {chars.group(1)} characters)"
         print(f"| {r['name']} | {pairs} | `{' '.join(r['overrides']) or '(results.md recipe)'}` | {r['updates']} | "
               f"{r['updates'] * max_tokens(r['recipe']) / 1e6:.1f} | "
-              f"{r['chrf_avg']:.1f} | {r['bleu_avg']:.2f} | {'—' if per_update != per_update else f'{per_update:.3f}'} |")
+              f"{r['chrf_avg']:.1f} | {r['bleu_avg']:.2f} | {'—' if per_update != per_update else f'{per_update:.3f}'} | "
+              f"{r.get('lenpen', 1.0)} |")  # records from before the field were decoded at fairseq's default
 
 
 def main():
@@ -195,12 +219,20 @@ def main():
                         help="only evaluate the checkpoint saved at UPDATES (by a --save-every run)")
     parser.add_argument("--in-process", action="store_true",
                         help="decode all test sets in this process (hub interface) instead of 12 fairseq-generate runs")
+    parser.add_argument("--tag", help="appended to the record's name (e.g. one checkpoint decoded with several --lenpen)")
+    parser.add_argument("--split", choices=("test", "valid"), default="test",
+                        help="the sets to translate and score (valid: where --lenpen is chosen; needs --in-process)")
+    parser.add_argument("--lenpen", type=float, default=quickstart.LENPEN,
+                        help=f"beam search's length penalty (default {quickstart.LENPEN}, the quickstart's; records "
+                        "made before this option were decoded at 1.0)")
     parser.add_argument("--report", nargs="*", help="print the table of these JSON records")
     options = parser.parse_args(argv)
     if options.report is not None:
         return report(options.report)
     if not options.data or not options.name:
         sys.exit("quickstart_recipe: --data and --name are required (or --report FILES)")
+    if options.split != "test" and not options.in_process:
+        sys.exit(f"quickstart_recipe: --split {options.split} needs --in-process (fairseq-generate decodes the test sets)")
     measure(options, overrides)
 
 

@@ -78,7 +78,8 @@ def test_recipe_overrides():
 def test_recipe_records_name_their_data_and_compare_batch_sizes_by_tokens(tmp_path, capsys):
     """A record says what it trained on (the binarization's line counts, the slice's
     make_bundled.py options) and the report puts recipes of different --max-tokens side by side
-    by updates x max-tokens; records from before the data field are the bundled 4,000-pair slice."""
+    by updates x max-tokens; records from before the data field are the bundled 4,000-pair slice,
+    and those from before the lenpen field were decoded at fairseq's default length penalty."""
     import json
 
     raw = tmp_path / "slice" / "raw"
@@ -96,12 +97,14 @@ def test_recipe_records_name_their_data_and_compare_batch_sizes_by_tokens(tmp_pa
     assert quickstart_recipe.max_tokens(recipe) == 1024
     record = {"name": "r", "overrides": [], "recipe": recipe, "updates": 2000, "chrf_avg": 20.0, "bleu_avg": 5.0,
               "seconds_per_update": float("nan")}
-    (tmp_path / "new.json").write_text(json.dumps(dict(record, data=summary)))
+    (tmp_path / "new.json").write_text(json.dumps(dict(record, data=summary, lenpen=1.5)))
     (tmp_path / "old.json").write_text(json.dumps(dict(record, recipe=["--max-tokens", "4096"])))
     quickstart_recipe.report([str(tmp_path / "new.json"), str(tmp_path / "old.json")])
     rows = capsys.readouterr().out.splitlines()[2:]
     assert rows[0].startswith("| r | 15,000 (<= 200 characters) | `(results.md recipe)` | 2000 | 2.0 | 20.0 |")
     assert rows[1].startswith("| r | 4,000 (<= 100 characters) | `(results.md recipe)` | 2000 | 8.2 | 20.0 |")
+    # the length penalty they were decoded with; records from before the field were at fairseq's 1.0
+    assert rows[0].endswith("| — | 1.5 |") and rows[1].endswith("| — | 1.0 |")
 
 
 def test_training_progress_counts_only_this_processs_updates_after_a_resume():
