@@ -20,7 +20,7 @@ Steps (each a real CLI, its progress streamed; re-running reuses finished steps)
 
 Usage::
 
-    python examples/quickstart.py                 # about 17 minutes on 2 quiet CPU cores (results.md)
+    python examples/quickstart.py                 # 15-17 minutes on 2 quiet CPU cores (results.md)
     python examples/quickstart.py --updates 50    # a short smoke run (degenerate output, warned)
 """
 
