@@ -153,14 +153,13 @@ def mean(values):
 
 def sentence_statistics(hypotheses, refs):
     """Per direction, sacrebleu's per-sentence sufficient statistics for BLEU and chrF
-    (``[sentences, stats]`` arrays), from which any resample's corpus score is recomputed."""
-    import numpy as np
-
+    (``[sentences, stats]`` arrays, :func:`scoring.sentence_statistics`), from which any resample's
+    corpus score is recomputed."""
     stats = {}
     for pair in quickstart.PAIRS:
         target = pair.split("-")[1]
         stats[pair] = {
-            metric: np.array(scorer._extract_corpus_statistics(hypotheses[pair], [refs[pair]]))
+            metric: scoring.sentence_statistics(scorer, hypotheses[pair], refs[pair])
             for metric, scorer in (("bleu", scoring.bleu_metric(target)), ("chrf", scoring.chrf_metric()))
         }
     return stats
@@ -175,8 +174,7 @@ def resampled_averages(stats, resamples):
         per_direction = []
         for pair in quickstart.PAIRS:
             scorer = scoring.bleu_metric(pair.split("-")[1]) if metric == "bleu" else scoring.chrf_metric()
-            per_direction.append([scorer._compute_score_from_stats(stats[pair][metric][index].sum(0)).score
-                                  for index in resamples])
+            per_direction.append(scoring.resampled_scores(scorer, stats[pair][metric], resamples))
         result[metric] = np.mean(per_direction, axis=0)
     return result
 

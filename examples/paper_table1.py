@@ -158,9 +158,8 @@ def bootstrap(options, hypotheses, samples=1000):
         per_direction = {}
         for pair in PAIRS:
             metric = scoring.bleu_metric(pair.split("-")[1])
-            stats = np.array(metric._extract_corpus_statistics(outputs[pair], [references[pair]]))  # [size, 2 + 2n]
-            per_direction[pair] = np.array([metric._compute_score_from_stats(stats[index].sum(0)).score
-                                            for index in resamples])
+            stats = scoring.sentence_statistics(metric, outputs[pair], references[pair])  # [size, 2 + 2n]
+            per_direction[pair] = scoring.resampled_scores(metric, stats, resamples)
         result[name] = {
             "avg": np.mean([per_direction[pair] for pair in PAIRS], axis=0),
             "xx_en": np.mean([per_direction[f"{xx}-en"] for xx in XX], axis=0),

@@ -12,6 +12,8 @@ fairseq-generate results file is read.
   ``--post-process sentencepiece`` string replacement would leave as ``<0xE6>``); the language
   tag is already stripped (the task's ``symbols_to_strip_from_output``).
 * :func:`degeneracy`: the share of identical and of repeating hypotheses, for warnings.
+* :func:`sentence_statistics` / :func:`resampled_scores`: paired bootstrap resampling (Koehn
+  2004, the statistics of sacrebleu's ``--paired-bs``) for paper_table1.py and learning_curves.py.
 """
 
 import os
@@ -55,6 +57,24 @@ def score(hypotheses, references, target_lang):
         "bleu_signature": str(bleu.get_signature()),
         "chrf_signature": str(chrf.get_signature()),
     }
+
+
+def sentence_statistics(metric, hypotheses, references):
+    """sacrebleu's per-sentence sufficient statistics of ``metric`` (a :func:`bleu_metric` or
+    :func:`chrf_metric`), ``[sentences, stats]``: summed over any subset of rows they give that
+    subset's corpus score (:func:`resampled_scores`)."""
+    import numpy as np
+
+    return np.array(metric._extract_corpus_statistics(hypotheses, [references]))
+
+
+def resampled_scores(metric, statistics, resamples):
+    """Corpus scores of ``metric`` on each resample: ``statistics`` from :func:`sentence_statistics`,
+    ``resamples`` ``[samples, sentences]`` sentence indices (drawn with replacement; shared by every
+    system and direction compared, which makes the bootstrap paired). Returns ``[samples]``."""
+    import numpy as np
+
+    return np.array([metric._compute_score_from_stats(statistics[index].sum(0)).score for index in resamples])
 
 
 def signatures(target_langs):

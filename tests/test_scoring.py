@@ -119,3 +119,22 @@ def test_training_progress_counts_only_this_processs_updates_after_a_resume():
     line = ("epoch 001:     50 / 243 loss=10.9, nll_loss=10.8, wps=3414.6, ups=1.1, wall=0, train_wall=40, "
             "num_updates=50 | INFO | train_inner")
     assert quickstart.progress_line(line, 1000, fresh).startswith("update 50/1000: loss 10.9, 3414.6 words/s, elapsed ")
+
+
+def test_resampled_scores_recompute_sacrebleus_corpus_score_from_sentence_statistics():
+    """The paired bootstrap's one home (paper_table1.py, learning_curves.py): a resample's score is
+    sacrebleu's corpus score of the sentences it draws, repeats included (a permutation of every
+    sentence is the corpus score itself)."""
+    import numpy as np
+
+    hyps = ["Der Hund schläft.", "Ein rotes Haus steht dort.", "Klicken Sie auf OK."]
+    refs = ["Der Hund schläft.", "Dort steht ein rotes Haus.", "Klicken Sie auf Abbrechen."]
+    draws = np.array([[2, 0, 1], [0, 0, 0], [2, 2, 1]])
+    for metric in (scoring.bleu_metric("de"), scoring.chrf_metric()):
+        stats = scoring.sentence_statistics(metric, hyps, refs)
+        assert stats.shape[0] == len(hyps)
+        scores = scoring.resampled_scores(metric, stats, draws)
+        expected = [metric.corpus_score([hyps[i] for i in draw], [[refs[i] for i in draw]]).score for draw in draws]
+        assert scores.tolist() == pytest.approx(expected)
+        assert scores[0] == pytest.approx(metric.corpus_score(hyps, [refs]).score) and scores[1] == pytest.approx(100)
+        assert scores[2] < scores[1]
