@@ -174,11 +174,12 @@ def train(data, save_dir, recipe=None, updates=None, seed=1, env=None, prefix=""
     return checkpoint
 
 
-def test_references(data, pair):
-    """The raw references of ``pair``'s test set (``xx-en`` reads the ``en-xx`` files)."""
+def test_references(data, pair, split="test"):
+    """The raw references of ``pair``'s test set, or of another ``split`` (``valid``; ``xx-en`` reads
+    the ``en-xx`` files)."""
     source, target = pair.split("-")
     en_xx = "en-" + (target if target != "en" else source)
-    with open(os.path.join(data, "raw", f"test.{en_xx}.{target}"), encoding="utf-8") as lines:
+    with open(os.path.join(data, "raw", f"{split}.{en_xx}.{target}"), encoding="utf-8") as lines:
         return lines.read().splitlines()
 
 

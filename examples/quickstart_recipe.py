@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Measure one candidate quickstart recipe: train it for a fixed number of updates with the
-quickstart's data and task, translate the quickstart's test sets (beam 4, the full model) and
+quickstart's data and task, translate the quickstart's test sets (beam 4 with the quickstart's
+``--lenpen``, the full model; ``--split valid``: the valid sets, where decoding options are chosen) and
 write ``<workdir>/<name>.json`` (command, updates, training seconds, s/update, BLEU and chrF per
 direction and averaged, sacrebleu signatures). The table in docs/quickstart/recipe.md comes
 from these records (``--report``).
@@ -70,15 +71,6 @@ def children_cpu_seconds():
     far less on other processes' load than its wall time does)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
-
-
-def references(data, pair, split="test"):
-    """The raw references of ``pair``'s ``split`` (test or valid; ``xx-en`` reads the ``en-xx`` files)."""
-    if split == "test":
-        return quickstart.test_references(data, pair)
-    source, target = pair.split("-")
-    en_xx = "en-" + (source if target == "en" else target)
-    return open(os.path.join(data, "raw", f"{split}.{en_xx}.{target}"), encoding="utf-8").read().splitlines()
 
 
 def translate_in_process(data, checkpoint, beam=4, batch_size=64, lines_per_pair=None, lenpen=1.0, split="test"):
@@ -160,7 +152,7 @@ def measure(options, overrides):
         else:
             hyps, _ = quickstart.generate(options.data, checkpoint, pair, os.path.join(save_dir, "gen", str(updates), pair),
                                           lenpen=options.lenpen)
-        refs = references(options.data, pair, options.split)
+        refs = quickstart.test_references(options.data, pair, options.split)
         rows[pair] = scoring.score(hyps, refs, pair.split("-")[1])
         # hypothesis / reference length in characters (beam search's length bias; see --lenpen)
         rows[pair]["length_ratio"] = sum(map(len, hyps)) / max(1, sum(map(len, refs)))
