@@ -183,10 +183,11 @@ def test_references(data, pair, split="test"):
         return lines.read().splitlines()
 
 
-def generate(data, checkpoint, pair, results_path, beam=4, batch_size=64, env=None, lenpen=LENPEN):
+def generate(data, checkpoint, pair, results_path, beam=4, batch_size=64, env=None, lenpen=1.0):
     """Translate ``pair``'s test set with fairseq-generate, which writes and decodes its own results
     file (``results_path/generate-test.txt``, see scoring.generate_args); return the detokenised
-    hypotheses in test-set order and fairseq's target tokens/s."""
+    hypotheses in test-set order and fairseq's target tokens/s. ``lenpen``: fairseq's length
+    penalty (default fairseq's 1.0; the quickstart passes :data:`LENPEN`)."""
     source, target = pair.split("-")
     log = run([
         "fairseq-generate", data, *task_args(), "--source-lang", source, "--target-lang", target,
@@ -265,7 +266,7 @@ def main(argv=None):
         # full and extracted side by side, one thread each: the 2 cores are used and the two
         # speeds are measured under the same conditions
         with ThreadPoolExecutor(max_workers=2) as pool:
-            full, ext = pool.map(lambda args: generate(data, *args, env={"OMP_NUM_THREADS": "1"}), [
+            full, ext = pool.map(lambda args: generate(data, *args, env={"OMP_NUM_THREADS": "1"}, lenpen=LENPEN), [
                 (checkpoint, pair, os.path.join(outputs, "full")),
                 (os.path.join(extracted, f"{pair}.pt"), pair, os.path.join(outputs, "extracted"))])
         (full_hyps, full_speed), (ext_hyps, ext_speed) = full, ext

@@ -2,8 +2,11 @@
 """Measure one candidate quickstart recipe: train it for a fixed number of updates with the
 quickstart's data and task, translate the quickstart's test sets (beam 4 with the quickstart's
 ``--lenpen``, the full model; ``--split valid``: the valid sets, where decoding options are chosen) and
-write ``<workdir>/<name>.json`` (command, updates, training seconds, s/update, BLEU and chrF per
-direction and averaged, sacrebleu signatures). The table in docs/quickstart/recipe.md comes
+write ``<workdir>/<name>.json`` (``<name>-at-<N>`` with ``--evaluate-at N``, then ``-valid`` and
+``-<tag>`` where given; an existing record is never overwritten): command, updates, training
+seconds and s/update (NaN for a finished run decoded again; a run resumed from its
+``checkpoint_last.pt`` counts only the updates it made, ``resumed_from``), BLEU and chrF per
+direction and averaged, sacrebleu signatures. The table in docs/quickstart/recipe.md comes
 from these records (``--report``).
 
 The candidate is the recipe of docs/quickstart/results.md (``quickstart.RESULTS_MD_RECIPE``, the
@@ -74,7 +77,7 @@ def children_cpu_seconds():
 
 
 def translate_in_process(data, checkpoint, beam=4, batch_size=64, lines_per_pair=None, lenpen=1.0, split="test"):
-    """``{pair: hypotheses}`` for every test set, decoded in this one process through fairseq's
+    """``{pair: hypotheses}`` for every test set (or every set of ``split``), decoded in this one process through fairseq's
     hub interface (taskmoe_fairseq.translate's loader) with fairseq-generate's options of the
     quickstart (beam 4, ``max_len_a`` 1.2, ``max_len_b`` 10, ``lenpen``: fairseq's length penalty,
     default 1.0 as fairseq's; the quickstart decodes with ``quickstart.LENPEN``): the same search without 12 start-ups
@@ -105,6 +108,16 @@ def translate_in_process(data, checkpoint, beam=4, batch_size=64, lines_per_pair
     return result
 
 
+def updates_done(save_dir):
+    """The updates of ``save_dir/checkpoint_last.pt`` (0 without one): where fairseq-train resumes."""
+    checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
+    if not os.path.isfile(checkpoint):
+        return 0
+    from taskmoe_fairseq.compat import safe_torch_load
+
+    return int(safe_torch_load(checkpoint)["optimizer_history"][-1]["num_updates"])
+
+
 def data_summary(data):
     """What the candidate trained on: the binarization's command, vocabulary and line counts
     (``binarize.json``) and, where the raw text came from a make_bundled.py slice, its options."""
@@ -133,17 +146,24 @@ def measure(options, overrides):
         name = f"{options.name}@{updates}"
     else:
         updates, name = options.updates, options.name
+    if options.split != "test":
+        name += "-" + options.split
+    if options.tag:
+        name += "-" + options.tag
+    record_path = os.path.join(options.workdir, name.replace("@", "-at-") + ".json")
+    if os.path.exists(record_path):
+        sys.exit(f"quickstart_recipe: {record_path} exists; pass --tag to keep both records, or delete it")
+    resumed_from = 0
+    if not options.evaluate_at:
         reused = os.path.exists(os.path.join(save_dir, "done"))  # a finished run decoded again: no training time
+        resumed_from = 0 if reused else updates_done(save_dir)
         started, cpu_before = time.time(), children_cpu_seconds()
         checkpoint = quickstart.train(options.data, save_dir, recipe, updates, options.seed, save_every=options.save_every)
         train_seconds, train_cpu = time.time() - started, children_cpu_seconds() - cpu_before
         if reused:
             train_seconds = train_cpu = float("nan")
+    trained = max(1, updates - resumed_from)
     rows = {}
-    if options.split != "test":
-        name += "-" + options.split
-    if options.tag:
-        name += "-" + options.tag
     translations = (translate_in_process(options.data, checkpoint, lenpen=options.lenpen, split=options.split)
                     if options.in_process else None)
     for pair in quickstart.PAIRS:
@@ -157,18 +177,18 @@ def measure(options, overrides):
         # hypothesis / reference length in characters (beam search's length bias; see --lenpen)
         rows[pair]["length_ratio"] = sum(map(len, hyps)) / max(1, sum(map(len, refs)))
         rows[pair].update(scoring.degeneracy(hyps))
-        print(f"    {options.name} {pair}: BLEU {rows[pair]['bleu']:.1f} chrF {rows[pair]['chrf']:.1f}", flush=True)
+        print(f"    {name} {pair}: BLEU {rows[pair]['bleu']:.1f} chrF {rows[pair]['chrf']:.1f}", flush=True)
     record = {
         "name": name, "updates": updates, "checkpoint": checkpoint, "data": data_summary(options.data), "overrides": overrides, "recipe": recipe,
-        "train_seconds": train_seconds, "seconds_per_update": train_seconds / updates,
-        "train_cpu_seconds": train_cpu, "cpu_seconds_per_update": train_cpu / updates,
+        "resumed_from": resumed_from, "train_seconds": train_seconds, "seconds_per_update": train_seconds / trained,
+        "train_cpu_seconds": train_cpu, "cpu_seconds_per_update": train_cpu / trained,
         "threads": os.environ.get("OMP_NUM_THREADS"), "evaluator": "in-process hub" if options.in_process else "fairseq-generate", "lenpen": options.lenpen, "split": options.split, "load_average": os.getloadavg(),
         "chrf_avg": sum(r["chrf"] for r in rows.values()) / len(rows),
         "bleu_avg": sum(r["bleu"] for r in rows.values()) / len(rows),
         "signatures": scoring.signatures(p.split("-")[1] for p in quickstart.PAIRS),
         "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    atomic_write_text(os.path.join(options.workdir, name.replace("@", "-at-") + ".json"), json.dumps(record, indent=1))
+    atomic_write_text(record_path, json.dumps(record, indent=1))
     print(f"{name}: chrF avg {record['chrf_avg']:.1f}, BLEU avg {record['bleu_avg']:.1f}, "
           f"{record['seconds_per_update']:.3f} s/update, {record['cpu_seconds_per_update']:.3f} CPU s/update (this run, this load)")
 

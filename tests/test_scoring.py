@@ -138,3 +138,44 @@ def test_resampled_scores_recompute_sacrebleus_corpus_score_from_sentence_statis
         assert scores.tolist() == pytest.approx(expected)
         assert scores[0] == pytest.approx(metric.corpus_score(hyps, [refs]).score) and scores[1] == pytest.approx(100)
         assert scores[2] < scores[1]
+
+
+def test_recipe_record_counts_a_resumed_runs_own_updates_and_is_never_overwritten(tmp_path, monkeypatch):
+    """A candidate continued from its ``checkpoint_last.pt`` (800 of 1,231 updates done) divides its
+    training time by the 431 updates it made; decoding the finished run again (another --lenpen)
+    without --tag would replace the training's record: refused with one line."""
+    import argparse
+    import json
+
+    import torch
+
+    data = tmp_path / "bin"
+    (data / "raw").mkdir(parents=True)
+    for xx in quickstart.XX:
+        for lang in ("en", xx):
+            (data / "raw" / f"test.en-{xx}.{lang}").write_text("Ein Satz.\nNoch einer hier.\n", encoding="utf-8")
+    save_dir = tmp_path / "work" / "run"
+    save_dir.mkdir(parents=True)
+    torch.save({"optimizer_history": [{"num_updates": 800}]}, save_dir / "checkpoint_last.pt")
+    assert quickstart_recipe.updates_done(str(save_dir)) == 800 and quickstart_recipe.updates_done(str(tmp_path)) == 0
+
+    def fake_train(data_dir, run_dir, recipe, updates, seed, save_every=None):
+        (save_dir / "done").write_bytes(b"")
+        return str(save_dir / "checkpoint_last.pt")
+
+    monkeypatch.setattr(quickstart, "train", fake_train)
+    monkeypatch.setattr(quickstart_recipe, "translate_in_process", lambda data_dir, checkpoint, lenpen, split: {
+        pair: quickstart.test_references(data_dir, pair, split) for pair in quickstart.PAIRS})
+    options = argparse.Namespace(data=str(data), workdir=str(tmp_path / "work"), name="run", updates=1231, seed=1,
+                                 save_every=None, evaluate_at=None, in_process=True, tag=None, split="test", lenpen=2.0)
+    quickstart_recipe.measure(options, [])
+    record = json.loads((tmp_path / "work" / "run.json").read_text())
+    assert record["resumed_from"] == 800
+    assert record["seconds_per_update"] == pytest.approx(record["train_seconds"] / 431)
+    assert record["chrf_avg"] == pytest.approx(100) and record["rows"]["en-de"]["length_ratio"] == 1.0
+    with pytest.raises(SystemExit, match="run.json exists; pass --tag"):
+        quickstart_recipe.measure(options, [])
+    options.tag = "lenpen1.0"
+    quickstart_recipe.measure(options, [])  # the finished run decoded again: a second record, no training time
+    again = json.loads((tmp_path / "work" / "run-lenpen1.0.json").read_text())
+    assert again["resumed_from"] == 0 and again["train_seconds"] != again["train_seconds"]  # NaN
