@@ -174,13 +174,18 @@ def train(data, save_dir, recipe=None, updates=None, seed=1, env=None, prefix=""
     return checkpoint
 
 
-def test_references(data, pair, split="test"):
-    """The raw references of ``pair``'s test set, or of another ``split`` (``valid``; ``xx-en`` reads
-    the ``en-xx`` files)."""
+def raw_lines(data, pair, lang, split="test"):
+    """The raw ``lang`` side of ``pair``'s ``split`` (test or valid) as lines; ``xx-en`` reads the
+    ``en-xx`` files."""
     source, target = pair.split("-")
     en_xx = "en-" + (target if target != "en" else source)
-    with open(os.path.join(data, "raw", f"{split}.{en_xx}.{target}"), encoding="utf-8") as lines:
+    with open(os.path.join(data, "raw", f"{split}.{en_xx}.{lang}"), encoding="utf-8") as lines:
         return lines.read().splitlines()
+
+
+def test_references(data, pair, split="test"):
+    """The raw references of ``pair``'s test set, or of another ``split`` (``valid``)."""
+    return raw_lines(data, pair, pair.split("-")[1], split)
 
 
 def generate(data, checkpoint, pair, results_path, beam=4, batch_size=64, env=None, lenpen=1.0):

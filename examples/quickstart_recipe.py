@@ -91,9 +91,7 @@ def translate_in_process(data, checkpoint, beam=4, batch_size=64, lines_per_pair
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     result = {}
     for pair in quickstart.PAIRS:
-        source, target = pair.split("-")
-        en_xx = "en-" + (source if target == "en" else target)
-        lines = open(os.path.join(data, "raw", f"{split}.{en_xx}.{source}"), encoding="utf-8").read().splitlines()[:lines_per_pair]
+        lines = quickstart.raw_lines(data, pair, pair.split("-")[0], split)[:lines_per_pair]
         hub = load_fairseq(checkpoint, pair, data_dir=data).hub
         encoded = [hub.encode(line) for line in lines]
         order = sorted(range(len(lines)), key=lambda i: -len(encoded[i]))
@@ -205,7 +203,7 @@ def report(paths):
     print("|---|---|---|---|---|---|---|---|---|")
     for path in paths:
         r = json.load(open(path))
-        per_update = r["seconds_per_update"]  # NaN for --evaluate-at records (the training was elsewhere)
+        per_update = r["seconds_per_update"]  # NaN for --evaluate-at and re-decoded records (no training here)
         # records written before the "data" field all trained on the bundled slice (4,000 pairs, <= 100 characters)
         lines = r.get("data", {}).get("lines") or {"en-xx": {"train": 4000}}
         chars = re.search(r"--max-chars (\d+)", r.get("data", {}).get("slice_options") or "--max-chars 100")
