@@ -235,3 +235,17 @@ def assert_same_metrics(ep_metrics, ddp_metrics):
         for key, value in ep_row.items():
             # fairseq logs 3 decimals: equal up to where the rounding of a value near a boundary flips
             assert abs(value - ddp_row[key]) <= 1.001e-3, (update, key, value, ddp_row[key])
+
+
+def train_in_process(command):
+    """``fairseq-train`` (``command`` as for ``train_command``) through its parser and ``main`` in
+    this process, as fairseq's own tests run it; errors propagate as exceptions (the plugin's
+    excepthook turns a TaskMoeError into the command's one line, see test_bad_input)."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq_cli import train
+
+    assert command[0] == "fairseq-train"
+    with _cached_override_parsing():
+        cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), command[1:]))
+    train.main(cfg)

@@ -7,13 +7,15 @@
 * :mod:`.expert_parallel`: the trainer with ``--moe-expert-parallel-size`` (expert
   parameters out of DDP, their gradients normalised, one gradient norm);
 * :mod:`.expert_parallel_checkpoints`: its sharded checkpoints (save, resume, checks);
+* :mod:`.model_identity`: training refuses a checkpoint of another model (``--langs`` order,
+  MoE and size options) with one line;
 * fairseq is imported quietly (below).
 """
 
 import logging
 import warnings
 
-from taskmoe_fairseq.compat import distributed, expert_parallel, expert_parallel_checkpoints, safe_loading
+from taskmoe_fairseq.compat import distributed, expert_parallel, expert_parallel_checkpoints, model_identity, safe_loading
 from taskmoe_fairseq.compat.distributed import _plain, has_experts  # noqa: F401
 from taskmoe_fairseq.compat.safe_loading import (  # noqa: F401
     SAFE_GLOBALS,
@@ -49,4 +51,5 @@ def apply():
     safe_loading.apply()
     distributed.apply()
     expert_parallel.apply()
+    model_identity.apply()  # inside expert_parallel_checkpoints' wrapper: its checks of a shard set come first
     expert_parallel_checkpoints.apply()

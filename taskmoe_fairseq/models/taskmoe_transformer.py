@@ -16,7 +16,7 @@ from fairseq.models.transformer import TransformerModel, base_architecture
 from torch import Tensor
 
 from taskmoe_fairseq.errors import usage_error
-from taskmoe_fairseq.models import upcycling
+from taskmoe_fairseq.models import identity, upcycling
 from taskmoe_fairseq.models.moe_options import SIDES, add_moe_args, check_moe_args, namespace_summary, set_moe_defaults
 from taskmoe_fairseq.models.taskmoe_decoder import TaskMoeTransformerDecoder
 from taskmoe_fairseq.models.taskmoe_encoder import TaskMoeTransformerEncoder
@@ -27,16 +27,15 @@ logger = logging.getLogger(__name__)
 
 
 def check_languages(args, task):
-    """The model's language list is the task's (ids follow its order); saved in the args."""
+    """The model's language list is the task's (ids follow its order); saved in the args
+    (``taskmoe_langs``, see :mod:`taskmoe_fairseq.models.identity`). A model loaded from a
+    checkpoint (generation, the hub, serving) refuses a task with another ``--langs`` order."""
     task_langs = getattr(task, "langs", None)
     saved_langs = getattr(args, "taskmoe_langs", None)
     if saved_langs is None:
         args.taskmoe_langs = list(task_langs or [])
-    elif task_langs is not None and list(task_langs) != list(saved_langs):
-        raise usage_error(
-            f"the model was trained with --langs {','.join(saved_langs)} but the task has "
-            f"{','.join(task_langs)}; pass --langs {','.join(saved_langs)} (language ids follow its order)"
-        )
+    elif task_langs is not None:
+        identity.check_language_order(saved_langs, task_langs)
 
 
 @register_model("taskmoe_transformer")

@@ -1,0 +1,131 @@
+"""What a checkpoint's parameters mean, and the refusal to load them into a model that means
+something else.
+
+A checkpoint's *identity* is its language order and the options that fix its parameters' shapes
+or what its gates compute. Where the model records it: its legacy config, ``cfg["model"]`` in the
+checkpoint (``taskmoe_langs``, the ``--langs`` order ``build_model`` saved, and the MoE and size
+options); a checkpoint without ``taskmoe_langs`` falls back to ``cfg["task"].langs``. Nothing new
+is stored, so checkpoints written before these checks load as they did.
+
+The language order is part of the model: language ids index the task gates (``--langs`` order),
+and fairseq's multilingual dictionary appends the ``__xx__`` tags in that order, so another order
+moves every tag to another embedding row. Appending languages at the end (the old order a prefix
+of the new) is the one change a language-adding feature may allow later:
+:func:`language_order_change` takes ``allow_appended``, which nothing passes today.
+"""
+
+import argparse
+from typing import List, Optional, Sequence
+
+from taskmoe_fairseq.errors import usage_error
+
+#: options that change parameter shapes or what the gates compute (``args`` name, flag)
+MOE_OPTIONS = (
+    "moe_expert_count", "moe_top_k",
+    "encoder_moe_freq", "decoder_moe_freq",
+    "encoder_moe_routing", "decoder_moe_routing",
+    "moe_task_gate_weights",
+)
+EXTRACTION_OPTIONS = ("moe_extracted_lang_pair", "moe_merged_experts")
+SIZE_OPTIONS = (
+    "encoder_embed_dim", "decoder_embed_dim", "encoder_ffn_embed_dim", "decoder_ffn_embed_dim",
+    "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
+    "share_all_embeddings", "share_decoder_input_output_embed",
+)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def language_order_change(saved: Sequence[str], given: Sequence[str], allow_appended: bool = False) -> bool:
+    """Whether ``given`` (this run's ``--langs``) differs from the model's ``saved`` order.
+
+    ``allow_appended``: new languages at the end are no change (``saved`` a prefix of ``given``);
+    the single place to relax when a language-adding feature exists (nothing passes it today)."""
+    saved, given = list(saved), list(given)
+    if allow_appended and given[: len(saved)] == saved:
+        return False
+    return saved != given
+
+
+def check_language_order(saved: Sequence[str], given: Sequence[str], what: str = "the model") -> None:
+    """Refuse a ``--langs`` order other than the model's.
+
+    Raises:
+        TaskMoeError: one line naming both orders and the fix.
+    """
+    if language_order_change(saved, given):
+        raise usage_error(
+            f"{what} was trained with --langs {','.join(saved)} but this run has --langs {','.join(given)}; "
+            f"pass --langs {','.join(saved)} (language ids and the language tags' dictionary rows follow its order)"
+        )
+
+
+def checkpoint_model_args(state: dict) -> Optional[argparse.Namespace]:
+    """The model's legacy config in a loaded checkpoint ``state``, completed with the defaults
+    ``TaskMoeTransformerModel.build_model`` fills in when it rebuilds the model (fairseq's
+    ``load_model_ensemble``); None when ``state`` is not a ``taskmoe_transformer`` checkpoint."""
+    from taskmoe_fairseq.models.taskmoe_transformer import taskmoe_base_architecture
+
+    cfg = state.get("cfg") if isinstance(state, dict) else None
+    model = (cfg or {}).get("model") if isinstance(cfg, dict) else None
+    if model is None and isinstance(state, dict):
+        model = state.get("args")
+    if isinstance(model, dict):
+        model = argparse.Namespace(**model)
+    if not isinstance(model, argparse.Namespace):
+        return None
+    arch = str(getattr(model, "arch", None) or getattr(model, "_name", None) or "")
+    if not arch.startswith("taskmoe_transformer"):
+        return None
+    model = argparse.Namespace(**vars(model))
+    taskmoe_base_architecture(model)
+    if not getattr(model, "taskmoe_langs", None):
+        task = (cfg or {}).get("task") if isinstance(cfg, dict) else None
+        langs = task.get("langs") if isinstance(task, dict) else getattr(task, "langs", None)
+        model.taskmoe_langs = list(langs) if langs else None
+    return model
+
+
+def as_option(name: str, value) -> str:
+    """``--moe-expert-count 4``; a switch as ``--moe-merged-experts`` or ``no --moe-merged-experts``."""
+    if value is None or value is False:
+        return f"no {flag(name)}"
+    return flag(name) if value is True else f"{flag(name)} {value}"
+
+
+def option_differences(saved: argparse.Namespace, run: argparse.Namespace) -> List[str]:
+    """Names of the identity options on which ``run`` differs from ``saved``.
+
+    A dense checkpoint (no MoE layers) loaded into a model with experts is sparse upcycling's
+    case (``--moe-upcycle``, :mod:`taskmoe_fairseq.models.upcycling` has its own one-line
+    checks), so the MoE options are not compared there."""
+    names = list(SIZE_OPTIONS) + list(EXTRACTION_OPTIONS)
+    saved_dense = all(getattr(saved, f"{side}_moe_freq", 0) == 0 for side in ("encoder", "decoder"))
+    run_dense = all(getattr(run, f"{side}_moe_freq", 0) == 0 for side in ("encoder", "decoder"))
+    if not (saved_dense and not run_dense):
+        names = list(MOE_OPTIONS) + names
+    return [name for name in names if getattr(saved, name, None) != getattr(run, name, None)]
+
+
+def check_same_model(saved: argparse.Namespace, run: argparse.Namespace, path: str) -> None:
+    """Refuse to load the checkpoint ``path`` (its model config ``saved``) into this run's model
+    (``run``: the built model's ``args``), before fairseq's ``load_state_dict`` (whose size
+    mismatch would be a traceback, and whose equal shapes would hide another meaning).
+
+    Raises:
+        TaskMoeError: another language order, or other MoE / size options; one line naming each
+            option with the checkpoint's value and this run's.
+    """
+    saved_langs, run_langs = getattr(saved, "taskmoe_langs", None), getattr(run, "taskmoe_langs", None)
+    if saved_langs and run_langs is not None:
+        check_language_order(saved_langs, run_langs, what=path)
+    differences = option_differences(saved, run)
+    if differences:
+        theirs = ", ".join(as_option(name, getattr(saved, name, None)) for name in differences)
+        ours = ", ".join(as_option(name, getattr(run, name, None)) for name in differences)
+        raise usage_error(
+            f"{path} was trained with {theirs} but this run has {ours}; its parameters fit only the model it was "
+            f"trained as: resume or fine-tune it with {theirs} (or train a new model in another --save-dir)"
+        )
