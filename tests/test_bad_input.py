@@ -247,3 +247,12 @@ def test_usage_errors_are_exceptions_a_server_can_catch():
     from taskmoe_fairseq.errors import TaskMoeError
 
     assert issubclass(TaskMoeError, Exception) and not issubclass(TaskMoeError, SystemExit)
+
+
+def test_the_task_with_fairseqs_transformer_is_one_line(train):
+    """fairseq's ``transformer`` takes no language ids: was a TypeError on the first batch (issue 28)."""
+    command = with_option(without(train, "--encoder-moe-routing", "--decoder-moe-routing"), "--arch", "transformer")
+    result = run_warm(command, check=False)
+    assert_one_line_error(result, "taskmoe-fairseq: error: --arch transformer takes no language ids, which every batch "
+                                  "of --task multilingual_translation_taskmoe carries: use --arch taskmoe_transformer")
+    assert result.returncode == 1 and not os.path.exists(train[train.index("--save-dir") + 1] + "/checkpoint_last.pt")

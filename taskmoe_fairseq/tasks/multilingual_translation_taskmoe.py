@@ -13,6 +13,7 @@ what task-level MoE needs:
 * bad language options stop at start-up with one line.
 """
 
+import inspect
 import logging
 
 import torch
@@ -60,6 +61,17 @@ def _check_language_options(args):
         raise usage_error("--lang-tok-replacing-bos-eos is not supported by multilingual_translation_taskmoe; drop it")
 
 
+def _check_takes_language_ids(model, args):
+    """Every batch of this task carries ``src_lang_id``/``tgt_lang_id`` in its ``net_input``."""
+    if "src_lang_id" not in inspect.signature(model.forward).parameters:
+        arch = getattr(args, "arch", None) or getattr(args, "_name", None) or type(model).__name__
+        raise usage_error(
+            f"--arch {arch} takes no language ids, which every batch of --task multilingual_translation_taskmoe "
+            "carries: use --arch taskmoe_transformer (or taskmoe_transformer_small, taskmoe_transformer_tiny; with "
+            "--encoder-moe-freq 0 --decoder-moe-freq 0 it is exactly fairseq's transformer)"
+        )
+
+
 @register_task("multilingual_translation_taskmoe")
 class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
     #: read by taskmoe_transformer: batches from this task carry language ids
@@ -84,7 +96,10 @@ class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
         return routing_kinds.language_index(self.langs, src_lang), routing_kinds.language_index(self.langs, tgt_lang)
 
     def build_model(self, args, from_checkpoint=False):
+        """fairseq's; a model that takes no language ids (``--arch transformer``: its ``forward``
+        would fail on the first batch with a ``TypeError``) or a pair it cannot serve stops with one line."""
         model = super().build_model(args, from_checkpoint)
+        _check_takes_language_ids(model, args)
         router = getattr(getattr(model, "encoder", None), "moe_router", None)
         if router is None or not (self.args.source_lang and self.args.target_lang):
             return model
