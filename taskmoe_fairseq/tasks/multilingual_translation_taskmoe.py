@@ -28,11 +28,21 @@ from taskmoe_fairseq.tasks.taskmoe_dataset_manager import TaskMoeDatasetManager
 logger = logging.getLogger(__name__)
 
 
+def _as_list(value):
+    """``--langs`` / ``--lang-pairs`` as a list: a list as given, or the command line's comma form
+    (``"en,de,fr"``, as the hub's keyword arguments pass it: ``from_pretrained(..., langs="en,de")``)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return None if value is None else list(value)
+
+
 def _check_language_options(args):
-    """The checks fairseq makes with asserts and tracebacks, as one-line errors."""
+    """The checks fairseq makes with asserts and tracebacks, as one-line errors; ``--langs`` and
+    ``--lang-pairs`` become lists (fairseq's ``csv_str_list`` would have split the command line's)."""
+    args.langs, args.lang_pairs = _as_list(args.langs), _as_list(args.lang_pairs)
     if not args.lang_pairs:
         raise usage_error("--lang-pairs is required, e.g. --lang-pairs en-de,de-en,en-fr")
-    pairs = args.lang_pairs.split(",") if isinstance(args.lang_pairs, str) else list(args.lang_pairs)
+    pairs = args.lang_pairs
     for pair in pairs:
         if len(pair.split("-")) != 2 or not all(pair.split("-")):
             raise usage_error(f"--lang-pairs entry '{pair}' is not of the form src-tgt")
