@@ -98,6 +98,20 @@ def load_spm(path: str):
         raise usage_error(f"{path}: not a readable SentencePiece model ({first}); pass the spm.model the data was built with") from None
 
 
+def check_source_length(line_number: int, tokens: int, tags: int, limit: Optional[int]):
+    """The rule of both paths: the encoder reads ``tags`` language tags, the line's ``tokens``
+    (SentencePiece pieces and ``</s>``, as ``fairseq-generate`` counts them) and at most ``limit``
+    positions in all (``--max-source-positions``); longer lines are refused, never truncated.
+
+    Raises:
+        TaskMoeError: the line is too long (one line naming it, its length and the limit).
+    """
+    if limit is not None and tokens + tags > limit:
+        raise usage_error(
+            f"input line {line_number} has {tokens} tokens; the model takes at most {limit - tags} (split the line)"
+        )
+
+
 class FairseqTranslator:
     """A checkpoint served by fairseq's hub interface (language tags stripped)."""
 
@@ -106,17 +120,14 @@ class FairseqTranslator:
     def __init__(self, hub):
         self.hub = hub
         self.max_source_tokens = hub.max_positions[0] if isinstance(hub.max_positions, tuple) else hub.max_positions
+        # the task prepends one tag with --encoder-langtok src|tgt
+        self.source_tags = 1 if getattr(hub.task.args, "encoder_langtok", None) in ("src", "tgt") else 0
 
     def encode(self, line: str):
         return self.hub.encode(line)
 
     def check_length(self, encoded, line_number: int):
-        # +1: the task prepends the language tag
-        if self.max_source_tokens is not None and encoded.numel() + 1 > self.max_source_tokens:
-            raise usage_error(
-                f"input line {line_number} has {encoded.numel()} tokens; the model takes at most "
-                f"{self.max_source_tokens - 1} (split the line)"
-            )
+        check_source_length(line_number, encoded.numel(), self.source_tags, self.max_source_tokens)
 
     def generate(self, encoded: Sequence, beam: int, max_len_b: int) -> List[List[str]]:
         with warnings.catch_warnings():
@@ -135,19 +146,24 @@ class Ct2Translator:
     kind = "ctranslate2"
 
     def __init__(self, translator, conv, sp):
+        from taskmoe_fairseq.export.conventions import source_limit
+
         self.translator, self.conv, self.sp = translator, conv, sp
+        self.max_source_tokens = source_limit(conv)
 
     def encode(self, line: str):
         return self.sp.encode(line, out_type=str)
 
     def check_length(self, encoded, line_number: int):
-        pass  # CTranslate2 truncates at its max_input_length (1024 by default)
+        # +1: </s>, which CTranslate2 appends (fairseq's encoded line carries it)
+        check_source_length(line_number, len(encoded) + 1, len(self.conv["source_prefix"]), self.max_source_tokens)
 
     def generate(self, encoded: Sequence, beam: int, max_len_b: int) -> List[List[str]]:
         from taskmoe_fairseq.export.ct2_decode import translate_pieces
 
-        return translate_pieces(self.translator, self.conv, list(encoded), beam_size=beam,
-                                max_decoding_length=max_len_b, fairseq_ranking=True)
+        # what check_length admitted is never truncated
+        return translate_pieces(self.translator, self.conv, list(encoded), beam_size=beam, max_decoding_length=max_len_b,
+                                fairseq_ranking=True, max_input_length=self.max_source_tokens)
 
     def detokenize(self, pieces: Sequence[str]) -> str:
         return self.sp.decode(list(pieces))

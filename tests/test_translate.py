@@ -11,6 +11,7 @@ make the comparison vacuous, so it uses the 300-update target/target model that
 ``tests/test_export.py`` trains (shared in a session: no extra training in the suite).
 """
 
+import io
 import os
 import re
 
@@ -198,3 +199,29 @@ def test_bad_input_is_one_line(trained, data_dir, ct2_export, tmp_path, capsys):
     assert_one_line_error(*cli("--lang-pair", "en-de"), "--model")
     with pytest.raises(TaskMoeError, match="not a CTranslate2 export"):  # the library raises, never exits
         translate.load_translator(str(not_export), "en-de")
+
+
+def test_checkpoint_and_ctranslate2_paths_refuse_the_same_long_lines(ct2_export, data_dir, capsys, monkeypatch):
+    """The encoder reads at most --max-source-positions (1024) tokens: the tag, the pieces and </s>.
+    The checkpoint path refused a longer line, the CTranslate2 path truncated it silently and
+    exited 0 (issue 28): both now take 1022 pieces and refuse 1023 with the same line."""
+    extracted, folder = ct2_export
+    with open(os.path.join(folder, "taskmoe_export.json"), encoding="utf-8") as stream:
+        assert '"max_source_positions": 1024' in stream.read()
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(data_dir, "spm.model"))
+    assert sp.encode("the the the", out_type=str) == ["▁the"] * 3  # one piece a word
+
+    def cli(model, pieces):
+        lines = "Click the button.\n" + " ".join(["the"] * pieces) + "\n"
+        monkeypatch.setattr("sys.stdin", io.StringIO(lines))
+        extra = ("--data-dir", data_dir) if model == extracted else ()
+        status = translate.cli(["--model", model, "--lang-pair", "en-de", "--beam", "1", "--max-len-b", "5", *extra])
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    for model in (extracted, folder):
+        status, out, err = cli(model, 1022)
+        assert status == 0 and len(out.splitlines()) == 2, (model, err)
+        status, out, err = cli(model, 1023)
+        assert (status, out) == (2, ""), model
+        assert err == ERROR_PREFIX + "input line 2 has 1024 tokens; the model takes at most 1023 (split the line)\n", model

@@ -23,6 +23,9 @@ from taskmoe_fairseq.errors import usage_error
 
 CONVENTIONS_FILE = "taskmoe_export.json"
 SPM_FILE = "spm.model"
+#: fairseq's ``--max-source-positions`` default (``DEFAULT_MAX_SOURCE_POSITIONS``), also CTranslate2's
+#: ``max_input_length`` default: the limit of an export whose conventions do not record it
+DEFAULT_MAX_SOURCE_POSITIONS = 1024
 
 
 def lang_tag(lang: str, task_args) -> str:
@@ -57,6 +60,7 @@ def conventions(pair: str, task_args, source_symbols: Sequence[str], target_symb
         "decoder_start_token": "</s>",
         "end_token": "</s>",
         "strip_from_output": target_prefix,
+        "max_source_positions": max_source_positions(task_args),
         "fairseq_options": {
             "encoder_langtok": encoder_langtok,
             "decoder_langtok": decoder_langtok,
@@ -67,8 +71,20 @@ def conventions(pair: str, task_args, source_symbols: Sequence[str], target_symb
             "translate_batch(..., target_prefix=[target_prefix]); drop the first len(target_prefix) output tokens",
             "scores are natural logs; fairseq-generate prints base-2 scores and counts the tag and </s> in the length",
             "max_decoding_length counts the target prefix: fairseq's max length N (--max-len-a/b) is N here",
+            "the encoder reads at most max_source_positions tokens (source_prefix + pieces + </s>); longer inputs "
+            "are refused, as fairseq refuses them (CTranslate2 would truncate them at max_input_length)",
         ],
     }
+
+
+def max_source_positions(task_args) -> int:
+    """The most tokens the encoder reads (tags, pieces and ``</s>``): fairseq's ``--max-source-positions``."""
+    return int(getattr(task_args, "max_source_positions", None) or DEFAULT_MAX_SOURCE_POSITIONS)
+
+
+def source_limit(conv: Dict) -> int:
+    """``max_source_positions`` of an export (:data:`DEFAULT_MAX_SOURCE_POSITIONS` for one written before it was recorded)."""
+    return int(conv.get("max_source_positions") or DEFAULT_MAX_SOURCE_POSITIONS)
 
 
 def source_tokens(conv: Dict, pieces: Sequence[str]) -> List[str]:

@@ -31,12 +31,15 @@ def translate_pieces(
     beam_size: int = 4,
     max_decoding_length: int = 200,
     fairseq_ranking: bool = False,
+    max_input_length: int = 1024,
     **options,
 ) -> List[List[str]]:
     """Output pieces (tag stripped) for each sentence's SentencePiece ``pieces``.
 
     ``max_decoding_length`` counts the target prefix, so it equals fairseq's max length
     (``--max-len-a 0 --max-len-b N``); at that limit fairseq forces ``</s>`` and CTranslate2 stops.
+    ``max_input_length``: CTranslate2 truncates longer sources (its default, 1024; 0: never), in
+    decoding and in the re-scoring alike; ``taskmoe_fairseq.translate`` refuses them before.
     """
     sources = [source_tokens(conv, p) for p in pieces]
     prefix = target_prefix(conv)
@@ -44,13 +47,13 @@ def translate_pieces(
     rerank = fairseq_ranking and beam_size > 1
     results = translator.translate_batch(
         sources, target_prefix=prefixes, beam_size=beam_size, max_decoding_length=max_decoding_length,
-        num_hypotheses=beam_size if rerank else 1, **options,
+        num_hypotheses=beam_size if rerank else 1, max_input_length=max_input_length, **options,
     )
     if not rerank:
         return [strip_output(conv, r.hypotheses[0]) for r in results]
     candidates = [[list(h) for h in result.hypotheses] for result in results]
     flat_sources = [source for source, hyps in zip(sources, candidates) for _ in hyps]
-    scored = iter(translator.score_batch(flat_sources, [h for hyps in candidates for h in hyps]))
+    scored = iter(translator.score_batch(flat_sources, [h for hyps in candidates for h in hyps], max_input_length=max_input_length))
     chosen = []
     for hyps in candidates:
         scores = [sum(s.log_probs) / len(s.log_probs) for s in (next(scored) for _ in hyps)]
