@@ -171,7 +171,7 @@ def _module(item):
     return getattr(getattr(item, "module", None), "__name__", None)
 
 
-USES_TOKEN_TARGET = {"test_bad_input", "test_cli_end_to_end", "test_export", "test_extract", "test_hub", "test_model_identity",
+USES_TOKEN_TARGET = {"test_bad_input", "test_cli_end_to_end", "test_export", "test_extract", "test_hub", "test_model_identity", "test_sampling",
                      "test_no_dropped_sentences", "test_scoring", "test_serve", "test_translate", "test_zero_shot"}
 BACKGROUND_BUILDS = [  # (name, build(data_dir, shared_root), used by this collected test?)
     ("target/target, 300 updates", lambda data, root: trained_models(data, root).get("target", "target", 300, wait=False),

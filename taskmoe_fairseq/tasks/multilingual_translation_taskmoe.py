@@ -107,8 +107,19 @@ class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
 
     def build_model(self, args, from_checkpoint=False):
         """fairseq's; a model that takes no language ids (``--arch transformer``: its ``forward``
-        would fail on the first batch with a ``TypeError``) or a pair it cannot serve stops with one line."""
-        model = super().build_model(args, from_checkpoint)
+        would fail on the first batch with a ``TypeError``) or a pair it cannot serve stops with one line.
+
+        ``from_checkpoint`` (fairseq's ``load_model_ensemble``: generate, interactive, the hub): the
+        random initialisation the checkpoint overwrites draws from a fork of torch's CPU generator
+        (``torch.random.fork_rng``), so the stream ``fairseq-generate --seed`` set is the same
+        afterwards for a full and an extracted model (they draw different numbers of initial
+        weights) and ``--sampling`` samples the same tokens. Training (a new model) draws from the
+        stream as fairseq does."""
+        if from_checkpoint:
+            with torch.random.fork_rng(devices=[]):
+                model = super().build_model(args, from_checkpoint)
+        else:
+            model = super().build_model(args, from_checkpoint)
         _check_takes_language_ids(model, args)
         router = getattr(getattr(model, "encoder", None), "moe_router", None)
         if router is None or not (self.args.source_lang and self.args.target_lang):
