@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from cli_helpers import LANGS, run_main, run_warm, train_command, train_in_process
+from cli_helpers import LANGS, generate_command, run_in_process, run_main, run_warm, train_command, train_in_process
 from taskmoe_fairseq.errors import TaskMoeError
 from taskmoe_fairseq.models import identity
 
@@ -117,3 +117,25 @@ def test_fairseq_train_prints_one_line(trained, data_dir, tmp_path):
         f"taskmoe-fairseq: error: {save_dir}/checkpoint_last.pt was trained with --moe-expert-count 4 but this run has "
         "--moe-expert-count 8; its parameters fit only the model it was trained as: resume or fine-tune it with "
         "--moe-expert-count 4 (or train a new model in another --save-dir)")
+
+
+def test_an_expert_shard_is_checked_against_its_shared_file(tmp_path):
+    """Expert-parallel resumes load ``<name>-rank-N.pt``: the config is in ``<name>-shared.pt``."""
+    from model_helpers import build_model
+    from taskmoe_fairseq.compat.model_identity import check_checkpoint_fits
+    from taskmoe_fairseq.sharded_checkpoint import save_sharded
+
+    saved, _ = build_model(arch="taskmoe_transformer_tiny")
+    stem = str(tmp_path / "checkpoint_last")
+    save_sharded(saved.state_dict(), saved.args, stem, 2)
+    other, _ = build_model(arch="taskmoe_transformer_tiny", moe_expert_count=8)
+    with pytest.raises(TaskMoeError, match="rank-1.pt was trained with --moe-expert-count 4 but this run has --moe-expert-count 8;"):
+        check_checkpoint_fits(other, stem + "-rank-1.pt")
+    check_checkpoint_fits(build_model(arch="taskmoe_transformer_tiny", seed=5)[0], stem + "-rank-1.pt")  # the same model
+
+
+def test_generation_refuses_another_language_order(trained, data_dir):
+    """fairseq-generate builds the model from the checkpoint's config; the task's --langs must match it."""
+    command = with_langs(generate_command(data_dir, trained.get("token", "target"), "en-de", beam=1), REORDERED)
+    with pytest.raises(TaskMoeError, match=f"the model was trained with --langs {LANGS} but this run has --langs {REORDERED}"):
+        run_in_process(command)
