@@ -139,3 +139,16 @@ def test_generation_refuses_another_language_order(trained, data_dir):
     command = with_langs(generate_command(data_dir, trained.get("token", "target"), "en-de", beam=1), REORDERED)
     with pytest.raises(TaskMoeError, match=f"the model was trained with --langs {LANGS} but this run has --langs {REORDERED}"):
         run_in_process(command)
+
+
+def test_data_parallel_ranks_refuse_together(ddp_checkpoint, data_dir, tmp_path):
+    """Every rank reads the checkpoint's config and stops before any collective: no rank is left
+    waiting (the 2-rank launcher, resuming the 2-rank run's checkpoint with other options)."""
+    from rank_runs import launcher
+
+    shutil.copyfile(ddp_checkpoint[0], tmp_path / "checkpoint_last.pt")
+    args = train_command(data_dir, str(tmp_path), "token", "target", 14, ("--moe-expert-count", "8"))[1:]
+    result = run_warm(launcher(2, args), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"[rank{rank}]: taskmoe-fairseq: error: {tmp_path}/checkpoint_last.pt was trained with --moe-expert-count 4" in result.stderr

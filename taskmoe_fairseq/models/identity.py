@@ -106,7 +106,12 @@ def option_differences(saved: argparse.Namespace, run: argparse.Namespace) -> Li
     run_dense = all(getattr(run, f"{side}_moe_freq", 0) == 0 for side in ("encoder", "decoder"))
     if not (saved_dense and not run_dense):
         names = list(MOE_OPTIONS) + names
-    return [name for name in names if getattr(saved, name, None) != getattr(run, name, None)]
+    return [name for name in names if _value(saved, name) != _value(run, name)]
+
+
+def _value(args, name):
+    value = getattr(args, name, None)
+    return None if value is False or value == "" else value  # an unset switch or pair, however stored
 
 
 def check_same_model(saved: argparse.Namespace, run: argparse.Namespace, path: str) -> None:
