@@ -26,8 +26,12 @@ sorted by length inside windows of :data:`WINDOW` lines, decoded in batches of `
 sentences and written back in input order, window by window. A progress bar goes to stderr when it
 is a terminal or the input has at least :data:`LARGE_INPUT` sentences.
 
+A line longer than the encoder takes (``--max-source-positions``, 1024 by default: the language tag, the
+pieces and ``</s>``; an export records it as ``max_source_positions``) is refused on both paths by
+:func:`check_source_length`, never truncated.
+
 Bad input (no such model, a folder that is not an export, a pair the model does not serve, an
-unreadable SentencePiece model...) is one line ``taskmoe_fairseq.translate: error: ...`` and exit
+unreadable SentencePiece model, a line too long...) is one line ``taskmoe_fairseq.translate: error: ...`` and exit
 status 2; the library functions raise :class:`~taskmoe_fairseq.errors.TaskMoeError`.
 """
 

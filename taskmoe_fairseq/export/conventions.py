@@ -10,7 +10,9 @@ without ``--lang-tok-replacing-bos-eos``:
   first token (``prefix_tokens`` in ``inference_step``), so it is CTranslate2's
   ``target_prefix`` and is stripped from the output, as ``fairseq-generate`` strips it;
 * the end token is ``</s>``; scores are natural-log probabilities (``fairseq-generate``
-  prints base 2), and a hypothesis' length counts the tag and ``</s>``.
+  prints base 2), and a hypothesis' length counts the tag and ``</s>``;
+* the encoder reads at most ``max_source_positions`` tokens (fairseq's ``--max-source-positions``:
+  tag, pieces and ``</s>``); fairseq refuses a longer source, CTranslate2 would truncate it.
 
 Sources: ``fairseq/tasks/translation_multi_simple_epoch.py`` (``inference_step``),
 ``fairseq/data/multilingual/multilingual_data_manager.py`` and ``multilingual_utils.get_lang_tok``.
