@@ -111,7 +111,7 @@ def test_router_decisions_follow_the_routing_definitions(routing):
                          * batch["src_tokens"].ne(pad)[..., None]).sum(1) / batch["src_tokens"].ne(pad).sum(1, keepdim=True),
                 torch.ones(B),
             )
-            experts, weights = routing_data[f"encoder.{index}"]
+            experts, weights, _ = routing_data[f"encoder.{index}"]
         else:
             experts, weights = encoder_out["moe_decoder_expert_index"][0], encoder_out["moe_decoder_expert_weight"][0]
         gate = router.gates[f"{side}_{index}"]

@@ -84,15 +84,18 @@ class MoeLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             logging_output["n_correct"] = n_correct.data
             logging_output["total"] = total.data
 
+        # Logged values stay tensors (detached) until fairseq's logging reduces them: reading them
+        # here (float, tolist) would make the host wait for the device between forward and backward.
         gate_loss = loss.new_zeros(())
         for aux in net_output[1].get("moe_aux", []):
             gate_loss = gate_loss + aux.gate_loss.to(gate_loss.dtype)
-            logging_output[DROP + aux.layer] = float(aux.dropped_share) * ntokens
-            logging_output[BALANCE + aux.layer] = float(aux.expert_load.max()) * aux.expert_load.numel() * ntokens
+            load = aux.expert_load.detach().float()
+            logging_output[DROP + aux.layer] = aux.dropped_share.detach().float() * ntokens
+            logging_output[BALANCE + aux.layer] = load.max() * load.numel() * ntokens
             if self.moe_log_expert_load:
-                for expert, share in enumerate(aux.expert_load.tolist()):
-                    logging_output[f"{LOAD}{aux.layer}_e{expert}"] = share * ntokens
-        logging_output[GATE_LOSS] = float(gate_loss) * sample_size
+                for expert in range(load.numel()):
+                    logging_output[f"{LOAD}{aux.layer}_e{expert}"] = load[expert] * ntokens
+        logging_output[GATE_LOSS] = gate_loss.detach() * sample_size
         if model.training:
             loss = loss + self.moe_gate_loss_wt * gate_loss * sample_size
             logging_output["loss"] = loss.data
@@ -134,12 +137,12 @@ class MoeLabelSmoothedCrossEntropyCriterion(LabelSmoothedCrossEntropyCriterion):
             (PAIR_NTOKENS, tokens),
             (PAIR_SAMPLE_SIZE, torch.ones_like(tokens) if self.sentence_avg else tokens),
         ):
-            sums[name] = values.new_zeros(routing_kinds.num_tasks("pair", num_langs)).index_add_(0, pair_id, values).tolist()
+            sums[name] = values.new_zeros(routing_kinds.num_tasks("pair", num_langs)).index_add_(0, pair_id, values)
         out = {}
         for pair in pairs:
             index = routing_kinds.pair_task_ids("pair", pair, langs)
             for prefix, values in sums.items():
-                out[prefix + pair] = float(values[index])  # plain floats: fairseq reduces them in one buffer
+                out[prefix + pair] = values[index]  # 0-dim tensors: fairseq sums and all-reduces them by name
         return out
 
     @classmethod

@@ -5,11 +5,12 @@ fairseq's ``TransformerEncoderBase.forward_scriptable`` and
 ``TransformerDecoderBase.extract_features_scriptable`` call every layer with
 fixed arguments and keep only the outputs they know. The plugin's encoder and
 decoder run those functions unchanged inside a :class:`MoeForwardScope` that
-holds this forward's routing (layer name -> ``(expert_index, expert_weight)``,
-``[B, K]`` each) and collects its :class:`MoeAux` list. Two hooks registered
+holds this forward's routing (layer name -> ``(expert_index, expert_weight,
+expert_sets)``: ``[B, K]`` each and their :class:`ExpertSets`) and collects its :class:`MoeAux` list. Two hooks registered
 once on every MoE layer connect the scope to the call:
 
-* a forward pre-hook adds ``moe_expert_index`` / ``moe_expert_weight`` to the
+* a forward pre-hook adds ``moe_expert_index`` / ``moe_expert_weight`` /
+  ``moe_expert_sets`` to the
   layer's keyword arguments, so they are ordinary forward inputs (activation
   checkpointing saves and replays them; FSDP sees them as arguments);
 * a forward hook removes the three aux tensors a token-routed layer appends to
@@ -27,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 from torch import Tensor
 
 from taskmoe_fairseq.modules.moe_transformer_layer import AUX_OUTPUTS
-from taskmoe_fairseq.modules.routing_decision import MoeAux
+from taskmoe_fairseq.modules.routing_decision import ExpertSets, MoeAux
 
 _SCOPE: contextvars.ContextVar = contextvars.ContextVar("taskmoe_forward_scope", default=None)
 
@@ -36,7 +37,7 @@ class MoeForwardScope:
     """``with MoeForwardScope(routing) as scope: ...``; afterwards ``scope.aux`` lists
     the :class:`MoeAux` of every MoE layer that ran, in call order."""
 
-    def __init__(self, routing: Optional[Dict[str, Tuple[Tensor, Tensor]]] = None):
+    def __init__(self, routing: Optional[Dict[str, Tuple[Tensor, Tensor, ExpertSets]]] = None):
         self.routing = routing or {}
         self.aux: List[MoeAux] = []
         self._token = None
@@ -55,7 +56,7 @@ def _inject_routing(layer, args, kwargs):
     decision = scope.routing.get(layer.moe_layer_name) if scope is not None else None
     if decision is None:
         return None
-    kwargs = dict(kwargs, moe_expert_index=decision[0], moe_expert_weight=decision[1])
+    kwargs = dict(kwargs, moe_expert_index=decision[0], moe_expert_weight=decision[1], moe_expert_sets=decision[2])
     return args, kwargs
 
 

@@ -7,8 +7,9 @@ encoder's forward, before its first layer (the decoder's sentence routing,
 which gates on the encoder output, right after the last one), and the
 decisions travel as data: to the encoder layers as forward arguments, to the
 decoder in ``encoder_out`` (``moe_decoder_expert_index`` /
-``moe_decoder_expert_weight``, reordered with the beams like the language
-ids). Beam search therefore runs no gate at any decoding step.
+``moe_decoder_expert_weight`` / ``moe_decoder_expert_sets``, reordered with the
+beams like the language ids). Beam search therefore runs no gate and asks the
+device nothing about routing at any decoding step.
 
 Gates (float32 whatever the model's dtype) live here, one per routed layer,
 named ``<side>_<index>`` (``encoder.moe_router.gates.decoder_1.task_logits``):
@@ -34,12 +35,13 @@ from torch import Tensor
 from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.models.moe_options import SIDES, is_extracted, moe_layer_indices, routed_layers
 from taskmoe_fairseq.modules import routing_kinds
-from taskmoe_fairseq.modules.routing_decision import MoeAux
+from taskmoe_fairseq.modules.routing_decision import ExpertSets, MoeAux
 from taskmoe_fairseq.modules.sentence_gate import SentenceTopKGate
 from taskmoe_fairseq.modules.static_gate import StaticTaskGate
 from taskmoe_fairseq.modules.task_gate import TaskGate
 
-Routing = Dict[str, Tuple[Tensor, Tensor]]  # layer name -> (expert_index [B, K], expert_weight [B, K])
+# layer name -> (expert_index [B, K], expert_weight [B, K], their distinct expert sets)
+Routing = Dict[str, Tuple[Tensor, Tensor, ExpertSets]]
 
 
 def masked_mean(x: Tensor, padding_mask: Optional[Tensor], time_major: bool = True) -> Tensor:
@@ -115,7 +117,8 @@ class MoeRouter(nn.Module):
             summary: returns the ``[B, C]`` sentence summary (called only for sentence routing).
             sentence_tokens: float ``[B]`` tokens each sentence stands for (weights the gate loss).
         Returns:
-            layer name -> ``(expert_index [B, K] long, expert_weight [B, K] float32)``, and
+            layer name -> ``(expert_index [B, K] long, expert_weight [B, K] float32, ExpertSets)``
+            (the sets found here, once per batch, so that no decoding step asks the device), and
             one :class:`MoeAux` per routed layer (gate loss, expert load).
         Raises:
             TaskMoeError: a task routing without language ids.
@@ -131,7 +134,7 @@ class MoeRouter(nn.Module):
                 tasks = self._task_ids(kind, src_lang_id, tgt_lang_id)
                 decision = gate(tasks, sentence_tokens)
             name = routing_kinds.layer_name(side, index)
-            routing[name] = (decision.expert_index, decision.expert_weight)
+            routing[name] = (decision.expert_index, decision.expert_weight, ExpertSets.of(decision.expert_index))
             aux.append(decision.aux(name))
         return routing, aux
 

@@ -47,12 +47,13 @@ class TaskMoeTransformerDecoder(TransformerDecoderBase):
         if self.moe_routed_names:
             indices = (encoder_out or {}).get("moe_decoder_expert_index", [])
             weights = (encoder_out or {}).get("moe_decoder_expert_weight", [])
+            sets = (encoder_out or {}).get("moe_decoder_expert_sets") or [None] * len(indices)
             if len(indices) != len(self.moe_routed_names):
                 raise ValueError(
                     "encoder_out carries no routing for the decoder's MoE layers; "
                     "pass the output of this model's encoder"
                 )
-            routing = dict(zip(self.moe_routed_names, zip(indices, weights)))
+            routing = dict(zip(self.moe_routed_names, zip(indices, weights, sets)))
         with MoeForwardScope(routing) as scope:
             x, extra = super().extract_features(
                 prev_output_tokens,

@@ -25,6 +25,7 @@ class TaskMoeTransformerEncoder(TransformerEncoderBase):
     * ``src_lang_id`` / ``tgt_lang_id``: ``[LongTensor [B]]``;
     * ``moe_decoder_expert_index`` / ``moe_decoder_expert_weight``: one ``[B, K]``
       tensor per routed decoder layer (in layer order), reordered with the beams;
+    * ``moe_decoder_expert_sets``: their :class:`ExpertSets` (found once per batch), likewise;
     * ``moe_aux``: the encoder side's :class:`MoeAux` list (and the router's for
       the decoder's routed layers).
     """
@@ -79,8 +80,9 @@ class TaskMoeTransformerEncoder(TransformerEncoderBase):
         decisions = list(decoder_routing.values())  # in layer order, as the decoder expects
         encoder_out["src_lang_id"] = [src_lang_id] if src_lang_id is not None else []
         encoder_out["tgt_lang_id"] = [tgt_lang_id] if tgt_lang_id is not None else []
-        encoder_out["moe_decoder_expert_index"] = [index for index, _ in decisions]
-        encoder_out["moe_decoder_expert_weight"] = [weight for _, weight in decisions]
+        encoder_out["moe_decoder_expert_index"] = [index for index, _, _ in decisions]
+        encoder_out["moe_decoder_expert_weight"] = [weight for _, weight, _ in decisions]
+        encoder_out["moe_decoder_expert_sets"] = [sets for _, _, sets in decisions]
         encoder_out["moe_aux"] = aux + scope.aux + decoder_aux
         return encoder_out
 
@@ -88,4 +90,5 @@ class TaskMoeTransformerEncoder(TransformerEncoderBase):
         reordered = super().reorder_encoder_out(encoder_out, new_order)
         for key in LANGUAGE_KEYS + DECODER_ROUTING_KEYS:
             reordered[key] = [tensor.index_select(0, new_order) for tensor in encoder_out.get(key, [])]
+        reordered["moe_decoder_expert_sets"] = [sets.index_select(new_order) for sets in encoder_out.get("moe_decoder_expert_sets", [])]
         return reordered

@@ -62,6 +62,6 @@ class ExtractedFeedForward(Float32Params, nn.Module):
         out.expert_weights.fill_(1.0)
         return out.to(dtype)
 
-    def forward(self, x: Tensor, padding_mask=None, expert_index=None, expert_weight=None):
+    def forward(self, x: Tensor, padding_mask=None, expert_index=None, expert_weight=None, expert_sets=None):
         """``x``: ``[T, B, C]`` -> (``[T, B, C]``, None); the routing was fixed at extraction."""
         return combine_experts(x, list(self.experts), self.expert_weights), None

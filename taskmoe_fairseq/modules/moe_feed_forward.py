@@ -34,7 +34,7 @@ from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.modules import expert_parallel as ep_dispatch
 from taskmoe_fairseq.modules.expert_feed_forward import ExpertFeedForward, combine_experts
 from taskmoe_fairseq.modules.extracted_feed_forward import ExtractedFeedForward
-from taskmoe_fairseq.modules.routing_decision import RoutingDecision
+from taskmoe_fairseq.modules.routing_decision import ExpertSets, RoutingDecision
 from taskmoe_fairseq.modules.token_gate import TokenTopKGate
 
 
@@ -87,10 +87,12 @@ class MoeFeedForward(nn.Module):
         padding_mask: Optional[Tensor] = None,
         expert_index: Optional[Tensor] = None,
         expert_weight: Optional[Tensor] = None,
+        expert_sets: Optional[ExpertSets] = None,
     ) -> Tuple[Tensor, Optional[RoutingDecision]]:
         """``x``: ``[T, B, C]``; ``padding_mask``: ``[B, T]`` (True = pad) or None;
         ``expert_index`` (LongTensor) / ``expert_weight`` (float32): ``[B, K]``, the
-        router's per-sentence decision (required unless token-routed).
+        router's per-sentence decision (required unless token-routed); ``expert_sets``: its
+        distinct expert sets, found once per batch by the router (None: found here).
 
         Returns ``[T, B, C]`` and, for token routing, the gate's decision (else None).
 
@@ -106,7 +108,7 @@ class MoeFeedForward(nn.Module):
             )
         if self.expert_parallel is not None:
             return self._dispatch_sentences_parallel(x, padding_mask, expert_index, expert_weight), None
-        return self._dispatch_sentences(x, expert_index, expert_weight), None
+        return self._dispatch_sentences(x, expert_index, expert_weight, expert_sets), None
 
     def extract(self, experts: Tensor, weights: Tensor, merge: bool = False) -> ExtractedFeedForward:
         """The serving form for one task: experts ``[K]`` (ids) with frozen weights ``[K]``
@@ -118,19 +120,27 @@ class MoeFeedForward(nn.Module):
             )
         return ExtractedFeedForward.from_experts([self.experts[int(e)] for e in experts], weights, merge)
 
-    def _dispatch_sentences(self, x: Tensor, index: Tensor, weight: Tensor) -> Tensor:
-        """Run each group of sentences that shares an expert set through those k experts."""
-        if bool((index == index[:1]).all()):  # the usual case in generation: one language pair per batch
-            return combine_experts(x, [self.experts[e] for e in index[0].tolist()], weight)
-        groups, sentence_group = torch.unique(index, dim=0, return_inverse=True)
-        out = torch.empty_like(x)
-        for group, expert_set in enumerate(groups.tolist()):
-            sentences = (sentence_group == group).nonzero().squeeze(1)
-            routed = combine_experts(
-                x.index_select(1, sentences),
-                [self.experts[e] for e in expert_set],
-                weight.index_select(0, sentences),
-            )
+    def _dispatch_sentences(self, x: Tensor, index: Tensor, weight: Tensor, sets: Optional[ExpertSets]) -> Tensor:
+        """Run each group of sentences that shares an expert set through those k experts.
+
+        With one set (a batch of one language pair: fairseq-generate, translate, the server) every
+        sentence goes through its k experts at once. With several, a full sequence (training,
+        validation) takes each group's sentences by index, while a decoding step (``T == 1``, where
+        a step's latency, not its arithmetic, counts) runs every set on every sentence and keeps
+        each sentence's own result: no host synchronisation at any step.
+        """
+        sets = sets if sets is not None else ExpertSets.of(index)
+        if len(sets.sets) == 1:
+            return combine_experts(x, [self.experts[e] for e in sets.sets[0]], weight)
+        out = torch.zeros_like(x)
+        for group, expert_set in enumerate(sets.sets):
+            experts = [self.experts[e] for e in expert_set]
+            in_group = sets.sentence_set == group
+            if x.size(0) == 1:  # a decoding step: [1, B, C]
+                out = torch.where(in_group[None, :, None], combine_experts(x, experts, weight), out)
+                continue
+            sentences = in_group.nonzero().squeeze(1)
+            routed = combine_experts(x.index_select(1, sentences), experts, weight.index_select(0, sentences))
             out.index_copy_(1, sentences, routed)
         return out
 

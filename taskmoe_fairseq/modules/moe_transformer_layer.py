@@ -8,7 +8,8 @@ MoE needs besides the hidden states travels as forward arguments, so
 activation checkpointing recomputes it exactly:
 
 * ``moe_expert_index`` (LongTensor) / ``moe_expert_weight`` (float32), ``[B, K]``:
-  the router's per-sentence decision (task, static, sentence routing);
+  the router's per-sentence decision (task, static, sentence routing), and
+  ``moe_expert_sets`` (:class:`ExpertSets`), its distinct expert sets;
 * the padding mask fairseq already passes (token routing skips pads).
 
 For the duration of one layer call the slot reads these through a context
@@ -28,7 +29,7 @@ import torch.nn as nn
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 from torch import Tensor
 
-from taskmoe_fairseq.modules.routing_decision import RoutingDecision
+from taskmoe_fairseq.modules.routing_decision import ExpertSets, RoutingDecision
 
 #: number of tensors a token-routed layer appends to fairseq's output
 AUX_OUTPUTS = 3
@@ -42,6 +43,7 @@ class _FeedForwardCall:
     padding_mask: Optional[Tensor]
     expert_index: Optional[Tensor]
     expert_weight: Optional[Tensor]
+    expert_sets: Optional[ExpertSets]
     decision: Optional[RoutingDecision] = None
 
 
@@ -52,7 +54,7 @@ class MoeSlot(nn.Module):
         call = _CALL.get()
         if call is None:
             raise RuntimeError("MoeSlot runs only inside its MoE layer's forward")
-        y, call.decision = call.moe(x, call.padding_mask, call.expert_index, call.expert_weight)
+        y, call.decision = call.moe(x, call.padding_mask, call.expert_index, call.expert_weight, call.expert_sets)
         return y
 
 
@@ -75,8 +77,8 @@ class _MoeLayer:
         self.activation_fn = _identity  # the experts apply the activation and its dropout
         self.activation_dropout_module = nn.Identity()
 
-    def _run(self, forward, padding_mask, expert_index, expert_weight, *args, **kwargs):
-        call = _FeedForwardCall(self.moe, padding_mask, expert_index, expert_weight)
+    def _run(self, forward, padding_mask, expert_index, expert_weight, expert_sets, *args, **kwargs):
+        call = _FeedForwardCall(self.moe, padding_mask, expert_index, expert_weight, expert_sets)
         token = _CALL.set(call)
         try:
             out = forward(*args, **kwargs)
@@ -97,9 +99,11 @@ class MoeEncoderLayer(_MoeLayer, TransformerEncoderLayerBase):
         super().__init__(cfg, return_fc=return_fc)
         self._install_moe(moe, name)
 
-    def forward(self, x, encoder_padding_mask, attn_mask=None, moe_expert_index=None, moe_expert_weight=None):
+    def forward(self, x, encoder_padding_mask, attn_mask=None, moe_expert_index=None, moe_expert_weight=None,
+                moe_expert_sets=None):
         return self._run(
-            super().forward, encoder_padding_mask, moe_expert_index, moe_expert_weight, x, encoder_padding_mask, attn_mask
+            super().forward, encoder_padding_mask, moe_expert_index, moe_expert_weight, moe_expert_sets,
+            x, encoder_padding_mask, attn_mask,
         )
 
 
@@ -112,6 +116,8 @@ class MoeDecoderLayer(_MoeLayer, TransformerDecoderLayerBase):
         super().__init__(cfg, no_encoder_attn=no_encoder_attn)
         self._install_moe(moe, name)
 
-    def forward(self, x, *args, moe_expert_index=None, moe_expert_weight=None, **kwargs):
+    def forward(self, x, *args, moe_expert_index=None, moe_expert_weight=None, moe_expert_sets=None, **kwargs):
         padding_mask = kwargs.get("self_attn_padding_mask", args[6] if len(args) > 6 else None)
-        return self._run(super().forward, padding_mask, moe_expert_index, moe_expert_weight, x, *args, **kwargs)
+        return self._run(
+            super().forward, padding_mask, moe_expert_index, moe_expert_weight, moe_expert_sets, x, *args, **kwargs
+        )

@@ -2,7 +2,7 @@
 arithmetic both use (top-k weights, load-balancing loss, expert load)."""
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -28,6 +28,32 @@ class RoutingDecision:
 
     def aux(self, layer: str) -> "MoeAux":
         return MoeAux(layer, self.gate_loss, self.expert_load, self.dropped_share)
+
+
+class ExpertSets(NamedTuple):
+    """The distinct expert sets of a per-sentence decision, found once per batch.
+
+    A task- or static-routed layer's decision is fixed for a sentence, so the router finds its
+    distinct rows once (one host synchronisation per layer and batch, in the encoder's forward)
+    and every later forward of the batch (each beam-search step) dispatches without asking the
+    device again. ``sets``: the ``G`` distinct rows of ``expert_index`` ``[B, K]`` as Python ints
+    (host side); ``sentence_set``: LongTensor ``[B]``, the set each sentence uses, reordered with
+    the beams (:meth:`index_select`), so the sets stay valid as beam search reorders and shrinks
+    the batch.
+    """
+
+    sets: Tuple[Tuple[int, ...], ...]
+    sentence_set: Tensor
+
+    @classmethod
+    def of(cls, expert_index: Tensor) -> "ExpertSets":
+        """From a decision's ``expert_index`` ``[B, K]`` (synchronises once: ``torch.unique``)."""
+        sets, sentence_set = torch.unique(expert_index, dim=0, return_inverse=True)
+        return cls(tuple(tuple(row) for row in sets.tolist()), sentence_set)
+
+    def index_select(self, order: Tensor) -> "ExpertSets":
+        """The same sets for the sentences ``order`` (beam search's ``new_order``)."""
+        return ExpertSets(self.sets, self.sentence_set.index_select(0, order))
 
 
 @dataclass

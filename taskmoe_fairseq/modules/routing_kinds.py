@@ -67,11 +67,8 @@ def language_index(langs: Sequence[str], lang: str) -> int:
 def pair_task_ids(key: str, pair: str, langs: List[str]) -> int:
     """The task id of a ``src-tgt`` pair under task key ``key`` (an int)."""
     src, tgt = pair.split("-")
-    # explicit device: also right inside a ``torch.device("meta")`` context (a model built without weights)
-    src_id = torch.tensor([language_index(langs, src)], device="cpu")
-    tgt_id = torch.tensor([language_index(langs, tgt)], device="cpu")
-    ids = task_ids(key, src_id, tgt_id, len(langs))
-    return int(ids[0])
+    # plain ints: no tensor (also right inside a ``torch.device("meta")`` context, and nothing to read back)
+    return task_ids(key, language_index(langs, src), language_index(langs, tgt), len(langs))
 
 
 def num_tasks(key: str, num_langs: int) -> int:
@@ -82,9 +79,9 @@ def task_ids(key: str, src_lang_id: torch.Tensor, tgt_lang_id: torch.Tensor, num
     """Task id per sentence.
 
     Args:
-        src_lang_id, tgt_lang_id: LongTensor ``[batch]`` of language ids.
+        src_lang_id, tgt_lang_id: LongTensor ``[batch]`` of language ids (or two ints).
     Returns:
-        LongTensor ``[batch]`` in ``[0, num_tasks(key, num_langs))``.
+        LongTensor ``[batch]`` (an int) in ``[0, num_tasks(key, num_langs))``.
     """
     if key == "source":
         return src_lang_id
