@@ -93,3 +93,24 @@ def test_the_criterion_reads_nothing_back_between_forward_and_backward(training)
         _, _, log = moe_criterion(model, sample)
     assert counter.calls == []
     assert float(log["moe_load_encoder.1_e0"]) == pytest.approx(0.5 * 3)
+
+
+def test_the_task_gate_reads_nothing_back_and_decides_as_per_sentence():
+    """The gate runs on its whole task table (no ``torch.unique`` over the batch's tasks); each
+    sentence gets its task's row, and absent tasks add nothing to the gate loss."""
+    from taskmoe_fairseq.modules.routing_decision import load_balancing_loss
+    from taskmoe_fairseq.modules.task_gate import TaskGate
+
+    torch.manual_seed(0)
+    gate = TaskGate(num_tasks=5, num_experts=4, top_k=2)
+    task_ids, tokens = torch.tensor([3, 1, 3, 3]), torch.tensor([2.0, 5.0, 1.0, 4.0])
+    counter = CountSyncs()
+    counter.inside = True
+    with counter:
+        decision = gate(task_ids, tokens)
+    assert counter.calls == []
+    probs, weights, index = gate.route_tasks(torch.tensor([1, 3]))
+    assert torch.equal(decision.expert_index, index[[1, 0, 1, 1]])
+    assert torch.equal(decision.expert_weight, weights[[1, 0, 1, 1]])
+    expected_loss = load_balancing_loss(probs, index[:, 0], torch.tensor([5.0, 7.0]))
+    assert torch.allclose(decision.gate_loss, expected_loss, rtol=1e-6)

@@ -69,13 +69,15 @@ class TaskGate(Float32Params, nn.Module):
 
     def forward(self, task_ids: Tensor, sentence_tokens: Tensor) -> RoutingDecision:
         """``task_ids``: LongTensor ``[B]``; ``sentence_tokens``: float ``[B]``; returns ``[B, K]`` rows."""
-        # Once per distinct task in the batch, not per token or sentence.
-        tasks, sentence_task = torch.unique(task_ids, return_inverse=True)
-        probs, weights, index = self.route_tasks(tasks)
-        task_tokens = sentence_tokens.new_zeros(tasks.size(0)).index_add_(0, sentence_task, sentence_tokens)
+        # Once per task of the table (a few dozen rows), not per token or sentence; a task absent
+        # from the batch stands for 0 tokens, so it adds nothing to the loss or the load. No
+        # torch.unique: nothing is read back from the device.
+        num_tasks = self.task_logits.size(0)
+        probs, weights, index = self.route_tasks(torch.arange(num_tasks, device=task_ids.device))
+        task_tokens = sentence_tokens.new_zeros(num_tasks).index_add_(0, task_ids, sentence_tokens)
         return RoutingDecision(
-            expert_index=index[sentence_task],
-            expert_weight=weights[sentence_task],
+            expert_index=index[task_ids],
+            expert_weight=weights[task_ids],
             per_sentence=True,
             gate_loss=load_balancing_loss(probs, index[:, 0], task_tokens),
             expert_load=expert_load(index, weights, self.num_experts, task_tokens),
