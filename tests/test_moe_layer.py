@@ -99,19 +99,17 @@ def test_router_decisions_follow_the_routing_definitions(routing):
     model.eval()
     batch = random_batch(task.source_dictionary)
     src, tgt, langs = batch["src_lang_id"], batch["tgt_lang_id"], 3
+    seen = {}  # the decision the encoder's own forward hands its MoE layer (its kwargs)
+    (encoder_index, _), = model.encoder.moe_router.layers["encoder"]
+    model.encoder.layers[encoder_index].register_forward_pre_hook(
+        lambda layer, args, kwargs: seen.update(kwargs), with_kwargs=True)
     encoder_out = model.encoder(batch["src_tokens"], batch["src_lengths"], src_lang_id=src, tgt_lang_id=tgt)
     router = model.encoder.moe_router
     pad = task.source_dictionary.pad()
     for side in ("encoder", "decoder"):
         (index, routed), = router.layers[side]
         if side == "encoder":
-            routing_data, _ = router.route(
-                "encoder", src, tgt,
-                lambda: (model.encoder.embed_scale * model.encoder.embed_tokens(batch["src_tokens"])
-                         * batch["src_tokens"].ne(pad)[..., None]).sum(1) / batch["src_tokens"].ne(pad).sum(1, keepdim=True),
-                torch.ones(B),
-            )
-            experts, weights, _ = routing_data[f"encoder.{index}"]
+            experts, weights = seen["moe_expert_index"], seen["moe_expert_weight"]
         else:
             experts, weights = encoder_out["moe_decoder_expert_index"][0], encoder_out["moe_decoder_expert_weight"][0]
         gate = router.gates[f"{side}_{index}"]
@@ -121,10 +119,12 @@ def test_router_decisions_follow_the_routing_definitions(routing):
             if routing.startswith("static-"):
                 want = [(task_id * 2 + j) % 4 for j in range(2)], [0.5, 0.5]
             elif routing == "sentence":
-                if side == "encoder":
-                    continue  # checked through the summary above
                 real = batch["src_tokens"][b].ne(pad)
-                summary = encoder_out["encoder_out"][0][real.nonzero().squeeze(1), b].mean(0)
+                if side == "encoder":  # the mean of the sentence's scaled token embeddings (no positions)
+                    tokens = batch["src_tokens"][b][real]
+                    summary = (model.encoder.embed_scale * model.encoder.embed_tokens(tokens)).mean(0)
+                else:  # the mean of the encoder output over the sentence's tokens
+                    summary = encoder_out["encoder_out"][0][real.nonzero().squeeze(1), b].mean(0)
                 probs = (summary @ gate.wg.weight.t()).softmax(-1)
                 top = probs.topk(2)
                 want = top.indices.tolist(), (top.values / top.values.sum()).tolist()
