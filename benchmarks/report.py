@@ -4,7 +4,8 @@
   the bars as PASS/MISS, where the time goes) and serving_cost.png;
 * ct2_export (measure_ct2_export.py) -> ct2_export.md (report_ct2_export.py);
 * ddp_backend_cost / expert_parallel_speed / rank_start (measure_ddp_backend.py) -> <kind>.md (report_ddp_backend.py);
-* sharded_extraction (measure_sharded_extraction.py) -> sharded_extraction.md (report_sharded_extraction.py).
+* sharded_extraction (measure_sharded_extraction.py) -> sharded_extraction.md (report_sharded_extraction.py);
+* gpu_check (gpu_check.py) -> gpu_check.md (report_gpu_check.py).
 
     PYTHONPATH=. python benchmarks/report.py docs/benchmarks/*.json --out docs/benchmarks
 
@@ -21,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import report_bars  # noqa: E402
 import report_ct2_export  # noqa: E402
 import report_ddp_backend  # noqa: E402
+import report_gpu_check  # noqa: E402
 import report_sharded_extraction  # noqa: E402
 from models import DENSE_KEYS, LABELS  # noqa: E402
 from report_bars import HEADLINE, SETTINGS, experts_of  # noqa: E402
@@ -32,7 +34,8 @@ from taskmoe_fairseq.files import atomic_write_text  # noqa: E402  (models put t
 KINDS = ("decoding", "training", "memory")  # serving_cost.md
 SINGLE = {"ct2_export": report_ct2_export.markdown, "ddp_backend_cost": report_ddp_backend.markdown,
           "expert_parallel_speed": report_ddp_backend.markdown, "rank_start": report_ddp_backend.markdown,
-          "sharded_extraction": report_sharded_extraction.markdown}  # kind.md each
+          "sharded_extraction": report_sharded_extraction.markdown,
+          "gpu_check": report_gpu_check.markdown}  # kind.md each
 
 
 def load(paths):

@@ -125,3 +125,39 @@ def test_serving_report_renders_the_committed_record(tmp_path):
     assert f"| {memory['extracted_12_processes_mib']:.0f} |" in markdown
     assert markdown.count("| batch 1 |") == 2 and markdown.count("| batch 16 |") == 2
     assert record["environment"]["command"] in markdown
+
+
+def test_the_gpu_check_plans_every_step_and_names_the_cuda_ones_skipped(tmp_path, capsys):
+    """``benchmarks/gpu_check.py --dry-run`` on this CPU: every step with its commands, the CUDA
+    ones named as skipped; its fairseq-train and fairseq-generate commands parse with fairseq's own
+    parsers (so the plan a GPU user runs names only options that exist); the report renders."""
+    import shlex
+
+    import torch
+    from fairseq import options
+
+    import gpu_check
+    import report
+
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--dry-run", "--out", str(out), "--workdir", str(tmp_path / "work")]) == 0
+    steps = json.loads(out.read_text())["results"]["steps"]
+    names = [step["name"] for step in steps]
+    for name in ("train:fp16", "train:memory_efficient_fp16", "train:bf16", "train:amp", "full=extracted:fp16",
+                 "full=extracted:bf16", "translate:cuda", "serve:cuda", "export:float16", "export:int8_float16",
+                 "speed:dense", "speed:token/target", "speed:target/target"):
+        assert name in names
+    for step in steps:
+        skipped = step["needs_cuda"] and not torch.cuda.is_available()
+        assert step["status"] == ("skipped: no CUDA" if skipped else "planned"), step
+        for command in map(shlex.split, step["commands"]):
+            if command[0] == "fairseq-train":
+                options.parse_args_and_arch(options.get_training_parser(), command[1:])
+            elif command[0] == "fairseq-generate":
+                options.parse_args_and_arch(options.get_generation_parser(), command[1:])
+    assert report.main([str(out), "--out", str(tmp_path)]) in (None, 0)
+    rendered = (tmp_path / "gpu_check.md").read_text()
+    assert "| train:amp | " in rendered and ("skipped: no CUDA" in rendered or torch.cuda.is_available())
+    if not torch.cuda.is_available():
+        assert gpu_check.main(["--out", str(tmp_path / "x.json")]) == 2
+        assert "no CUDA device here" in capsys.readouterr().err
