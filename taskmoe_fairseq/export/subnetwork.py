@@ -21,11 +21,13 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from taskmoe_fairseq.errors import usage_error
+from taskmoe_fairseq.modules.expert_feed_forward import merge_experts
 from taskmoe_fairseq.modules.routing_kinds import SENTENCE, TOKEN, layer_name
 
 SIDES = ("encoder", "decoder")
 ROUTED_KINDS = (TOKEN, SENTENCE)  # routings whose experts depend on the tokens
 IGNORED_SUFFIXES = (".version", "._float_tensor")
+FFN_NAMES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 
 
 @dataclass
@@ -121,24 +123,15 @@ def routed_layers(state: Dict[str, torch.Tensor], args) -> List[str]:
 
 def merged_ffn(state: Dict[str, torch.Tensor], prefix: str) -> Tuple[Tuple[torch.Tensor, ...], int]:
     """The one FFN ``(fc1.weight [kF, C], fc1.bias [kF], fc2.weight [C, kF], fc2.bias [C])``
-    equal to ``sum_j w_j * expert_j`` for the k kept experts under ``prefix`` (``...moe.``)."""
+    equal to ``sum_j w_j * expert_j`` for the k kept experts under ``prefix`` (``...moe.``),
+    by :func:`~taskmoe_fairseq.modules.expert_feed_forward.merge_experts`."""
     weights = state[prefix + "expert_weights"]
     experts = []
     while f"{prefix}experts.{len(experts)}.fc1.weight" in state:
-        experts.append({n: state[f"{prefix}experts.{len(experts)}.{n}"] for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")})
+        experts.append({n: state[f"{prefix}experts.{len(experts)}.{n}"] for n in FFN_NAMES})
     if len(experts) != weights.numel():
         raise usage_error(f"{prefix[:-1]}: {len(experts)} experts but {weights.numel()} expert weights; re-extract the checkpoint")
-    if len(experts) == 1:
-        w = weights[0].to(experts[0]["fc2.weight"].dtype)
-        e = experts[0]
-        return (e["fc1.weight"], e["fc1.bias"], w * e["fc2.weight"], w * e["fc2.bias"]), 1
-    scale = [w.to(experts[0]["fc2.weight"].dtype) for w in weights]
-    return (
-        torch.cat([e["fc1.weight"] for e in experts], dim=0),
-        torch.cat([e["fc1.bias"] for e in experts], dim=0),
-        torch.cat([w * e["fc2.weight"] for w, e in zip(scale, experts)], dim=1),
-        sum(w * e["fc2.bias"] for w, e in zip(scale, experts)),
-    ), len(experts)
+    return merge_experts([tuple(e[n] for n in FFN_NAMES) for e in experts], weights), len(experts)
 
 
 def dense_layer(state: Dict[str, torch.Tensor], args, side: str, index: int) -> Optional[DenseLayer]:
@@ -146,7 +139,7 @@ def dense_layer(state: Dict[str, torch.Tensor], args, side: str, index: int) -> 
     prefix = f"{side}.layers.{index}"
     name = layer_name(side, index)
     if prefix + ".fc1.weight" in state:
-        ffn = tuple(state[f"{prefix}.{n}"] for n in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"))
+        ffn = tuple(state[f"{prefix}.{n}"] for n in FFN_NAMES)
         return DenseLayer(name, prefix, ffn, "dense")
     moe = prefix + ".moe."
     if moe + "expert_weights" in state and not any(key.startswith(moe + "gate.") for key in state):

@@ -1,8 +1,9 @@
 """One expert: the Transformer's ReLU feed-forward block (GShard experts are plain FFNs),
 and the weighted sum of k experts that MoE and extracted layers share."""
 
-from typing import List
+from typing import List, Sequence, Tuple
 
+import torch
 import torch.nn as nn
 from fairseq import utils
 from fairseq.modules.fairseq_dropout import FairseqDropout
@@ -38,3 +39,27 @@ def combine_experts(x: Tensor, experts: List[nn.Module], weights: Tensor) -> Ten
         y = expert(x) * (weight if weight.dim() == 0 else weight[None, :, None])
         out = y if out is None else out + y
     return out
+
+
+#: one FFN's tensors in fairseq's order: ``(fc1.weight [F, C], fc1.bias [F], fc2.weight [C, F], fc2.bias [C])``
+FfnTensors = Tuple[Tensor, Tensor, Tensor, Tensor]
+
+
+def merge_experts(experts: Sequence[FfnTensors], weights: Tensor) -> FfnTensors:
+    """The one FFN of width ``k * F`` equal to ``sum_j weights[j] * expert_j(x)`` for ReLU-like
+    experts: ``fc1`` rows stacked, ``fc2`` columns scaled by ``weights[j]`` and stacked, ``fc2``
+    biases summed with the weights (exact in real arithmetic; float rounding differs from the
+    experts' weighted sum). ``weights``: float ``[k]``, cast to the experts' dtype. The one home of
+    this arithmetic: ``--merge-experts`` (:class:`ExtractedFeedForward`) and the CTranslate2
+    export's dense view (:mod:`taskmoe_fairseq.export.subnetwork`) both call it."""
+    scale = [w.to(experts[0][2].dtype) for w in weights]
+    return (
+        torch.cat([fc1_weight for fc1_weight, _, _, _ in experts], dim=0),
+        torch.cat([fc1_bias for _, fc1_bias, _, _ in experts], dim=0),
+        torch.cat([w * fc2_weight for w, (_, _, fc2_weight, _) in zip(scale, experts)], dim=1),
+        sum(w * fc2_bias for w, (_, _, _, fc2_bias) in zip(scale, experts)),
+    )
+
+
+def ffn_tensors(expert: ExpertFeedForward) -> FfnTensors:
+    return expert.fc1.weight, expert.fc1.bias, expert.fc2.weight, expert.fc2.bias

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from taskmoe_fairseq.modules.expert_feed_forward import ExpertFeedForward, combine_experts
+from taskmoe_fairseq.modules.expert_feed_forward import ExpertFeedForward, combine_experts, ffn_tensors, merge_experts
 from taskmoe_fairseq.modules.float32_params import Float32Params
 
 
@@ -54,11 +54,8 @@ class ExtractedFeedForward(Float32Params, nn.Module):
         merged = out.experts[0]
         merged.activation_fn = first.activation_fn
         with torch.no_grad():
-            scale = [w.to(dtype) for w in weights]
-            merged.fc1.weight.copy_(torch.cat([e.fc1.weight for e in experts], dim=0))
-            merged.fc1.bias.copy_(torch.cat([e.fc1.bias for e in experts], dim=0))
-            merged.fc2.weight.copy_(torch.cat([w * e.fc2.weight for w, e in zip(scale, experts)], dim=1))
-            merged.fc2.bias.copy_(sum(w * e.fc2.bias for w, e in zip(scale, experts)))
+            for parameter, value in zip(ffn_tensors(merged), merge_experts([ffn_tensors(e) for e in experts], weights)):
+                parameter.copy_(value)
         out.expert_weights.fill_(1.0)
         return out.to(dtype)
 
