@@ -17,10 +17,9 @@ import torch
 
 from taskmoe_fairseq import sharded_checkpoint
 from taskmoe_fairseq.models.moe_options import SIDES, moe_layer_indices
-from taskmoe_fairseq.models.router import MoeRouter
+from taskmoe_fairseq.models.router import ROUTER_PREFIX, MoeRouter
 from taskmoe_fairseq.modules import routing_kinds
 
-ROUTER = "encoder.moe_router."
 
 
 def is_sharded(state: dict) -> bool:
@@ -38,7 +37,7 @@ def needed_shards(state: dict, args, pairs: List[str], layers) -> List[int]:
     if whole or not layers:
         return list(range(size))
     router = MoeRouter(args, args.encoder_embed_dim, list(args.taskmoe_langs))
-    router.load_state_dict({k[len(ROUTER):]: v for k, v in state["model"].items() if k.startswith(ROUTER)})
+    router.load_state_dict({k[len(ROUTER_PREFIX):]: v for k, v in state["model"].items() if k.startswith(ROUTER_PREFIX)})
     experts = set()
     for pair in pairs:
         for side, index, _ in layers:

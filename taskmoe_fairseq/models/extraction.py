@@ -24,6 +24,7 @@ import torch
 
 from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.models.moe_options import SIDES, routed_layers
+from taskmoe_fairseq.models.router import gate_key_prefix
 from taskmoe_fairseq.modules import routing_kinds
 
 
@@ -54,7 +55,7 @@ def replaced_prefixes(layers) -> Tuple[str, ...]:
     """State-dict prefixes that extraction replaces: the extracted layers' experts and their gates."""
     out = []
     for side, index, _ in layers:
-        out += [moe_prefix(side, index), f"encoder.moe_router.gates.{side}_{index}."]
+        out += [moe_prefix(side, index), gate_key_prefix(side, index)]
     return tuple(out)
 
 

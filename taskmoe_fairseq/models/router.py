@@ -55,8 +55,17 @@ def masked_mean(x: Tensor, padding_mask: Optional[Tensor], time_major: bool = Tr
     return (x * keep).sum(dim=0) / keep.sum(dim=0).clamp_min(1.0)
 
 
+#: where the router's parameters sit in a model's state dict (the encoder holds it)
+ROUTER_PREFIX = "encoder.moe_router."
+
+
 def _gate_name(side: str, index: int) -> str:
     return f"{side}_{index}"
+
+
+def gate_key_prefix(side: str, index: int) -> str:
+    """State-dict prefix of layer ``index`` of ``side``'s gate: ``encoder.moe_router.gates.decoder_1.``."""
+    return f"{ROUTER_PREFIX}gates.{_gate_name(side, index)}."
 
 
 class MoeRouter(nn.Module):

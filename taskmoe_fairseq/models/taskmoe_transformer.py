@@ -19,6 +19,7 @@ from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.models import identity, upcycling
 from taskmoe_fairseq.models.moe_options import SIDES, add_moe_args, check_moe_args, namespace_summary, set_moe_defaults
 from taskmoe_fairseq.models.taskmoe_decoder import TaskMoeTransformerDecoder
+from taskmoe_fairseq.models.router import gate_key_prefix
 from taskmoe_fairseq.models.taskmoe_encoder import TaskMoeTransformerEncoder
 from taskmoe_fairseq.modules import routing_kinds
 from taskmoe_fairseq.modules.moe_feed_forward import MoeFeedForward
@@ -158,7 +159,7 @@ class TaskMoeTransformerModel(TransformerModel):
             side, index, param = match.groups()
             if getattr(self.args, f"{side}_moe_routing") == routing_kinds.TOKEN:
                 continue
-            state_dict[f"{prefix}encoder.moe_router.gates.{side}_{index}.{param}"] = state_dict.pop(key)
+            state_dict[f"{prefix}{gate_key_prefix(side, int(index))}{param}"] = state_dict.pop(key)
         # a dense model's weights (--finetune-from-model): experts from its FFNs, or one line
         if getattr(self.args, "moe_upcycle", False):
             upcycling.upcycle_state_dict(self, state_dict, prefix)

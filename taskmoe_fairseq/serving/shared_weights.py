@@ -29,8 +29,8 @@ import torch.nn as nn
 
 from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.models import extraction
+from taskmoe_fairseq.models.router import ROUTER_PREFIX
 
-ROUTER_PREFIX = "encoder.moe_router."
 
 
 def _config(state: dict, path: str, overrides: dict):
