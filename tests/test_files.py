@@ -2,6 +2,9 @@
 commands, the data scripts and the benchmarks all write through it)."""
 
 import os
+import resource
+import subprocess
+import sys
 
 import pytest
 
@@ -36,7 +39,7 @@ def test_failed_atomic_write_leaves_old_file_and_no_temporary(tmp_path, monkeypa
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(TaskMoeError, match=f"cannot write {path}: disk full"):
         files.atomic_write_lines(str(path), ["new"])
     assert path.read_bytes() == b"old"
     assert os.listdir(str(tmp_path)) == ["out.txt"]
@@ -75,3 +78,63 @@ def test_a_folder_moves_whole(tmp_path):
     (building / "sub" / "x.txt").write_bytes(b"x")
     files.atomic_move(str(building), str(tmp_path / "done"))
     assert (tmp_path / "done" / "sub" / "x.txt").read_bytes() == b"x" and not building.exists()
+
+
+def test_only_a_regular_file_is_replaced(tmp_path):
+    """A rename would put a regular file where a symbolic link, a device or a pipe was."""
+    target = tmp_path / "target.pt"
+    target.write_bytes(b"kept")
+    link = tmp_path / "link.pt"
+    link.symlink_to(target)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(str(fifo))
+    for path, kind in ((link, "a symbolic link"), (fifo, "a named pipe"), ("/dev/null", "a character device"),
+                       (tmp_path, "a folder")):
+        with pytest.raises(TaskMoeError, match=f"^{path} is {kind}; the output must be a regular file or a new path"):
+            files.atomic_write(str(path), b"new")
+    with pytest.raises(TaskMoeError, match="is a symbolic link"):
+        files.atomic_move(str(target), str(link))
+    source = tmp_path / "folder"
+    source.mkdir()
+    folder_link = tmp_path / "folder-link"
+    folder_link.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(TaskMoeError, match="is a symbolic link"):
+        files.atomic_move(str(source), str(folder_link))
+    assert os.path.islink(link) and os.path.islink(folder_link) and target.read_bytes() == b"kept"
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    assert sorted(os.listdir(tmp_path)) == ["fifo", "folder", "folder-link", "link.pt", "target.pt"]
+
+
+def limited_process(code, limit=65536):
+    """``python -c code`` with a file-size limit of ``limit`` bytes (Python ignores SIGXFSZ: writes
+    past it fail with EFBIG)."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+
+
+def test_a_write_error_names_the_path_and_the_cause_even_through_torchs_writer(tmp_path):
+    """torch's zip writer turns the OSError of a write into ``RuntimeError: ... unexpected pos``;
+    atomic_write reports the OSError, and leaves neither the temporary file nor the old file changed."""
+    old = tmp_path / "old.pt"
+    old.write_bytes(b"old")
+    code = f"""
+import torch
+from taskmoe_fairseq import files
+from taskmoe_fairseq.errors import TaskMoeError
+for path, data in (({str(tmp_path / "new.pt")!r}, lambda stream: torch.save(torch.zeros(100000), stream)),
+                   ({str(old)!r}, b"x" * 100000)):
+    try:
+        files.atomic_write(path, data)
+    except TaskMoeError as error:
+        print(error)
+"""
+    result = limited_process(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        f"cannot write {path}: File too large (EFBIG); free space (or raise the file-size limit) or choose another output"
+        for path in (tmp_path / "new.pt", old)
+    ]
+    assert sorted(os.listdir(tmp_path)) == ["old.pt"] and old.read_bytes() == b"old"
