@@ -19,6 +19,7 @@ import sys
 
 from taskmoe_fairseq import sharded_checkpoint
 from taskmoe_fairseq.errors import run_cli, usage_error
+from taskmoe_fairseq.files import check_replaceable
 
 
 def parse_args(argv=None):
@@ -35,9 +36,12 @@ def run(options) -> str:
     stem = os.path.join(options.checkpoint_dir, options.name)
     if os.path.isdir(options.output):
         raise usage_error(f"--output {options.output} is a folder; pass a file name")
+    check_replaceable(options.output, "--output")
     if os.path.exists(options.output) and not options.force:
         raise usage_error(f"{options.output} exists; pass --force to overwrite it")
     metas = sharded_checkpoint.check_set(stem)
+    if os.path.realpath(options.output) in {os.path.realpath(path) for path in metas}:
+        raise usage_error(f"--output {options.output} is one of the input files, which are never modified; choose another output")
     state = sharded_checkpoint.consolidate(stem)
     sharded_checkpoint.save(state, options.output)
     meta = metas[sharded_checkpoint.shared_path(stem)]

@@ -17,6 +17,7 @@ Examples::
 
 import argparse
 import copy
+import glob
 import json
 import os
 import sys
@@ -26,9 +27,9 @@ from typing import List
 import torch
 from fairseq.data import Dictionary
 
-from taskmoe_fairseq import compat, sharded_extraction
+from taskmoe_fairseq import compat, sharded_checkpoint, sharded_extraction
 from taskmoe_fairseq.errors import run_cli, usage_error
-from taskmoe_fairseq.files import atomic_write
+from taskmoe_fairseq.files import atomic_write, check_replaceable
 from taskmoe_fairseq.models.extraction import extractable_layers
 from taskmoe_fairseq.modules import routing_kinds
 
@@ -178,16 +179,47 @@ def output_paths(options, pairs: List[str]) -> List[str]:
     if options.output_dir and os.path.exists(options.output_dir) and not os.path.isdir(options.output_dir):
         raise usage_error(f"--output-dir {options.output_dir} is a file; pass a folder")
     paths = [options.output] if options.output else [os.path.join(options.output_dir, f"{pair}.pt") for pair in pairs]
-    source = os.path.realpath(options.checkpoint)
+    inputs = input_files(options.checkpoint)
+    option = "--output" if options.output else "--output-dir"
     for path in paths:
         if os.path.isdir(path):
             raise usage_error(f"{path} is a folder; pass a file name with --output, or use --output-dir")
-        for written in (path, os.path.splitext(path)[0] + ".report.json"):
-            if os.path.realpath(written) == source:
+        for written in (path, report_path(path)):
+            if os.path.realpath(written) in inputs:
                 raise usage_error(f"{written} is the input checkpoint, which is never modified; choose another output")
-        if os.path.exists(path) and not options.force:
-            raise usage_error(f"{path} exists; pass --force to overwrite it")
+            check_replaceable(written, f"{option} file")
+            if os.path.exists(written) and not options.force:
+                raise usage_error(f"{written} exists; pass --force to overwrite it")
+        if os.path.exists(report_path(path)) and not is_report(report_path(path)):
+            raise usage_error(
+                f"{report_path(path)} exists and is not a report extract wrote; --force replaces only extract's "
+                "own outputs: move it away or choose another output name"
+            )
     return paths
+
+
+def report_path(path: str) -> str:
+    """The report written beside the checkpoint ``path``: ``en-de.pt`` -> ``en-de.report.json``."""
+    return os.path.splitext(path)[0] + ".report.json"
+
+
+def is_report(path: str) -> bool:
+    """Whether ``path`` is a JSON report of this command (what ``--force`` may replace beside a checkpoint)."""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            report = json.load(stream)
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"lang_pair", "source_checkpoint", "layers"} <= set(report)
+
+
+def input_files(checkpoint: str) -> set:
+    """The real paths extraction reads: the checkpoint, and beside a ``-shared.pt`` file its expert shards."""
+    inputs = {os.path.realpath(checkpoint)}
+    stem = sharded_checkpoint.stem_of(checkpoint)
+    if stem is not None:
+        inputs.update(os.path.realpath(path) for path in glob.glob(glob.escape(stem) + "-rank-*.pt"))
+    return inputs
 
 
 def run(options) -> List[dict]:
@@ -238,7 +270,7 @@ def run(options) -> List[dict]:
             save_checkpoint(extracted_checkpoint(checkpoint, extracted), path)
             report["output"] = os.path.abspath(path)
             report["file_bytes_after"] = os.path.getsize(path)
-            atomic_write(os.path.splitext(path)[0] + ".report.json", (json.dumps(report, indent=2) + "\n").encode())
+            atomic_write(report_path(path), (json.dumps(report, indent=2) + "\n").encode())
         print_report(report)
         reports.append(report)
     return reports

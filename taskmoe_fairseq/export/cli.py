@@ -15,6 +15,7 @@ temporary folder beside ``--output-dir`` and renamed into place, so it is comple
 """
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ import tempfile
 from typing import Dict, List
 
 from taskmoe_fairseq.errors import TaskMoeError, usage_error
-from taskmoe_fairseq.files import atomic_copy, atomic_move, atomic_write_text
+from taskmoe_fairseq.files import atomic_copy, atomic_move, atomic_write_text, write_error
 
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
 
@@ -60,10 +61,52 @@ def resolve_inputs(options, loaded):
     return data_dir, spm
 
 
-def check_output(path: str, force: bool) -> str:
+# what export writes into a model folder: CTranslate2's files, the SentencePiece model, the conventions
+EXPORT_FILES = frozenset({
+    "model.bin", "config.json", "vmap.txt", "spm.model", "taskmoe_export.json",
+    *(f"{side}_vocabulary.{ext}" for side in ("shared", "source", "target") for ext in ("json", "txt")),
+})
+
+
+def _not_exported(folder: str) -> List[str]:
+    """The entries of ``folder`` that export did not write: none for an empty folder, a model folder
+    (``taskmoe_export.json`` and only :data:`EXPORT_FILES`) or a folder of ``<pair>/`` model folders."""
+    entries = sorted(os.listdir(folder))
+    if not entries:
+        return []
+    if "taskmoe_export.json" in entries:
+        return [os.path.join(folder, name) for name in entries
+                if name not in EXPORT_FILES or not os.path.isfile(os.path.join(folder, name))
+                or os.path.islink(os.path.join(folder, name))]
+    foreign = []
+    for name in entries:
+        sub = os.path.join(folder, name)
+        if os.path.islink(sub) or not os.path.isdir(sub) or "-" not in name or "taskmoe_export.json" not in os.listdir(sub):
+            foreign.append(sub)
+        else:
+            foreign.extend(_not_exported(sub))
+    return foreign
+
+
+def check_output(path: str, force: bool, checkpoint: str) -> str:
+    """The absolute ``--output-dir``; refuses (one line), before anything is read or written, a path
+    that exists without ``--force``, is not a real folder, holds the ``checkpoint``, or holds anything
+    an earlier export did not write (``--force`` replaces only that)."""
     path = os.path.abspath(path)
-    if os.path.exists(path) and not force:
-        raise usage_error(f"{path} exists; pass --force to replace it")
+    if os.path.islink(path):
+        raise usage_error(f"--output-dir {path} is a symbolic link; pass the folder it points to, or a new path")
+    if os.path.lexists(path):
+        if not os.path.isdir(path):
+            raise usage_error(f"--output-dir {path} exists and is not a folder; choose a new path")
+        if not force:
+            raise usage_error(f"{path} exists; pass --force to replace it")
+        check_inputs_outside(path, {"--checkpoint": checkpoint})
+        foreign = _not_exported(path)
+        if foreign:
+            raise usage_error(
+                f"--output-dir {path} holds {foreign[0]}, which export did not write; --force replaces only an "
+                "earlier export's folder: choose a new or empty folder"
+            )
     parent = os.path.dirname(path)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -72,6 +115,18 @@ def check_output(path: str, force: bool) -> str:
     if not os.access(parent, os.W_OK):
         raise usage_error(f"cannot write to {parent}; choose a writable --output-dir")
     return path
+
+
+def check_inputs_outside(output: str, inputs: Dict[str, str]):
+    """Refuse an ``--output-dir`` that is or holds one of the ``inputs`` (``{option: path}``): it is replaced whole."""
+    real_output = os.path.realpath(output)
+    for option, path in inputs.items():
+        real = os.path.realpath(path)
+        if real == real_output or real.startswith(real_output + os.sep):
+            raise usage_error(
+                f"--output-dir {output} holds the input {path} ({option}), which is never modified; "
+                "choose another --output-dir"
+            )
 
 
 def write_pair(state, args, task_args, pair: str, data_dir: str, spm: str, folder: str, quantization, source: str) -> Dict:
@@ -113,16 +168,39 @@ def run(options) -> List[str]:
         raise usage_error("CTranslate2 is not installed: pip install 'taskmoe-fairseq[ctranslate2]' (or ctranslate2)") from None
     from taskmoe_fairseq.export import checkpoints
 
-    output = check_output(options.output_dir, options.force)
+    output = check_output(options.output_dir, options.force, options.checkpoint)
     loaded = checkpoints.load(options.checkpoint)
     pairs = checkpoints.choose_pairs(loaded, options.lang_pair, options.all_lang_pairs)
     checkpoints.refuse_routed_layers(loaded)
     data_dir, spm = resolve_inputs(options, loaded)
-    several = len(pairs) > 1 or options.all_lang_pairs
+    check_inputs_outside(output, {"--checkpoint": options.checkpoint, "--data-dir": data_dir, "--spm-model": spm})
 
+    try:
+        return build(options, loaded, pairs, data_dir, spm, output)
+    except OSError as error:
+        # CTranslate2 writes model.bin and its vocabularies with open(); the folders are made here
+        written = os.path.abspath(error.filename) if isinstance(error.filename, str) else None
+        if error.errno in WRITE_ERRNOS or (written and written.startswith(os.path.dirname(output) + os.sep)):
+            raise write_error(written or output, error) from None
+        raise
+
+
+# the causes of a failed write: disk full, quota, file-size limit, I/O error, read-only file system
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
+
+
+def build(options, loaded, pairs, data_dir, spm, output) -> List[str]:
+    """Convert ``pairs`` in a temporary folder beside ``output`` and rename it into place."""
+    from taskmoe_fairseq.export import checkpoints
+
+    several = len(pairs) > 1 or options.all_lang_pairs
     parent = os.path.dirname(output)
     building = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.building-", dir=parent)
-    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.extract-", dir=parent)
+    try:
+        scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.extract-", dir=parent)
+    except OSError:
+        os.rmdir(building)
+        raise
     try:
         if loaded.extracted_pair or not loaded.has_moe_layers():
             sources = {pair: loaded for pair in pairs}  # already a sub-network, or dense: no extraction

@@ -1,0 +1,211 @@
+"""Issue 28, every command that writes (extract, export, consolidate, examples/data/binarize.py):
+``--force`` replaces only what the command itself writes (never its input, never a file or folder it
+did not write), only regular files are replaced (never a symbolic link or a device node), and a
+failed write (here: past a file-size limit, EFBIG) is one line naming the path and the cause, exit
+status 2, with nothing left behind."""
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from cli_helpers import ENV, REPO, python_module, run_main
+from test_files import private_null_device
+from taskmoe_fairseq import sharded_checkpoint
+from taskmoe_fairseq.compat import safe_torch_load
+
+FILE_SIZE_LIMIT = 1 << 20  # bytes: below every checkpoint or model.bin written here (>= 5 MB)
+
+
+def digest(path):
+    with open(path, "rb") as stream:
+        return hashlib.sha256(stream.read()).hexdigest()
+
+
+def tree(folder):
+    """{relative path: sha256 (or the link's target)} of everything under ``folder``."""
+    found = {}
+    for root, dirs, names in os.walk(folder):
+        for name in dirs + names:
+            path = os.path.join(root, name)
+            key = os.path.relpath(path, folder)
+            if os.path.islink(path):
+                found[key] = "-> " + os.readlink(path)
+            elif os.path.isfile(path):
+                found[key] = digest(path)
+    return found
+
+
+def one_line(result, prog, *needles):
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), result.stderr[-3000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def limited_run(module, *args):
+    """A real process of ``python -m module args`` whose files may not grow past FILE_SIZE_LIMIT."""
+    return subprocess.run(
+        python_module(module, *args), env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT)),
+    )
+
+
+@pytest.fixture
+def checkpoint_copy(trained, tmp_path):
+    """A token/target checkpoint copied into ``tmp_path/work``, beside an unrelated file."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(trained.get("token", "target"), work / "model.pt")
+    (work / "notes.txt").write_text("mine\n")
+    return work
+
+
+# ---- extract
+
+
+def test_extract_never_replaces_what_it_did_not_write(checkpoint_copy, tmp_path):
+    work = checkpoint_copy
+    (work / "en-de.report.json").write_text("my own notes\n")
+    before = tree(work)
+    args = ("--checkpoint", str(work / "model.pt"), "--lang-pair", "en-de")
+
+    # the report beside --output is an output too: not replaced without --force ...
+    result = run_main("taskmoe_fairseq.extract", *args, "--output", str(work / "en-de.pt"), check=False)
+    one_line(result, "taskmoe_fairseq.extract", f"{work / 'en-de.report.json'} exists; pass --force")
+    # ... and with --force only if extract wrote it
+    result = run_main("taskmoe_fairseq.extract", *args, "--output", str(work / "en-de.pt"), "--force", check=False)
+    one_line(result, "taskmoe_fairseq.extract", "is not a report extract wrote")
+    result = run_main("taskmoe_fairseq.extract", *args, "--output-dir", str(work), "--force", check=False)
+    one_line(result, "taskmoe_fairseq.extract", "is not a report extract wrote")
+    # the input, or its report name, is never an output
+    result = run_main("taskmoe_fairseq.extract", *args, "--output", str(work / "model.pt"), "--force", check=False)
+    one_line(result, "taskmoe_fairseq.extract", "is the input checkpoint, which is never modified")
+    assert tree(work) == before
+
+    # an extract report is replaced by --force
+    os.remove(work / "en-de.report.json")
+    out = tmp_path / "out"
+    run_main("taskmoe_fairseq.extract", *args, "--output-dir", str(out))
+    run_main("taskmoe_fairseq.extract", *args, "--output-dir", str(out), "--force")
+    assert sorted(os.listdir(out)) == ["en-de.pt", "en-de.report.json"]
+
+
+def test_extract_refuses_a_device_or_a_link_as_output(checkpoint_copy, tmp_path):
+    work = checkpoint_copy
+    (tmp_path / "link.pt").symlink_to(work / "notes.txt")
+    device = private_null_device(tmp_path)  # never the system's /dev/null: the old code replaced it
+    before = tree(tmp_path)
+    args = ("--checkpoint", str(work / "model.pt"), "--lang-pair", "en-de", "--force")
+    for output, kind in ((device, "a character device"), (str(tmp_path / "link.pt"), "a symbolic link")):
+        result = run_main("taskmoe_fairseq.extract", *args, "--output", output, check=False)
+        one_line(result, "taskmoe_fairseq.extract", f"{output} is {kind}; the --output file must be a regular file or a new path")
+    assert tree(tmp_path) == before and stat.S_ISCHR(os.lstat(device).st_mode)
+
+
+def test_extract_from_a_sharded_checkpoint_never_writes_over_a_shard(trained, tmp_path):
+    full = safe_torch_load(trained.get("token", "target"))
+    stem = str(tmp_path / "checkpoint_last")
+    sharded_checkpoint.save_sharded(full["model"], full["cfg"]["model"], stem, 2)
+    before = tree(tmp_path)
+    for shard in (0, 1):
+        result = run_main("taskmoe_fairseq.extract", "--checkpoint", sharded_checkpoint.shared_path(stem), "--lang-pair", "en-de",
+                          "--output", sharded_checkpoint.shard_path(stem, shard), "--force", check=False)
+        one_line(result, "taskmoe_fairseq.extract", "is the input checkpoint, which is never modified")
+    assert tree(tmp_path) == before
+
+
+def test_extract_write_error_is_one_line_and_leaves_nothing(checkpoint_copy, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = limited_run("taskmoe_fairseq.extract", "--checkpoint", str(checkpoint_copy / "model.pt"),
+                         "--lang-pair", "en-de", "--output", str(out / "en-de.pt"))
+    one_line(result, "taskmoe_fairseq.extract", f"cannot write {out / 'en-de.pt'}: File too large (EFBIG)")
+    assert os.listdir(out) == []
+
+
+# ---- export
+
+
+def test_export_force_replaces_only_an_earlier_export(trained, data_dir, tmp_path, monkeypatch):
+    """``--output-dir DIR --force`` used to delete DIR whole: the input checkpoint and unrelated files."""
+    full = trained.get("target", "target", max_update=300)
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(full, work / "model.pt")
+    (work / "notes.txt").write_text("mine\n")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine\n")
+    earlier = tmp_path / "earlier"  # what an earlier export left: its spm.model is given as the input
+    earlier.mkdir()
+    (earlier / "taskmoe_export.json").write_text("{}\n")
+    shutil.copy(os.path.join(data_dir, "spm.model"), earlier / "spm.model")
+    (tmp_path / "link").symlink_to(other)
+    before = tree(tmp_path)
+
+    def export(*args):
+        return run_main("taskmoe_fairseq.export.cli", "--checkpoint", str(work / "model.pt"), "--lang-pair", "en-de",
+                        *args, "--force", check=False)
+
+    one_line(export("--output-dir", str(work)), "taskmoe_fairseq.export", f"holds the input {work / 'model.pt'} (--checkpoint)")
+    monkeypatch.chdir(work)
+    one_line(export("--output-dir", "."), "taskmoe_fairseq.export", "(--checkpoint), which is never modified")
+    monkeypatch.chdir(tmp_path)
+    one_line(export("--output-dir", str(other)), "taskmoe_fairseq.export",
+             f"holds {other / 'notes.txt'}, which export did not write; --force replaces only an earlier export")
+    one_line(export("--output-dir", str(earlier), "--spm-model", str(earlier / "spm.model")), "taskmoe_fairseq.export",
+             f"holds the input {earlier / 'spm.model'} (--spm-model)")
+    one_line(export("--output-dir", str(tmp_path / "link")), "taskmoe_fairseq.export", "is a symbolic link")
+    one_line(export("--output-dir", str(work / "notes.txt")), "taskmoe_fairseq.export", "exists and is not a folder")
+    assert tree(tmp_path) == before
+
+
+def test_export_write_error_is_one_line_and_leaves_nothing(trained, tmp_path):
+    full = trained.get("target", "target", max_update=300)
+    run_main("taskmoe_fairseq.extract", "--checkpoint", full, "--lang-pair", "en-de", "--output", str(tmp_path / "en-de.pt"),
+             "--merge-experts")
+    before = tree(tmp_path)
+    result = limited_run("taskmoe_fairseq.export", "--checkpoint", str(tmp_path / "en-de.pt"), "--output-dir", str(tmp_path / "ct2"))
+    one_line(result, "taskmoe_fairseq.export", f"cannot write {tmp_path / 'ct2'}: File too large (EFBIG)")
+    assert tree(tmp_path) == before
+
+
+# ---- consolidate
+
+
+@pytest.fixture
+def sharded(trained, tmp_path):
+    full = safe_torch_load(trained.get("token", "target"))
+    stem = str(tmp_path / "ckpt" / "checkpoint_last")
+    sharded_checkpoint.save_sharded(full["model"], full["cfg"]["model"], stem, 2)
+    return stem
+
+
+def test_consolidate_never_writes_over_its_input_or_a_link(sharded, tmp_path):
+    (tmp_path / "link.pt").symlink_to(tmp_path / "elsewhere.pt")
+    before = tree(tmp_path)
+    folder = os.path.dirname(sharded)
+    for output in (sharded_checkpoint.shared_path(sharded), sharded_checkpoint.shard_path(sharded, 1)):
+        result = run_main("taskmoe_fairseq.consolidate", "--checkpoint-dir", folder, "--output", output, "--force", check=False)
+        one_line(result, "taskmoe_fairseq.consolidate", "is one of the input files, which are never modified")
+    result = run_main("taskmoe_fairseq.consolidate", "--checkpoint-dir", folder, "--output", str(tmp_path / "link.pt"),
+                      "--force", check=False)
+    one_line(result, "taskmoe_fairseq.consolidate", "is a symbolic link; the --output must be a regular file")
+    assert tree(tmp_path) == before
+
+
+def test_consolidate_write_error_is_one_line_and_leaves_nothing(sharded, tmp_path):
+    before = tree(tmp_path)
+    result = limited_run("taskmoe_fairseq.consolidate", "--checkpoint-dir", os.path.dirname(sharded),
+                         "--output", str(tmp_path / "full.pt"))
+    one_line(result, "taskmoe_fairseq.consolidate", f"cannot write {tmp_path / 'full.pt'}: File too large (EFBIG)")
+    assert tree(tmp_path) == before
