@@ -11,6 +11,10 @@
   passes ``weights_only=True``.
 * A checkpoint that still fails (unknown global, truncated or corrupt file) becomes one
   line that names the file and the fix instead of an unpickling traceback.
+* Every load first checks each tensor record's size against its storage
+  (:func:`check_tensor_records`): a memory-mapped load (``mmap=True``) reads a storage as the
+  bytes at its record's offset, so a record cut short while the zip's directory stayed
+  consistent would silently lend it the following records' bytes (NaN or 1e24 weights).
 """
 
 import argparse
@@ -67,11 +71,127 @@ def describe_load_failure(path: str, error: BaseException) -> str:
     return f"{path}: not a readable torch checkpoint ({first_line}); the file is corrupt or of another kind"
 
 
+# element sizes of the storage types torch's zip format names in a persistent id
+# (``('storage', torch.<Type>Storage, key, location, numel)``, torch.serialization._save)
+_STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "ComplexDoubleStorage": torch.complex128, "ComplexFloatStorage": torch.complex64,
+    "QUInt8Storage": torch.quint8, "QInt8Storage": torch.qint8, "QInt32Storage": torch.qint32,
+    "QUInt4x2Storage": torch.quint4x2, "QUInt2x4Storage": torch.quint2x4, "UntypedStorage": torch.uint8,
+}
+
+
+class _Placeholder:
+    """What every global of the pickle becomes while its storages are listed: nothing is imported or run."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _StorageLister(pickle.Unpickler):
+    """Reads a checkpoint's ``data.pkl`` for its storages only: ``{key: bytes}`` in ``needed``."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self.needed = {}
+        self._classes = {}
+
+    def find_class(self, module, name):
+        if (module, name) not in self._classes:
+            self._classes[(module, name)] = type(name, (_Placeholder,), {"_global": (module, name)})
+        return self._classes[(module, name)]
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage":
+            _, kind, key, _, numel = pid
+            module, name = getattr(kind, "_global", (None, None))
+            dtype = _STORAGE_DTYPES.get(name) if module == "torch" else None
+            if dtype is not None and isinstance(numel, int):
+                self.needed[str(key)] = max(self.needed.get(str(key), 0), numel * torch.empty((), dtype=dtype).element_size())
+        return _Placeholder()
+
+
+def _records_needed(archive: zipfile.ZipFile):
+    """(record prefix, ``{key: bytes}``) of a torch zip archive; None where it is not one (torch.load reports that)."""
+    pickles = [name for name in archive.namelist() if name.endswith("data.pkl") and name.count("/") <= 1]
+    if not pickles:
+        return None
+    try:
+        with archive.open(pickles[0]) as stream:
+            lister = _StorageLister(stream)
+            lister.load()
+    except Exception:  # noqa: BLE001  (a pickle torch cannot read either: torch.load names the failure)
+        return None
+    return pickles[0][: -len("data.pkl")], lister.needed
+
+
+def check_tensor_records(source, name: str = None):
+    """Refuse a torch zip checkpoint whose tensor record holds fewer bytes than its storage needs.
+
+    ``source``: a path or a seekable binary file (its position is kept). Reads the zip's central
+    directory and the ``data.pkl`` record (without importing or running anything it names: every
+    global is a placeholder), then compares each ``data/<key>`` record's size with the storage's
+    element count x element size, as torch's non-mapped reader does
+    (``PyTorchStreamReader``: "record size ... does not match expected size") and its mapped one
+    does not. Files that are not torch zip archives pass (``torch.load`` reports them).
+
+    Raises:
+        TaskMoeError: one line naming ``name`` (default: the path), the record and both sizes.
+    """
+    name = name or str(source)
+    try:
+        position = source.tell() if hasattr(source, "seek") else None
+    except OSError:
+        return  # a stream that cannot seek: torch.load reads it whole, and compares the sizes itself
+    try:
+        with zipfile.ZipFile(source) as archive:
+            found = _records_needed(archive)
+            if found is None:
+                return
+            prefix, needed = found
+            sizes = {info.filename: info.file_size for info in archive.infolist()}
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return
+    finally:
+        if position is not None:
+            source.seek(position)
+    for key in sorted(needed, key=lambda key: (len(key), key)):
+        record = f"{prefix}data/{key}"
+        have = sizes.get(record)
+        if have is None or have < needed[key]:
+            held = "is missing" if have is None else f"holds {have:,} bytes"
+            raise usage_error(
+                f"{name}: the checkpoint is truncated or corrupt: tensor record {record} {held}, its storage needs "
+                f"{needed[key]:,}; re-copy it or re-save it"
+            )
+
+
 def safe_torch_load(path: str, mmap: bool = False):
     """``torch.load`` with the safe loader (allow-list above); bad files raise a one-line error.
 
     ``mmap``: map the file instead of reading it (tensors are paged in when used, so a
-    checkpoint's optimizer state is never read)."""
+    checkpoint's optimizer state is never read). Either way every tensor record's size is
+    checked first (:func:`check_tensor_records`).
+
+    Raises:
+        TaskMoeError: missing, truncated (also one tensor record cut short), corrupt or unsafe file.
+    """
+    if os.path.isfile(path):
+        check_tensor_records(path)
     try:
         if mmap and zipfile.is_zipfile(path):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -109,7 +229,8 @@ class _SafeLoadTorch:
     """``torch`` as the fairseq modules that read checkpoints see it: every attribute is torch's,
     except that ``load`` always passes ``weights_only=True``, so torch's
     ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` (honoured only where ``weights_only`` is not passed)
-    cannot turn safe loading off and run a code-carrying checkpoint."""
+    cannot turn safe loading off and run a code-carrying checkpoint, and checks the tensor
+    records' sizes first (:func:`check_tensor_records`)."""
 
     _taskmoe_safe_load = True
 
@@ -118,6 +239,11 @@ class _SafeLoadTorch:
 
     @staticmethod
     def load(f, map_location=None, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            if os.path.isfile(f):
+                check_tensor_records(os.fspath(f))
+        elif hasattr(f, "seek") and hasattr(f, "read"):
+            check_tensor_records(f, getattr(f, "name", None) or "the received checkpoint")
         kwargs.pop("pickle_module", None)
         kwargs["weights_only"] = True
         return torch.load(f, map_location, *args, **kwargs)
