@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -260,9 +259,9 @@ def main(argv=None):
 
     step(4, "python -m taskmoe_fairseq.extract --all-lang-pairs")
     extracted = os.path.join(options.workdir, "extracted")
-    shutil.rmtree(extracted, ignore_errors=True)
     run([sys.executable, "-m", "taskmoe_fairseq.extract", "--checkpoint", checkpoint, "--all-lang-pairs",
-         "--output-dir", extracted], os.path.join(options.workdir, "extract.log"), show=r"parameters")
+         "--output-dir", extracted, "--force"],  # --force replaces only extract's own <pair>.pt and reports
+        os.path.join(options.workdir, "extract.log"), show=r"parameters")
 
     step(5, f"fairseq-generate (beam 4, lenpen {LENPEN}) on every test set, full and extracted: {2 * len(PAIRS)} runs")
     rows, hypotheses, generate_started = [], {}, time.time()

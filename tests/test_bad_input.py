@@ -172,8 +172,9 @@ def test_extract_never_leaves_a_half_written_file(capsys, trained, tmp_path, mon
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError):
-        extract.main(["--checkpoint", trained.get("token", "target"), "--lang-pair", "en-de", "--output", str(tmp_path / "en-de.pt")])
+    status, _, err = run_extract(capsys, "--checkpoint", trained.get("token", "target"), "--lang-pair", "en-de",
+                                 "--output", str(tmp_path / "en-de.pt"))
+    assert status == 2 and f"cannot write {tmp_path / 'en-de.pt'}: No space left on device (ENOSPC)" in err
     assert os.listdir(tmp_path) == []
 
 

@@ -45,7 +45,7 @@ def tree(folder):
 def one_line(result, prog, *needles):
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), result.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: " if prog else "error: "), result.stderr[-3000:]
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
@@ -209,3 +209,58 @@ def test_consolidate_write_error_is_one_line_and_leaves_nothing(sharded, tmp_pat
                          "--output", str(tmp_path / "full.pt"))
     one_line(result, "taskmoe_fairseq.consolidate", f"cannot write {tmp_path / 'full.pt'}: File too large (EFBIG)")
     assert tree(tmp_path) == before
+
+
+# ---- examples/data/binarize.py
+
+BINARIZE = os.path.join(REPO, "examples", "data", "binarize.py")
+
+
+def binarize(*args, limit=None):
+    """A real process of binarize.py (``limit``: a file-size limit in bytes)."""
+    return subprocess.run(
+        [sys.executable, BINARIZE, *args], env=ENV, cwd=REPO, capture_output=True, text=True, timeout=600,
+        preexec_fn=None if limit is None else lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
+    )
+
+
+@pytest.fixture
+def raw_en_de(data_dir, tmp_path):
+    """The en-de raw text of the bundled fixture (400 training lines), in ``tmp_path/raw``."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    source = os.path.join(os.path.dirname(data_dir), "raw")
+    for name in os.listdir(source):
+        if ".en-de." in name:
+            shutil.copy(os.path.join(source, name), raw / name)
+    return raw
+
+
+def test_binarize_force_redoes_only_its_own_outputs(raw_en_de, data_dir, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "dict.txt").write_text("a 1\n")
+    (mine / "notes.txt").write_text("mine\n")
+    before = tree(tmp_path)
+    result = binarize("--raw", str(raw_en_de), "--out", str(mine), "--force")
+    one_line(result, None, f"holds {mine / 'notes.txt'}, which binarize.py did not write; --force redoes only")
+    result = binarize("--raw", str(raw_en_de), "--out", str(tmp_path), "--force")
+    one_line(result, None, f"--out {tmp_path} holds the --raw input {raw_en_de}, which is never modified")
+    assert tree(tmp_path) == before
+    # what binarize.py wrote (the tests' data folder, leftovers of a killed run included) passes
+    sys.path.insert(0, os.path.dirname(BINARIZE))
+    import binarize as script
+
+    script.check_force(str(raw_en_de), data_dir)
+    os.mkdir(tmp_path / "again")
+    os.mkdir(tmp_path / "again" / ".tmp-spm.x")
+    (tmp_path / "again" / "spm.model").write_bytes(b"x")
+    script.check_force(str(raw_en_de), str(tmp_path / "again"))
+
+
+def test_binarize_write_error_is_one_line_and_leaves_nothing(raw_en_de, tmp_path):
+    out = tmp_path / "bin"
+    result = binarize("--raw", str(raw_en_de), "--out", str(out), "--vocab-size", "300", limit=16384)
+    line = one_line(result, None, f"cannot write {out}{os.sep}", ": File too large (EFBIG)")
+    assert "Traceback" not in result.stderr and line
+    assert os.listdir(out) == []

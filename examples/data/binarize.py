@@ -84,6 +84,38 @@ def load_pair(raw, split, lang, limit=None):
     return en, xx
 
 
+# ----------------------------------------------------------------------------- what --force may replace
+
+# the names binarize.py writes in --out (and, under raw/ and spm/, the text files named by raw_name)
+OUTPUT_NAMES = re.compile(r"spm\.model|spm\.vocab|dict(\.[^./]+)?\.txt|binarize\.json|"
+                          r"(train|valid|test)\.en-[A-Za-z_]+\.[A-Za-z_]+\.(bin|idx)")
+LEFTOVERS = re.compile(r"\.tmp-.*|\..*\.tmp")  # a killed run's scratch folders and temporary files
+TEXT_NAMES = {"raw": re.compile(r"(valid|test)\.en-[A-Za-z_]+\.[A-Za-z_]+|\..*\.tmp"),
+              "spm": re.compile(r"(train|valid|test)\.en-[A-Za-z_]+\.[A-Za-z_]+|\..*\.tmp")}
+
+
+def check_force(raw, out):
+    """With --force, refuse (one line) an --out that holds the --raw input or anything binarize.py does
+    not write: --force rewrites its own outputs, never someone else's files of the same names."""
+    real_out, real_raw = os.path.realpath(out), os.path.realpath(raw)
+    if real_raw == real_out or real_raw.startswith(real_out + os.sep):
+        raise UserError("--out %s holds the --raw input %s, which is never modified; choose another --out"
+                        % (out, raw))
+    if not os.path.isdir(out):
+        return
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        if LEFTOVERS.fullmatch(name):
+            continue
+        if name in TEXT_NAMES and os.path.isdir(path) and not os.path.islink(path):
+            foreign = [os.path.join(path, n) for n in sorted(os.listdir(path)) if not TEXT_NAMES[name].fullmatch(n)]
+        else:
+            foreign = [] if OUTPUT_NAMES.fullmatch(name) and not os.path.isdir(path) else [path]
+        if foreign:
+            raise UserError("--out %s holds %s, which binarize.py did not write; --force redoes only binarize.py's "
+                            "own outputs: choose a new or empty folder" % (out, foreign[0]))
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -131,7 +163,8 @@ def parse_args(argv=None):
     p.add_argument("--fairseq-preprocess", default=None, metavar="COMMAND",
                    help="run this fairseq-preprocess command as a new process per pair (default: "
                         "fairseq's own, imported once and forked per pair)")
-    p.add_argument("--force", action="store_true", help="redo every stage")
+    p.add_argument("--force", action="store_true",
+                   help="redo every stage (refused where --out holds files binarize.py did not write)")
     args = p.parse_args(argv)
     args.langs = [l.strip() for l in args.langs.split(",") if l.strip()] if args.langs else None
     if args.max_train_per_pair is not None and args.max_train_per_pair < 1:
@@ -146,6 +179,8 @@ def main(argv=None):
     t_start = time.time()
     pairs = discover(args.raw, args.langs)
     langs = list(pairs)
+    if args.force:
+        check_force(args.raw, args.out)
     os.makedirs(args.out, exist_ok=True)
     args.out = os.path.abspath(args.out)
     if args.fairseq_preprocess is not None and shutil.which(args.fairseq_preprocess) is None \

@@ -8,6 +8,7 @@ errors stay instant.
 """
 
 import argparse
+import errno
 import hashlib
 import os
 import sys
@@ -62,18 +63,31 @@ def _one_line_errors():
     return (UserError,) if plugin is None else (UserError, plugin.TaskMoeError)
 
 
+# the causes of a failed write: disk full, quota, file-size limit, I/O error, read-only file system
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
+
+
 def run_main(main):
-    """Run ``main()`` as a script: ``error: ...`` and a non-zero status instead of a traceback."""
+    """Run ``main()`` as a script: ``error: ...`` and exit status 2 (as argparse's usage errors and
+    the plugin's commands) instead of a traceback, also for a failed write (disk full, file too large,
+    ...); 130 when interrupted."""
     try:
         sys.exit(main())
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        where = " %s" % e.filename if e.filename else ""
+        print("error: cannot write%s: %s (%s); free space (or raise the file-size limit) or choose another --out"
+              % (where, e.strerror, errno.errorcode[e.errno]), file=sys.stderr)
+        sys.exit(2)
     except Exception as e:
         if not isinstance(e, _one_line_errors()):
             raise
         print("error: %s" % e, file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2)
 
 
 def script_parser(doc):

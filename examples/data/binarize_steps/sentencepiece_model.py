@@ -53,9 +53,12 @@ def train_spm(args, lines, model_path):
     text = os.path.join(workdir, "train.txt")
 
     def write_text(text_lines):
-        with open(text, "w", encoding="utf-8") as f:
-            for line in text_lines:
-                f.write(line + "\n")
+        try:
+            with open(text, "w", encoding="utf-8") as f:
+                for line in text_lines:
+                    f.write(line + "\n")
+        except OSError as error:
+            raise OSError(error.errno, error.strerror, text) from None  # name the file (run_main's one line)
 
     try:
         write_text(lines)
