@@ -8,6 +8,12 @@ an ordinary fairseq checkpoint for ``fairseq-generate``/``fairseq-interactive``
 (same ``--user-dir``/``--task`` options, that pair's ``-s``/``-t``) and for
 ``--finetune-from-model``, and it translates exactly as the full model does.
 
+Beside its output it writes the model's ``dict.<lang>.txt`` and ``spm.model``, copied from the
+data folder the checkpoint records (or ``--data-dir``): fairseq's hub-archive layout, so
+``taskmoe_fairseq.translate``/``serve`` and the hub work from that folder alone
+(:mod:`taskmoe_fairseq.assets`). The same file already there is kept; another one is refused
+without ``--force``.
+
 Examples::
 
     python -m taskmoe_fairseq.extract --checkpoint ckpt/checkpoint_best.pt --lang-pair en-de --output en-de.pt
@@ -27,7 +33,7 @@ from typing import List
 import torch
 from fairseq.data import Dictionary
 
-from taskmoe_fairseq import compat, sharded_checkpoint, sharded_extraction
+from taskmoe_fairseq import assets, compat, sharded_checkpoint, sharded_extraction
 from taskmoe_fairseq.errors import run_cli, usage_error
 from taskmoe_fairseq.files import atomic_write, check_replaceable
 from taskmoe_fairseq.models.extraction import extractable_layers
@@ -163,6 +169,8 @@ def parse_args(argv=None):
                         help="fold the k kept experts of each layer into one dense FFN of width k x FFN")
     parser.add_argument("--report-only", action="store_true", help="print the report; write nothing")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    parser.add_argument("--data-dir", help="the binarized data the model was trained on, whose dict.<lang>.txt and spm.model "
+                        "are copied beside the output (default: the folder the checkpoint records)")
     parser.add_argument("--plain-copy", action="store_true",
                         help="for a model with no task-routed or static layer, write an unchanged copy instead of failing")
     return parser.parse_args(argv)
@@ -232,6 +240,7 @@ def run(options) -> List[dict]:
         if pair not in pairs_known:
             zero_shot_note(args, pair, layers, pairs_known)
     paths = output_paths(options, pairs)
+    data_files = assets.plan_beside_outputs(checkpoint, args, paths, options.data_dir, options.force)
 
     if not layers:
         routings = f"{args.encoder_moe_routing}/{args.decoder_moe_routing}"
@@ -273,6 +282,7 @@ def run(options) -> List[dict]:
             atomic_write(report_path(path), (json.dumps(report, indent=2) + "\n").encode())
         print_report(report)
         reports.append(report)
+    assets.write_copies(data_files)  # the model's dictionaries and spm.model: the outputs work without the data folder
     return reports
 
 

@@ -72,7 +72,8 @@ def parse_args(argv=None):
                         "(fairseq's --max-len-a 0 --max-len-b N; default 200, as fairseq-generate)")
     parser.add_argument("--batch-size", type=int, default=64, help="sentences per batch (default 64)")
     parser.add_argument("--data-dir", help="checkpoint only: the binarized data folder with the dictionaries "
-                        "(default: the one recorded in the checkpoint)")
+                        "(default: the checkpoint's own folder when extract put them there, else the one recorded "
+                        "in the checkpoint)")
     parser.add_argument("--spm-model", help="SentencePiece model (default: DATA_DIR/spm.model for a checkpoint, "
                         "the export's spm.model for a CTranslate2 folder)")
     parser.add_argument("--no-progress", action="store_true", help="never show the progress bar")
@@ -212,7 +213,7 @@ def load_ct2(folder: str, pair: str, spm_model: Optional[str] = None, data_dir: 
 def load_fairseq(checkpoint: str, pair: str, data_dir: Optional[str] = None, spm_model: Optional[str] = None) -> FairseqTranslator:
     from fairseq.dataclass.utils import open_dict
 
-    from taskmoe_fairseq import compat
+    from taskmoe_fairseq import assets, compat
     from taskmoe_fairseq.models.taskmoe_transformer import TaskMoeTransformerModel
 
     source, target = split_pair(pair)
@@ -223,14 +224,10 @@ def load_fairseq(checkpoint: str, pair: str, data_dir: Optional[str] = None, spm
     arch = str(getattr(model_args, "arch", None) or getattr(model_args, "_name", None))
     if not isinstance(state, dict) or "model" not in state or not arch.startswith("taskmoe_transformer"):
         raise usage_error(f"{checkpoint}: not a TaskMoE checkpoint (architecture {arch!r})")
-    recorded = getattr(cfg.get("task") or model_args, "data", None)
+    # --data-dir, else the dictionaries beside the checkpoint (extract writes them), else the training data folder;
+    # absolute: fairseq reads a path starting with "." relative to the model folder
+    data_dir = assets.data_dir_for(checkpoint, state, assets.model_languages(model_args)[0], data_dir)
     state = None
-    data_dir = data_dir or recorded
-    if isinstance(data_dir, str) and os.pathsep in data_dir and not os.path.isdir(data_dir):
-        data_dir = data_dir.split(os.pathsep)[0]  # fairseq's sharded data paths
-    if not data_dir or not os.path.isdir(data_dir):
-        raise usage_error(f"data folder {data_dir!r} not found; pass --data-dir (the binarized data with the dictionaries)")
-    data_dir = os.path.abspath(data_dir)  # fairseq reads a path starting with "." relative to the model folder
     spm_model = os.path.abspath(spm_model or os.path.join(data_dir, "spm.model"))
     load_spm(spm_model)  # a clear error before fairseq opens it
     path = os.path.abspath(checkpoint)

@@ -69,7 +69,8 @@ def test_extracted_checkpoints_translate_exactly_like_the_full_model(trained, da
     extract(full, "--all-lang-pairs", "--output-dir", kept, real_process=True)
     extract(full, "--lang-pair", "ru-en", "--output-dir", merged, "--merge-experts")
     assert hashlib.sha256(open(full, "rb").read()).hexdigest() == before  # input untouched
-    assert sorted(os.listdir(kept)) == sorted([f"{p}.pt" for p in LANG_PAIRS] + [f"{p}.report.json" for p in LANG_PAIRS])
+    data_files = ["dict.en.txt", "dict.de.txt", "dict.fr.txt", "dict.ru.txt", "spm.model"]  # beside, for translate alone
+    assert sorted(os.listdir(kept)) == sorted([f"{p}.pt" for p in LANG_PAIRS] + [f"{p}.report.json" for p in LANG_PAIRS] + data_files)
     assert_same_translations(data_dir, full, [kept, merged])
 
 

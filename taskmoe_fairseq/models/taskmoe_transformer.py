@@ -65,10 +65,24 @@ class TaskMoeTransformerModel(TransformerModel):
     def from_pretrained(cls, model_name_or_path, checkpoint_file="model.pt", data_name_or_path=".", **kwargs):
         """fairseq's hub loading (``source_lang=``, ``target_lang=``, ``bpe="sentencepiece"``,
         ``sentencepiece_model=`` ... as keyword arguments); returns a
-        :class:`TaskMoeHubInterface` whose ``translate`` strips the language tags."""
+        :class:`TaskMoeHubInterface` whose ``translate`` strips the language tags.
+
+        As in ``fairseq.hub_utils.from_pretrained``, ``data_name_or_path="."`` (the default) reads
+        the dictionaries from the checkpoint's folder, where ``python -m taskmoe_fairseq.extract``
+        puts them; with ``bpe="sentencepiece"`` and no ``sentencepiece_model``, the data folder's
+        ``spm.model`` is used when it has one (fairseq itself only looks for
+        ``sentencepiece.bpe.model``)."""
+        import os
+
         from fairseq import hub_utils
 
+        from taskmoe_fairseq.assets import SPM_MODEL
         from taskmoe_fairseq.models.hub_interface import TaskMoeHubInterface
+
+        if kwargs.get("bpe") == "sentencepiece" and "sentencepiece_model" not in kwargs:
+            data = os.path.join(model_name_or_path, data_name_or_path) if data_name_or_path.startswith(".") else data_name_or_path
+            if os.path.isfile(os.path.join(data, SPM_MODEL)):
+                kwargs["sentencepiece_model"] = os.path.abspath(os.path.join(data, SPM_MODEL))
 
         loaded = hub_utils.from_pretrained(
             model_name_or_path, checkpoint_file, data_name_or_path, archive_map=cls.hub_models(), **kwargs

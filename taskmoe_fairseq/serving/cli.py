@@ -39,7 +39,8 @@ def parse_args(argv=None):
                         help="expert sets kept loaded; the least recently used beyond are evicted (default 4)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
-    parser.add_argument("--data-dir", help="binarized data folder with the dictionaries (default: the checkpoint's)")
+    parser.add_argument("--data-dir", help="binarized data folder with the dictionaries (default: the checkpoint's own "
+                        "folder when extract put them there, else the one recorded in the checkpoint)")
     parser.add_argument("--spm-model", help="SentencePiece model (default: DATA_DIR/spm.model)")
     parser.add_argument("--beam", type=int, default=4, help="beam of a request that gives none (default 4)")
     parser.add_argument("--max-beam", type=int, default=8, help="largest beam a request may ask (default 8)")

@@ -72,14 +72,15 @@ class SharedWeights:
 
     Args:
         checkpoint: full (or extracted) TaskMoE checkpoint.
-        data_dir: the binarized data folder with the dictionaries (default: the checkpoint's).
+        data_dir: the binarized data folder with the dictionaries (default: the checkpoint's own folder
+            when it holds them, as extract writes them, else the folder recorded at training).
         spm_model: SentencePiece model (default ``DATA_DIR/spm.model``).
     Raises:
         TaskMoeError: unreadable or not a TaskMoE checkpoint, missing data folder or SentencePiece model.
     """
 
     def __init__(self, checkpoint: str, data_dir: str = None, spm_model: str = None):
-        from taskmoe_fairseq import compat
+        from taskmoe_fairseq import assets, compat
         from taskmoe_fairseq.models.taskmoe_transformer import TaskMoeTransformerModel
         from taskmoe_fairseq.translate import load_spm
 
@@ -88,15 +89,8 @@ class SharedWeights:
             raise usage_error(f"{checkpoint}: no such checkpoint file")
         self._stamp = self._file_stamp()
         state = compat.safe_torch_load(self.path, mmap=True)
-        recorded = getattr(model_args_of(state, checkpoint), "data", None)
-        task_args = (state.get("cfg") or {}).get("task") if isinstance(state.get("cfg"), dict) else None
-        recorded = getattr(task_args, "data", None) or recorded
-        data_dir = data_dir or recorded
-        if isinstance(data_dir, str) and os.pathsep in data_dir and not os.path.isdir(data_dir):
-            data_dir = data_dir.split(os.pathsep)[0]  # fairseq's sharded data paths
-        if not data_dir or not os.path.isdir(data_dir):
-            raise usage_error(f"data folder {data_dir!r} not found; pass --data-dir (the binarized data with the dictionaries)")
-        self.data_dir = os.path.abspath(data_dir)
+        languages = assets.model_languages(model_args_of(state, checkpoint))[0]
+        self.data_dir = assets.data_dir_for(self.path, state, languages, data_dir)  # --data-dir, beside, recorded
         self.spm_model = os.path.abspath(spm_model or os.path.join(self.data_dir, "spm.model"))
         load_spm(self.spm_model)  # one clear line before fairseq opens it
         overrides = {"data": self.data_dir, "bpe": "sentencepiece", "sentencepiece_model": self.spm_model, "cpu": True}
