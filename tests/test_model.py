@@ -170,3 +170,24 @@ def test_checkpoints_with_gates_inside_their_layers_still_load():
     batch = random_batch(task.source_dictionary)
     with torch.no_grad():
         assert torch.equal(fresh(**batch)[0], model(**batch)[0])
+
+
+def test_build_logs_the_expert_parameter_count_that_fairseq_train_reports_as_0(caplog):
+    """fairseq-train counts ``param.expert`` parameters, a tag only expert parallelism sets (its
+    legacy_ddp skips their all-reduce, so tagging them elsewhere would desynchronise replicas):
+    the model logs its own count of expert parameters once, at build."""
+    import logging
+    import re
+
+    with caplog.at_level(logging.INFO, logger="taskmoe_fairseq.models.taskmoe_transformer"):
+        model, _ = build_model("token", "target", moe_expert_count=32)
+    lines = [r.getMessage() for r in caplog.records if "expert parameters" in r.getMessage()]
+    assert len(lines) == 1, lines
+    found = re.search(r"expert parameters: ([\d,]+) of ([\d,]+) \((\d+) MoE layers\)", lines[0])
+    assert found, lines[0]
+    experts, total, layers = (int(group.replace(",", "")) for group in found.groups())
+    args = model.args
+    per_expert = 2 * args.encoder_embed_dim * args.encoder_ffn_embed_dim + args.encoder_ffn_embed_dim + args.encoder_embed_dim
+    assert layers == 2 and experts == layers * 32 * per_expert  # one MoE layer each in the 2+2-layer encoder and decoder
+    assert total == sum(p.numel() for p in model.parameters()) and experts < total
+    assert sum(p.numel() for p in model.parameters() if getattr(p, "expert", False)) == 0  # fairseq's count

@@ -39,6 +39,14 @@ def check_languages(args, task):
         identity.check_language_order(saved_langs, task_langs)
 
 
+def expert_parameter_count(model) -> Tuple[int, int]:
+    """``(expert parameters, all parameters)`` of a model: the elements of every MoE layer's experts
+    (:class:`MoeFeedForward`'s ``experts``; gates and dense FFNs not counted), whether or not
+    they carry fairseq's ``param.expert`` tag (set only under expert parallelism)."""
+    experts = sum(p.numel() for module in model.modules() if isinstance(module, MoeFeedForward) for p in module.experts.parameters())
+    return experts, sum(p.numel() for p in model.parameters())
+
+
 @register_model("taskmoe_transformer")
 class TaskMoeTransformerModel(TransformerModel):
     @classmethod
@@ -58,7 +66,14 @@ class TaskMoeTransformerModel(TransformerModel):
                 "this model routes by language; run it with --task multilingual_translation_taskmoe "
                 f"(got --task {getattr(args, 'task', type(task).__name__)})"
             )
-        logger.info("taskmoe_transformer: %s", namespace_summary(args))
+        experts, total = expert_parameter_count(model)
+        layers = sum(1 for module in model.modules() if isinstance(module, MoeFeedForward))
+        # fairseq-train's "num. expert model params" counts parameters tagged ``param.expert``, which only
+        # expert parallelism sets (fairseq's legacy_ddp skips their all-reduce): here it is 0 otherwise
+        logger.info(
+            "taskmoe_transformer: %s; expert parameters: %s of %s (%d MoE layers%s)", namespace_summary(args),
+            f"{experts:,}", f"{total:,}", layers, "; this rank's experts" if (getattr(args, "moe_expert_parallel_size", 1) or 1) > 1 else "",
+        )
         return model
 
     @classmethod
