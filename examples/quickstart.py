@@ -20,8 +20,12 @@ Steps (each a real CLI, its progress streamed; re-running reuses finished steps)
 
 Usage::
 
-    python examples/quickstart.py                 # 15-17 minutes on 2 quiet CPU cores (results.md)
+    python examples/quickstart.py                 # 1,231 updates: 15.4 min on 2 quiet AVX-512 cores, 27-29 min on AVX2 ones
     python examples/quickstart.py --updates 50    # a short smoke run (degenerate output, warned)
+
+Measured (results.md, README "Results"): 15.4 minutes in all on a 2-core AMD EPYC with AVX-512
+(training 13.2 of them), 27-29 minutes on 2-core AVX2 machines. Once training has logged two
+progress lines the run prints its own estimate for this machine.
 """
 
 import argparse
@@ -74,6 +78,9 @@ RESULTS_MD_RECIPE[RESULTS_MD_RECIPE.index("--warmup-updates") + 1] = "150"
 # sets: chrF 23.8 at 1.0, 24.5 at 1.25, 24.8 at 1.5, 25.0 at 2.0, 24.9 at 3.0 (docs/quickstart/recipe.md).
 LENPEN = 2.0
 UPDATES = 1231  # what the first recipe's 10-minute wall-clock budget reached (2026-11-29); now fixed
+# training's share of the whole run's time, measured with the defaults (README "Results": 13.2 of 15.4 minutes)
+TRAINING_SHARE = 13.2 / 15.4
+MEASURED = "15.4 min measured on 2 AVX-512 cores, 27-29 min on 2 AVX2 cores"
 CHRF_FLOOR = 10  # below this average (or per-direction) chrF the output is not translation
 VOCAB_SIZE = 4000
 
@@ -103,11 +110,23 @@ class TrainingClock:
     def __init__(self, now=None):
         self.start = time.time() if now is None else now
         self.resumed_at = 0
+        self.logged = []  # (time, num_updates) of this process's first two progress lines
 
-    def see(self, line):
+    def see(self, line, now=None):
         resumed = re.search(r"Loaded checkpoint .* @ (\d+) updates\)", line)
         if resumed:
             self.resumed_at = int(resumed.group(1))
+        done = re.search(r"train_inner .*num_updates[= ](\d+)", line)
+        if done and len(self.logged) < 2:
+            self.logged.append((time.time() if now is None else now, int(done.group(1))))
+
+    def training_seconds(self, total_updates):
+        """This process's whole training time (seconds from its start), estimated from the rate between
+        its first two progress lines (start-up and the first steps excluded); None before them."""
+        if len(self.logged) < 2 or self.logged[1][1] <= self.logged[0][1]:
+            return None
+        (t0, u0), (t1, u1) = self.logged
+        return t1 - self.start + (t1 - t0) / (u1 - u0) * max(0, total_updates - u1)
 
     def progress(self, done, total_updates, now=None):
         elapsed = (time.time() if now is None else now) - self.start
@@ -130,9 +149,17 @@ def progress_line(line, total_updates=None, training_clock=None):
     return line.rstrip()[-160:]
 
 
-def run(command, log_path=None, show=None, env=None, prefix="", total_updates=None):
+def estimate_line(training_seconds, share=TRAINING_SHARE):
+    """The run's time estimate, printed once: training at this machine's speed, and the whole
+    quickstart with training as ``share`` of it (as measured)."""
+    return (f"estimate on this machine: training about {clock(training_seconds)}, the whole quickstart about "
+            f"{clock(training_seconds / share)} ({MEASURED})")
+
+
+def run(command, log_path=None, show=None, env=None, prefix="", total_updates=None, estimate=False):
     """Run a CLI; stream lines matching ``show`` as progress (each starting with ``prefix``); keep
-    the whole log in ``log_path``. ``env``: extra environment variables."""
+    the whole log in ``log_path``. ``env``: extra environment variables. ``estimate``: a training
+    run of the quickstart, whose time estimate (:func:`estimate_line`) is printed once."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1", **(env or {}))  # progress as it happens
     training_clock = TrainingClock()
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as process:
@@ -143,6 +170,9 @@ def run(command, log_path=None, show=None, env=None, prefix="", total_updates=No
             if show and re.search(show, line):
                 sys.stdout.write("    " + prefix + progress_line(line, total_updates, training_clock) + "\n")  # one write: callers may use threads
                 sys.stdout.flush()
+            if estimate and total_updates and training_clock.training_seconds(total_updates) is not None:
+                print("    " + estimate_line(training_clock.training_seconds(total_updates)), flush=True)
+                estimate = False
     output = "".join(lines)
     if log_path:
         atomic_write_text(log_path, output)
@@ -152,10 +182,11 @@ def run(command, log_path=None, show=None, env=None, prefix="", total_updates=No
     return output
 
 
-def train(data, save_dir, recipe=None, updates=None, seed=1, env=None, prefix="", save_every=None):
+def train(data, save_dir, recipe=None, updates=None, seed=1, env=None, prefix="", save_every=None, estimate=False):
     """fairseq-train ``recipe`` (default :data:`RECIPE`) for exactly ``updates`` updates, seeded;
     return the last checkpoint. A finished run (``save_dir/done``) is reused. ``save_every``:
-    also keep ``checkpoint_1_<N>.pt`` every that many updates (learning curves)."""
+    also keep ``checkpoint_1_<N>.pt`` every that many updates (learning curves). ``estimate``:
+    print the quickstart's time estimate once (see :func:`run`)."""
     recipe, updates = recipe or RECIPE, updates or UPDATES
     save_every, keep = (save_every, "-1") if save_every else (updates, "1")
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
@@ -168,7 +199,8 @@ def train(data, save_dir, recipe=None, updates=None, seed=1, env=None, prefix=""
         "--save-interval-updates", str(save_every), "--keep-interval-updates", keep, "--disable-validation",
         "--cpu", "--seed", str(seed), "--log-format", "simple", "--log-interval", str(max(1, min(50, updates // 10))),
     ]
-    run(command, save_dir + ".log", show=r"train_inner|done training", env=env, prefix=prefix, total_updates=updates)
+    run(command, save_dir + ".log", show=r"train_inner|done training", env=env, prefix=prefix, total_updates=updates,
+        estimate=estimate)
     atomic_write_bytes(os.path.join(save_dir, "done"), b"")
     return checkpoint
 
@@ -225,8 +257,37 @@ def degenerate_warnings(rows, hypotheses):
     return warnings
 
 
+def unpack(workdir, test_lines):
+    """Unpack the bundled corpus into ``workdir/libreoffice-6pairs`` and cut its test sets to their
+    first ``test_lines`` sentences (generation is the slow part), read from the archive each time
+    (a later run may ask for more); the copy's ``manifest.json`` then says so: each pair's test
+    count (``total``, ``bundled``, ``cut_by``) and the sha256 of the cut files. Returns the raw folder."""
+    from data.script_support import sha256_file
+
+    corpus = os.path.join(workdir, "libreoffice-6pairs")
+    raw = os.path.join(corpus, "raw")
+    with tarfile.open(BUNDLED) as archive:
+        if not os.path.isdir(raw):
+            archive.extractall(workdir, filter="data")
+        manifest = json.load(archive.extractfile("libreoffice-6pairs/manifest.json"))
+        for xx in XX:  # multi-way: line i is the same English sentence in every pair
+            for lang in ("en", xx):
+                name = f"test.en-{xx}.{lang}"
+                lines = archive.extractfile(f"libreoffice-6pairs/raw/{name}").read().decode("utf-8").splitlines(True)
+                atomic_write_text(os.path.join(raw, name), "".join(lines[:test_lines]))
+                manifest["sha256"][f"raw/{name}"] = sha256_file(os.path.join(raw, name))
+            test = manifest["counts"][f"en-{xx}"]["test"]
+            manifest["counts"][f"en-{xx}"]["test"] = {
+                "total": min(test_lines, test["total"]), "bundled": test,
+                "cut_by": f"examples/quickstart.py --test-lines {test_lines}: the first {test_lines} of the bundled test set",
+            }
+    atomic_write_text(os.path.join(corpus, "manifest.json"), json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+    return raw
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     epilog=f"With the defaults: {UPDATES} updates, {MEASURED}.")
     parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "quickstart"))
     parser.add_argument("--updates", type=int, default=UPDATES, help=f"training updates (default {UPDATES})")
     parser.add_argument("--test-lines", type=int, default=100, help="test sentences per direction (default 100 of 300)")
@@ -238,16 +299,8 @@ def main(argv=None):
     started = time.time()
     os.makedirs(options.workdir, exist_ok=True)
     step(1, "unpack the bundled LibreOffice corpus (en <-> de fr es ru ja zh)")
-    raw = os.path.join(options.workdir, "libreoffice-6pairs", "raw")
-    if not os.path.isdir(raw):
-        with tarfile.open(BUNDLED) as archive:
-            archive.extractall(options.workdir, filter="data")
-    for xx in XX:  # the first --test-lines of each multi-way test set: generation is the slow part
-        for lang in ("en", xx):
-            path = os.path.join(raw, f"test.en-{xx}.{lang}")
-            lines = open(path, encoding="utf-8").readlines()[: options.test_lines]
-            atomic_write_text(path, "".join(lines))
-    print(f"    {raw} (test sets: first {options.test_lines} sentences)")
+    raw = unpack(options.workdir, options.test_lines)
+    print(f"    {raw} (test sets: first {options.test_lines} sentences; manifest.json says so)")
 
     step(2, f"SentencePiece ({VOCAB_SIZE} pieces) + fairseq-preprocess")
     data = os.path.join(options.workdir, "bin")
@@ -255,7 +308,7 @@ def main(argv=None):
          "--vocab-size", str(VOCAB_SIZE)], os.path.join(options.workdir, "binarize.log"), show=r"^\[|^done")
 
     step(3, f"fairseq-train: token/target TaskMoE, {options.updates} updates (seed 1)")
-    checkpoint = train(data, os.path.join(options.workdir, "checkpoints"), updates=options.updates)
+    checkpoint = train(data, os.path.join(options.workdir, "checkpoints"), updates=options.updates, estimate=True)
 
     step(4, "python -m taskmoe_fairseq.extract --all-lang-pairs")
     extracted = os.path.join(options.workdir, "extracted")
