@@ -321,5 +321,5 @@ def test_forked_preprocess_failure_is_one_line_and_writes_nothing(data_dir, tmp_
 
     args = types.SimpleNamespace(workers=1, out=str(tmp_path), fairseq_preprocess=None)
     with pytest.raises(script_support.UserError, match=r"^fairseq-preprocess en-xx failed: .*No such file"):
-        run_preprocess(args, [("xx", ["train"])], os.path.join(data_dir, "dict.txt"), str(tmp_path / "spm"))
+        run_preprocess(args, [(("en", "xx"), ["train"])], os.path.join(data_dir, "dict.txt"), str(tmp_path / "spm"))
     assert os.listdir(tmp_path) == []  # not even its temporary folder

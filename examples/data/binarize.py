@@ -1,28 +1,30 @@
 #!/usr/bin/env python3
-"""Train a shared SentencePiece model and binarize en-xx raw text for fairseq.
+"""Train a shared SentencePiece model and binarize parallel raw text of any language pairs for fairseq.
 
-Input: ``RAW/{train,valid,test}.en-<xx>.{en,<xx>}`` (as written by ``build_corpus.py`` or found
-in the bundled archive).  Output in ``BIN``:
+Input: ``RAW/{train,valid,test}.<src>-<tgt>.{<src>,<tgt>}`` for every pair, English-centric
+(``en-de``, as written by ``build_corpus.py`` or found in the bundled archive) or not (``de-fr``);
+``train`` is required, ``valid``/``test`` are optional.  Output in ``BIN``:
 
 * ``spm.model`` / ``spm.vocab``: one unigram SentencePiece model trained on the training text of
   every language (byte fallback, so no text ever becomes ``<unk>``; identity normalisation, so
   decoded output keeps the references' characters, e.g. full-width Chinese punctuation);
-* ``dict.txt`` and identical ``dict.<lang>.txt`` for ``en`` and every ``<xx>`` (the SentencePiece
+* ``dict.txt`` and identical ``dict.<lang>.txt`` for every language (the SentencePiece
   vocabulary in fairseq's ``piece count`` format, without ``<unk> <s> </s> <pad>``);
-* ``{split}.en-<xx>.{en,<xx>}.{bin,idx}`` from one ``fairseq-preprocess`` run per pair with
+* ``{split}.<src>-<tgt>.{<src>,<tgt>}.{bin,idx}`` from one ``fairseq-preprocess`` run per pair with
   ``--srcdict``/``--tgtdict`` set to that shared dictionary;
-* ``raw/{valid,test}.en-<xx>.{en,<xx>}``: detokenised copies of the references for sacrebleu;
+* ``raw/{valid,test}.<src>-<tgt>.{<src>,<tgt>}``: copies of the references for sacrebleu;
 * ``spm/``: the piece-encoded text fed to fairseq-preprocess; ``binarize.json``: what was done
   (command, settings, tool versions, lines per pair and split, sha256 of every file above).
 
 The layout is what fairseq's ``translation_multi_simple_epoch`` task reads; it finds the
-reverse direction (``xx-en``) in the ``en-xx`` files itself.  Stages whose outputs exist are
+reverse direction (``xx-en``, ``fr-de``) in the ``en-xx`` / ``de-fr`` files itself.  Stages whose outputs exist are
 skipped (``--force`` redoes them). The SentencePiece training and the fairseq-preprocess runs live
 in ``binarize_steps/``.
 
-Example::
+Examples::
 
     python examples/data/binarize.py --raw /tmp/taskmoe_corpus/raw --out /tmp/taskmoe_bin
+    python examples/data/binarize.py --raw my_raw --out my_bin --pairs de-fr,de-en   # my_raw/train.de-fr.de ...
 """
 
 import json
@@ -35,7 +37,7 @@ import time
 
 from binarize_steps.fairseq_preprocess import pair_outputs, run_preprocess  # noqa: E402  (sibling modules)
 from binarize_steps.sentencepiece_model import train_spm, write_fairseq_dict  # noqa: E402
-from layout import SPLITS, raw_name  # noqa: E402
+from layout import SPLITS, pair_name  # noqa: E402
 from script_support import (UserError, atomic_copy, atomic_write_lines, atomic_write_text, script_parser,  # noqa: E402
                             log, run_main, sha256_file, warn)
 
@@ -53,45 +55,58 @@ def read_lines(path, limit=None):
 # ----------------------------------------------------------------------------- inputs
 
 
-def discover(raw, langs):
-    """Return {lang: [splits]} for the en-<lang> pairs present in RAW."""
+def discover(raw, langs=None, pairs=None):
+    """Return {(src, tgt): [splits]} for the pairs whose ``train.<src>-<tgt>.{<src>,<tgt>}`` are in
+    RAW: all of them, or the en-<xx> pairs of ``langs``, or ``pairs`` (``["de-fr", ...]``; a pair
+    whose files are named the other way round, ``fr-de``, is taken as such). Raises UserError."""
     if not os.path.isdir(raw):
         raise UserError("raw text folder not found: %s" % raw)
     found = {}
     for name in os.listdir(raw):
-        m = re.fullmatch(r"(train|valid|test)\.en-([A-Za-z_]+)\.en", name)
-        if m and os.path.isfile(os.path.join(raw, raw_name(m.group(1), m.group(2), m.group(2)))):
-            found.setdefault(m.group(2), set()).add(m.group(1))
-    if langs:
-        missing = [l for l in langs if "train" not in found.get(l, ())]
-        if missing:
-            raise UserError("no training files for %s in %s (expected train.en-%s.{en,%s})"
-                            % (",".join("en-" + l for l in missing), raw, missing[0], missing[0]))
+        m = re.fullmatch(r"(train|valid|test)\.([A-Za-z_]+)-([A-Za-z_]+)\.\2", name)
+        if m and m.group(2) != m.group(3) and os.path.isfile(os.path.join(raw, pair_name(*m.group(1, 2, 3), m.group(3)))):
+            found.setdefault((m.group(2), m.group(3)), set()).add(m.group(1))
+    if langs or pairs:
+        wanted = [("en", l) for l in langs] if langs else [tuple(p.split("-")) for p in pairs]
+        chosen = []
+        for src, tgt in wanted:
+            pair = (src, tgt) if "train" in found.get((src, tgt), ()) else (tgt, src)
+            if "train" not in found.get(pair, ()):
+                raise UserError("no training files for %s-%s in %s (expected train.%s-%s.{%s,%s})"
+                                % (src, tgt, raw, src, tgt, src, tgt))
+            if pair not in chosen:
+                chosen.append(pair)
     else:
-        langs = sorted(l for l, s in found.items() if "train" in s)
-        if not langs:
-            raise UserError("no train.en-<xx>.{en,<xx>} files in %s" % raw)
-    return {l: [s for s in SPLITS if s in found[l]] for l in langs}
+        chosen = sorted(p for p, s in found.items() if "train" in s)
+        if not chosen:
+            raise UserError("no train.<src>-<tgt>.{<src>,<tgt>} files in %s (e.g. train.en-de.en and train.en-de.de)" % raw)
+    return {p: [s for s in SPLITS if s in found[p]] for p in chosen}
 
 
-def load_pair(raw, split, lang, limit=None):
-    """Return (en_lines, xx_lines) of one split, checking they are parallel."""
-    en = read_lines(os.path.join(raw, raw_name(split, lang, "en")), limit)
-    xx = read_lines(os.path.join(raw, raw_name(split, lang, lang)), limit)
-    if len(en) != len(xx):
-        raise UserError("%s.en-%s: %d English lines but %d %s lines" % (split, lang, len(en),
-                                                                         len(xx), lang))
-    return en, xx
+def load_pair(raw, split, pair, limit=None):
+    """Return (source_lines, target_lines) of one split of ``pair``, checking they are parallel."""
+    src, tgt = pair
+    a = read_lines(os.path.join(raw, pair_name(split, src, tgt, src)), limit)
+    b = read_lines(os.path.join(raw, pair_name(split, src, tgt, tgt)), limit)
+    if len(a) != len(b):
+        raise UserError("%s.%s-%s: %d %s lines but %d %s lines" % (split, src, tgt, len(a), src, len(b), tgt))
+    return a, b
+
+
+def languages(pairs):
+    """Every language of ``pairs``, English first where it is one, then in order of appearance."""
+    langs = list(dict.fromkeys(lang for pair in pairs for lang in pair))
+    return sorted(langs, key=lambda lang: lang != "en")
 
 
 # ----------------------------------------------------------------------------- what --force may replace
 
 # the names binarize.py writes in --out (and, under raw/ and spm/, the text files named by raw_name)
 OUTPUT_NAMES = re.compile(r"spm\.model|spm\.vocab|dict(\.[^./]+)?\.txt|binarize\.json|"
-                          r"(train|valid|test)\.en-[A-Za-z_]+\.[A-Za-z_]+\.(bin|idx)")
+                          r"(train|valid|test)\.[A-Za-z_]+-[A-Za-z_]+\.[A-Za-z_]+\.(bin|idx)")
 LEFTOVERS = re.compile(r"\.tmp-.*|\..*\.tmp")  # a killed run's scratch folders and temporary files
-TEXT_NAMES = {"raw": re.compile(r"(valid|test)\.en-[A-Za-z_]+\.[A-Za-z_]+|\..*\.tmp"),
-              "spm": re.compile(r"(train|valid|test)\.en-[A-Za-z_]+\.[A-Za-z_]+|\..*\.tmp")}
+TEXT_NAMES = {"raw": re.compile(r"(valid|test)\.[A-Za-z_]+-[A-Za-z_]+\.[A-Za-z_]+|\..*\.tmp"),
+              "spm": re.compile(r"(train|valid|test)\.[A-Za-z_]+-[A-Za-z_]+\.[A-Za-z_]+|\..*\.tmp")}
 
 
 def check_force(raw, out):
@@ -146,13 +161,16 @@ def checksums(out):
 def parse_args(argv=None):
     p = script_parser(__doc__)
     p.add_argument("--raw", required=True,
-                   help="folder with {train,valid,test}.en-<xx>.{en,<xx>} (e.g. CORPUS/raw)")
+                   help="folder with {train,valid,test}.<src>-<tgt>.{<src>,<tgt>} (e.g. CORPUS/raw)")
     p.add_argument("--out", required=True, help="output folder for fairseq (BIN)")
     p.add_argument("--vocab-size", type=int, default=8000,
                    help="SentencePiece vocabulary size (lowered with a warning if the data is "
                         "too small)")
-    p.add_argument("--langs", default=None,
-                   help="comma-separated non-English languages (default: every en-<xx> in --raw)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--langs", default=None,
+                       help="comma-separated non-English languages: their en-<xx> pairs (default: every pair in --raw)")
+    which.add_argument("--pairs", default=None,
+                       help="comma-separated pairs, any languages, e.g. de-fr,de-en (default: every pair in --raw)")
     p.add_argument("--max-train-per-pair", type=int, default=None,
                    help="use only the first N training pairs of each language")
     p.add_argument("--workers", type=int, default=2, help="CPU processes/threads to use")
@@ -167,6 +185,10 @@ def parse_args(argv=None):
                    help="redo every stage (refused where --out holds files binarize.py did not write)")
     args = p.parse_args(argv)
     args.langs = [l.strip() for l in args.langs.split(",") if l.strip()] if args.langs else None
+    args.pairs = [q.strip() for q in args.pairs.split(",") if q.strip()] if args.pairs else None
+    for pair in args.pairs or []:
+        if not re.fullmatch(r"[A-Za-z_]+-[A-Za-z_]+", pair) or len(set(pair.split("-"))) != 2:
+            p.error("--pairs entry %r is not of the form src-tgt with two languages (e.g. de-fr)" % pair)
     if args.max_train_per_pair is not None and args.max_train_per_pair < 1:
         p.error("--max-train-per-pair must be positive")
     if not 0 < args.character_coverage <= 1:
@@ -177,8 +199,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
-    pairs = discover(args.raw, args.langs)
-    langs = list(pairs)
+    pairs = discover(args.raw, args.langs, args.pairs)
+    langs = languages(pairs)
+    english_centric = all(src == "en" for src, _ in pairs)
     if args.force:
         check_force(args.raw, args.out)
     os.makedirs(args.out, exist_ok=True)
@@ -196,7 +219,9 @@ def main(argv=None):
     if os.path.exists(meta_path):
         with open(meta_path, encoding="utf-8") as f:
             old = json.load(f)
-    settings = {"raw": os.path.abspath(args.raw), "langs": langs,
+    # en-xx data keeps its settings of before (the xx list), so existing outputs are reused
+    selection = {"langs": [tgt for _, tgt in pairs]} if english_centric else {"pairs": ["%s-%s" % p for p in pairs]}
+    settings = {"raw": os.path.abspath(args.raw), **selection,
                 "vocab_size": args.vocab_size, "character_coverage": args.character_coverage,
                 "max_train_per_pair": args.max_train_per_pair, "spm_sentences": args.spm_sentences}
     force = bool(args.force or (old and old.get("settings") != settings))
@@ -208,16 +233,17 @@ def main(argv=None):
     t = time.time()
     limit = args.max_train_per_pair
     if force or not os.path.exists(model_path):
-        lines, seen_en = [], set()
-        for lang in langs:
-            en, xx = load_pair(args.raw, "train", lang, limit)
-            for line in en:  # English appears once per pair: count each sentence once
-                if line not in seen_en:
-                    seen_en.add(line)
+        lines, seen = [], set()
+        for pair in pairs:
+            first, second = load_pair(args.raw, "train", pair, limit)
+            for line in first:  # the side pairs share (en of en-xx, de of de-fr and de-en): each sentence once
+                if (pair[0], line) not in seen:
+                    seen.add((pair[0], line))
                     lines.append(line)
-            lines.extend(xx)
+            lines.extend(second)
+            seen.update((pair[1], line) for line in second)
         log("[spm] training a %d-piece unigram model on %d lines (%s)"
-            % (args.vocab_size, len(lines), ",".join(["en"] + langs)))
+            % (args.vocab_size, len(lines), ",".join(langs)))
         vocab, coverage = train_spm(args, lines, model_path)
         log("[spm] wrote %s (vocab %d, character_coverage %.4f) in %.1fs"
             % (model_path, vocab, coverage, time.time() - t))
@@ -238,41 +264,42 @@ def main(argv=None):
     spm_dir = os.path.join(args.out, "spm")
     counts = {}
     t = time.time()
-    for lang in langs:
-        counts["en-" + lang] = {}
-        for split in pairs[lang]:
+    for pair, splits in pairs.items():
+        key = "%s-%s" % pair
+        counts[key] = {}
+        for split in splits:
             n_lines = None
-            for side in ("en", lang):
-                dst = os.path.join(spm_dir, raw_name(split, lang, side))
+            for side in pair:
+                dst = os.path.join(spm_dir, pair_name(split, *pair, side))
                 if not force and os.path.exists(dst):
                     with open(dst, encoding="utf-8") as f:
                         n_lines = sum(1 for _ in f)
                     continue
-                src = os.path.join(args.raw, raw_name(split, lang, side))
+                src = os.path.join(args.raw, pair_name(split, *pair, side))
                 lines = read_lines(src, limit if split == "train" else None)
                 pieces = sp.encode(lines, out_type=str, num_threads=max(1, args.workers))
                 atomic_write_lines(dst, (" ".join(p) for p in pieces))
                 n_lines = len(lines)
-            counts["en-" + lang][split] = n_lines
+            counts[key][split] = n_lines
     log("[encode] %s in %.1fs" % (", ".join("%s %s" % (p, "/".join(str(c[s]) for s in c))
                                             for p, c in counts.items()), time.time() - t))
 
     # ---- 4. fairseq-preprocess, one run per pair, shared dictionary
-    jobs = [(lang, pairs[lang]) for lang in langs
-            if force or not all(os.path.exists(p) for p in pair_outputs(args.out, lang, pairs[lang]))]
+    jobs = [(pair, splits) for pair, splits in pairs.items()
+            if force or not all(os.path.exists(p) for p in pair_outputs(args.out, pair, splits))]
     t = time.time()
     pre_stats = run_preprocess(args, jobs, dict_path, spm_dir)
     if jobs:
         log("[fairseq] %d pairs in %.1fs" % (len(jobs), time.time() - t))
-    for lang in ["en"] + langs:  # every language has the same dictionary file
+    for lang in langs:  # every language has the same dictionary file
         atomic_copy(dict_path, os.path.join(args.out, "dict.%s.txt" % lang))
 
     # ---- 5. raw references for scoring
-    for lang in langs:
+    for pair, splits in pairs.items():
         for split in ("valid", "test"):
-            if split in pairs[lang]:
-                for side in ("en", lang):
-                    name = raw_name(split, lang, side)
+            if split in splits:
+                for side in pair:
+                    name = pair_name(split, *pair, side)
                     dst = os.path.join(args.out, "raw", name)
                     if force or not os.path.exists(dst):
                         atomic_copy(os.path.join(args.raw, name), dst)
@@ -283,13 +310,13 @@ def main(argv=None):
         "packages": package_versions(),
         "spm": {"model": "spm.model", "type": "unigram", "vocab_size": vocab, "coverage": coverage,
                 "byte_fallback": True, "normalization": "identity", "split_digits": True},
-        "dictionary": "dict.txt (copied to dict.<lang>.txt for en," + ",".join(langs) + ")",
-        "lang_pairs": ["en-" + l for l in langs],
+        "dictionary": "dict.txt (copied to dict.<lang>.txt for " + ",".join(langs) + ")",
+        "lang_pairs": ["%s-%s" % p for p in pairs],
         "lines": counts,
         "preprocess": dict(old.get("preprocess", {}), **pre_stats),
-        "fairseq_hint": "--task translation_multi_simple_epoch --langs en,%s --lang-pairs %s "
+        "fairseq_hint": "--task translation_multi_simple_epoch --langs %s --lang-pairs %s "
                         "--encoder-langtok tgt --decoder-langtok"
-                        % (",".join(langs), ",".join("en-%s,%s-en" % (l, l) for l in langs)),
+                        % (",".join(langs), ",".join("%s-%s,%s-%s" % (a, b, b, a) for a, b in pairs)),
     }
     meta["sha256"] = checksums(args.out)
     atomic_write_text(meta_path, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")

@@ -34,6 +34,13 @@ def raw_name(split, xx, lang):
     return "%s.en-%s.%s" % (split, xx, lang)
 
 
+def pair_name(split, source, target, lang):
+    """File name of one side of a parallel text of any pair: ``{split}.{source}-{target}.{lang}``,
+    lang in (source, target): fairseq's naming, which ``translation_multi_simple_epoch`` reads in
+    both directions (``raw_name`` is the en-xx case)."""
+    return "%s.%s-%s.%s" % (split, source, target, lang)
+
+
 def add_selection_options(parser, sources=SOURCES):
     """``--langs`` (default: all of XX_LANGS) and ``--sources`` (default: ``sources``), comma-separated."""
     parser.add_argument("--langs", default=",".join(XX_LANGS),

@@ -1,7 +1,7 @@
-"""binarize.py's last step: ``fairseq-preprocess`` for every en-xx pair with the shared dictionary.
+"""binarize.py's last step: ``fairseq-preprocess`` for every pair with the shared dictionary.
 
-Reads the piece-encoded text ``BIN/spm/{split}.en-<xx>.{en,<xx>}`` and ``BIN/dict.txt``; writes
-``BIN/{split}.en-<xx>.{en,<xx>}.{bin,idx}``. Each run writes into a temporary folder inside BIN
+Reads the piece-encoded text ``BIN/spm/{split}.<src>-<tgt>.{<src>,<tgt>}`` (en-xx or any other
+pair) and ``BIN/dict.txt``; writes ``BIN/{split}.<src>-<tgt>.{<src>,<tgt>}.{bin,idx}``. Each run writes into a temporary folder inside BIN
 and its outputs are moved into place only when it succeeded; several pairs run side by side
 (``--workers``). Each run is fairseq-preprocess's own ``main`` in a process forked from this one,
 which imports fairseq once (a new interpreter per pair cost about 4 s of imports each), or, with
@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from layout import raw_name
+from layout import pair_name
 from script_support import UserError, atomic_move, log
 
 
@@ -65,22 +65,26 @@ def import_fairseq_preprocess():
                         "or pass --fairseq-preprocess COMMAND")
 
 
-def preprocess_cmd(args, lang, splits, spm_dir, dest, dict_path, workers):
-    cmd = [args.fairseq_preprocess or "fairseq-preprocess", "--source-lang", "en", "--target-lang", lang,
+def preprocess_cmd(args, pair, splits, spm_dir, dest, dict_path, workers):
+    """fairseq-preprocess's command line for ``pair`` = (source, target)."""
+    source, target = pair
+    cmd = [args.fairseq_preprocess or "fairseq-preprocess", "--source-lang", source, "--target-lang", target,
            "--destdir", dest, "--srcdict", dict_path, "--tgtdict", dict_path,
            "--workers", str(workers), "--dataset-impl", "mmap"]
     for split in splits:
-        cmd += ["--%spref" % split, os.path.join(spm_dir, "%s.en-%s" % (split, lang))]
+        cmd += ["--%spref" % split, os.path.join(spm_dir, "%s.%s-%s" % (split, source, target))]
     return cmd
 
 
-def pair_outputs(out, lang, splits):
-    return [os.path.join(out, "%s.%s" % (raw_name(split, lang, side), ext))
-            for split in splits for side in ("en", lang) for ext in ("bin", "idx")]
+def pair_outputs(out, pair, splits):
+    """The ``.bin``/``.idx`` files fairseq-preprocess writes for ``pair`` = (source, target)."""
+    return [os.path.join(out, "%s.%s" % (pair_name(split, pair[0], pair[1], side), ext))
+            for split in splits for side in pair for ext in ("bin", "idx")]
 
 
 def run_preprocess(args, jobs, dict_path, spm_dir):
-    """Run fairseq-preprocess for every (lang, splits) in ``jobs``, --workers at a time."""
+    """Run fairseq-preprocess for every ((source, target), splits) in ``jobs``, --workers at a time;
+    returns ``{"source-target": {"max_unk_percent": ...}}``."""
     if not jobs:
         return {}
     parallel = max(1, min(args.workers, len(jobs)))
@@ -93,9 +97,10 @@ def run_preprocess(args, jobs, dict_path, spm_dir):
         import_fairseq_preprocess()
     while pending or running:
         while pending and len(running) < parallel:
-            lang, splits = pending.pop(0)
-            tmp = tempfile.mkdtemp(dir=args.out, prefix=".tmp-en-%s." % lang)
-            cmd = preprocess_cmd(args, lang, splits, spm_dir, tmp, dict_path, per_job_workers)
+            pair, splits = pending.pop(0)
+            name = "-".join(pair)
+            tmp = tempfile.mkdtemp(dir=args.out, prefix=".tmp-%s." % name)
+            cmd = preprocess_cmd(args, pair, splits, spm_dir, tmp, dict_path, per_job_workers)
             logf = open(os.path.join(tmp, "stdout.log"), "w+", encoding="utf-8")
             try:
                 if args.fairseq_preprocess is None:
@@ -104,10 +109,11 @@ def run_preprocess(args, jobs, dict_path, spm_dir):
                     proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
             except FileNotFoundError:
                 raise UserError("--fairseq-preprocess %s: no such command" % cmd[0])
-            running.append((proc, lang, splits, tmp, logf, time.time()))
+            running.append((proc, pair, splits, tmp, logf, time.time()))
         time.sleep(0.2)
         for item in list(running):
-            proc, lang, splits, tmp, logf, t0 = item
+            proc, pair, splits, tmp, logf, t0 = item
+            name = "-".join(pair)
             if proc.poll() is None:
                 continue
             running.remove(item)
@@ -121,17 +127,17 @@ def run_preprocess(args, jobs, dict_path, spm_dir):
                     other_log.close()
                     shutil.rmtree(other_tmp, ignore_errors=True)
                 shutil.rmtree(tmp, ignore_errors=True)  # nothing of a failed run is left in the output
-                raise UserError("fairseq-preprocess en-%s failed: %s"
-                                % (lang, lines[-1] if lines else "exit %d" % proc.returncode))
+                raise UserError("fairseq-preprocess %s failed: %s"
+                                % (name, lines[-1] if lines else "exit %d" % proc.returncode))
             replaced = [float(x) for x in re.findall(r"([0-9.]+)% replaced", output)]
-            for path in pair_outputs(tmp, lang, splits):
+            for path in pair_outputs(tmp, pair, splits):
                 if not os.path.exists(path):
-                    raise UserError("fairseq-preprocess en-%s wrote no %s"
-                                    % (lang, os.path.basename(path)))
+                    raise UserError("fairseq-preprocess %s wrote no %s"
+                                    % (name, os.path.basename(path)))
                 atomic_move(path, os.path.join(args.out, os.path.basename(path)))
             shutil.rmtree(tmp, ignore_errors=True)
-            stats[lang] = {"max_unk_percent": max(replaced) if replaced else None}
-            log("[fairseq] en-%s binarized (%s) in %.1fs, <unk> at most %s%%"
-                % (lang, ",".join(splits), time.time() - t0,
+            stats[name] = {"max_unk_percent": max(replaced) if replaced else None}
+            log("[fairseq] %s binarized (%s) in %.1fs, <unk> at most %s%%"
+                % (name, ",".join(splits), time.time() - t0,
                    max(replaced) if replaced else "?"))
     return stats
