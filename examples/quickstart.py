@@ -285,13 +285,18 @@ def unpack(workdir, test_lines):
     return raw
 
 
-def main(argv=None):
+def build_parser():
+    """The script's options (``--workdir``, ``--updates``, ``--test-lines``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      epilog=f"With the defaults: {UPDATES} updates, {MEASURED}.")
     parser.add_argument("--workdir", default=os.path.join(REPO, "runs", "quickstart"))
     parser.add_argument("--updates", type=int, default=UPDATES, help=f"training updates (default {UPDATES})")
     parser.add_argument("--test-lines", type=int, default=100, help="test sentences per direction (default 100 of 300)")
-    options = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    options = build_parser().parse_args(argv)
     if options.updates < 1 or options.test_lines < 1:
         sys.exit("quickstart: --updates and --test-lines must be at least 1")
     import sacrebleu

@@ -152,7 +152,9 @@ def start_ranks(train_args, nprocs: int, port: int, ddp_backend: str = "legacy_d
     return ranks
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command's options (``--nprocs``, ``--port``, ``--ddp-backend``, ``--start-method``, then
+    ``--`` and the fairseq-train arguments, kept unparsed in ``train_args``)."""
     parser = argparse.ArgumentParser(
         prog="python -m taskmoe_fairseq.cpu_data_parallel",
         description="Start N CPU ranks of fairseq-train (gloo); the arguments after -- go to fairseq-train.",
@@ -168,6 +170,11 @@ def main(argv=None):
         help="fork: the ranks are forked after one import of fairseq (default); exec: each rank is a new fairseq-train process",
     )
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the fairseq-train arguments")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     options = parser.parse_args(argv)
     train_args = options.train_args[1:] if options.train_args[:1] == ["--"] else options.train_args
     if not train_args:
