@@ -15,8 +15,9 @@
   block's own ``NAME=value`` lines (a variable the block does not set is a failure: the block
   does not run as written); ``$(python -m taskmoe_fairseq.user_dir)`` and a relative
   ``--user-dir taskmoe_fairseq`` (the clone's root) are the plugin's folder; in a synopsis,
-  ``[--opt a|b]`` is taken as ``--opt a`` and a placeholder ``<the fairseq-train arguments>``
-  stands for :data:`PLACEHOLDER_TRAIN_ARGS` (the task and model a training command names).
+  ``[--opt a|b]`` is taken as ``--opt a``, and a placeholder (``<the fairseq-train arguments>``,
+  a bare ``...``) stands for those of :data:`PLACEHOLDER_TRAIN_ARGS` (the data, task and model a
+  training command names) the command does not give itself.
 """
 
 import contextlib
@@ -171,6 +172,7 @@ def logical_lines(start, lines):
 def _synopsis(text):
     """``[--opt a|b]`` -> ``--opt a``; ``<words>`` placeholders -> one token ``@PLACEHOLDER@``."""
     text = re.sub(r"\[([^\[\]\n]*)\]", lambda m: re.sub(r"(\S+?)\|\S+", r"\1", m.group(1)), text)
+    text = re.sub(r"(?<!\S)\.\.\.(?!\S)", " @PLACEHOLDER@ ", text)  # a bare ... : more options
     return re.sub(r"<[A-Za-z][^<>\n]*>", " @PLACEHOLDER@ ", text)
 
 
@@ -230,8 +232,15 @@ def readme_commands(path=README):
 def _fairseq_parse(tool, args):
     from fairseq import options
 
-    args = [PLACEHOLDER_TRAIN_ARGS if arg == "@PLACEHOLDER@" else [arg] for arg in args]
-    args = [arg for group in args for arg in group]
+    if "@PLACEHOLDER@" in args:  # the options of PLACEHOLDER_TRAIN_ARGS the command does not give itself
+        given = set(args)
+        fill = [] if args[0] not in ("@PLACEHOLDER@",) and not args[0].startswith("-") else PLACEHOLDER_TRAIN_ARGS[:1]
+        options_ = PLACEHOLDER_TRAIN_ARGS[1:]
+        for name, value in zip(options_[::2], options_[1::2]):
+            if name not in given:
+                fill += [name, value]
+        at = args.index("@PLACEHOLDER@")
+        args = [arg for arg in args[:at] + fill + args[at + 1:] if arg != "@PLACEHOLDER@"]
     if "--user-dir" in args and args[args.index("--user-dir") + 1] == "taskmoe_fairseq":
         args[args.index("--user-dir") + 1] = PLUGIN  # as from the clone's root
     parser = {"fairseq-train": options.get_training_parser, "fairseq-generate": options.get_generation_parser,
@@ -296,6 +305,10 @@ def parse_problem(tool, args):
             return lines[-1] if lines else f"exit {exit.code}"
     except TaskMoeError as error:
         return str(error)
+    except Exception as error:  # fairseq's own checks
+        if isinstance(error, RuntimeError) and not str(error):
+            return "fairseq has no model for this --arch (or the command gives none)"  # its bare RuntimeError()
+        return f"{type(error).__name__}: {error}"
     return None
 
 
@@ -333,15 +346,18 @@ def test_command_checks_catch_unknown_options_and_unset_variables(tmp_path):
         "python -m taskmoe_fairseq.extract --checkpoint c.pt --lang-pair en-de --output o.pt --no-such-flag  # comment\n"
         "python -m taskmoe_fairseq.translate --model m.pt --lang-pair en-de [--beam 4] < in > out\n"
         "python examples/data/binarize.py --raw r --out b --pairs de-fr\n"
+        "fairseq-train <data> --moe-expert-count 8 ...   # a synopsis: placeholders stand for the task and model\n"
         "```\n\n```bash\nfairseq-generate DATA --user-dir taskmoe_fairseq --task multilingual_translation_taskmoe --lang-pairs $PAIRS\n```\n",
         encoding="utf-8")
     commands = readme_commands(str(page))
     assert [(tool, problems) for _, tool, _, problems in commands] == [
         ("fairseq-train", []), ("taskmoe_fairseq.extract", []), ("taskmoe_fairseq.translate", []),
-        ("examples/data/binarize.py", []), ("fairseq-generate", ["$PAIRS is not set in this block"])]
+        ("examples/data/binarize.py", []), ("fairseq-train", []), ("fairseq-generate", ["$PAIRS is not set in this block"])]
     assert commands[0][2][-4:] == ["--moe-expert-count", "8", "--no-such-option", "1"]
     assert commands[2][2] == ["--model", "m.pt", "--lang-pair", "en-de", "--beam", "4"]
     found = [parse_problem(tool, args) for _, tool, args, _ in commands]
     assert "unrecognized arguments: --no-such-option 1" in found[0]
     assert "unrecognized arguments: --no-such-flag" in found[1]
-    assert found[2:] == [None, None, None]
+    assert found[2:] == [None, None, None, None]
+    assert parse_problem("fairseq-train", ["DATA", "--moe-expert-count", "8"]) == (
+        "fairseq has no model for this --arch (or the command gives none)")
