@@ -10,6 +10,7 @@ text"; cut from the bundled LibreOffice text:
 """
 
 import os
+import re
 import sys
 import tarfile
 
@@ -73,6 +74,8 @@ def test_own_pairs_from_raw_text_to_an_extracted_model(tmp_path):
         "--log-format", "simple", "--log-interval", "2",
     ])
     log = mask_times(train.stdout + train.stderr)
+    # the model's own expert count, next to fairseq's "num. expert model params: 0" (param.expert: expert parallelism only)
+    assert re.search(r"expert parameters: [1-9][\d,]* of [\d,]+ \(2 MoE layers\)", log)
     valid = [line for line in log.splitlines() if "valid on 'valid' subset" in line][-1]
     for pair in PAIRS.split(","):
         assert f"loss_{pair} " in valid, pair  # every direction has validation data (fr-de read from de-fr files)
