@@ -107,13 +107,13 @@ def write_copies(copies: Dict[str, str]):
         atomic_copy(source, destination)
 
 
-def data_dir_for(checkpoint: str, state: dict, langs: Iterable[str], data_dir: Optional[str] = None) -> str:
+def data_dir_for(checkpoint: str, recorded: Optional[str], langs: Iterable[str], data_dir: Optional[str] = None) -> str:
     """The folder to load ``checkpoint``'s dictionaries from, as an absolute path:
 
     1. ``data_dir`` when given;
     2. the checkpoint's own folder when it holds the dictionaries of ``langs`` (an extracted
        checkpoint: extract wrote them there, with ``spm.model``);
-    3. the data folder recorded at training (``cfg.task.data``).
+    3. ``recorded``, the data folder of training (:func:`recorded_data_dir`).
 
     Raises:
         TaskMoeError: none of them exists (the line says to pass --data-dir).
@@ -125,7 +125,8 @@ def data_dir_for(checkpoint: str, state: dict, langs: Iterable[str], data_dir: O
     beside = os.path.dirname(os.path.abspath(checkpoint))
     if has_assets(beside, langs):
         return beside
-    recorded = recorded_data_dir(state)
+    if recorded and os.pathsep in recorded and not os.path.isdir(recorded):
+        recorded = recorded.split(os.pathsep)[0]  # fairseq's sharded data paths
     if recorded and os.path.isdir(recorded):
         return os.path.abspath(recorded)
     raise usage_error(

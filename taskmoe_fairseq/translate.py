@@ -226,7 +226,7 @@ def load_fairseq(checkpoint: str, pair: str, data_dir: Optional[str] = None, spm
         raise usage_error(f"{checkpoint}: not a TaskMoE checkpoint (architecture {arch!r})")
     # --data-dir, else the dictionaries beside the checkpoint (extract writes them), else the training data folder;
     # absolute: fairseq reads a path starting with "." relative to the model folder
-    data_dir = assets.data_dir_for(checkpoint, state, assets.model_languages(model_args)[0], data_dir)
+    data_dir = assets.data_dir_for(checkpoint, assets.recorded_data_dir(state), assets.model_languages(model_args)[0], data_dir)
     state = None
     spm_model = os.path.abspath(spm_model or os.path.join(data_dir, "spm.model"))
     load_spm(spm_model)  # a clear error before fairseq opens it

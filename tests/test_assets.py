@@ -93,6 +93,16 @@ def test_hub_loads_from_the_moved_folder_with_fairseq_defaults(gone, trained, da
     assert hub.translate(lines["de-en"], beam=BEAM) == reference.translate(lines["de-en"], beam=BEAM)
 
 
+def test_export_works_from_the_moved_folder_alone(gone, tmp_path):
+    _, moved, lines, want = gone
+    folder = str(tmp_path / "ct2-en-de")
+    result = run_main("taskmoe_fairseq.export.cli", "--checkpoint", os.path.join(moved, "en-de.pt"), "--lang-pair", "en-de",
+                      "--format", "ctranslate2", "--output-dir", folder, check=False)
+    assert result.returncode == 0, result.stderr
+    translator = translate.load_translator(folder, "en-de")
+    assert translate.translate_lines(translator, lines["en-de"], beam=BEAM, max_len_b=MAX_LEN) == want["en-de"]
+
+
 def test_a_full_checkpoint_without_its_data_folder_is_one_line(gone, data_dir, tmp_path):
     full, moved, lines, want = gone
     with pytest.raises(TaskMoeError, match=r"data folder .* not found and .* lacks the dictionaries .*pass --data-dir"):
@@ -140,10 +150,12 @@ def test_model_languages_and_lookup_order(tmp_path):
     recorded, beside, given = tmp_path / "recorded", tmp_path / "ckpt", tmp_path / "given"
     for folder in (recorded, beside, given):
         os.makedirs(folder)
-    state = {"cfg": {"task": Namespace(data=str(recorded))}}
+    state = {"cfg": {"task": Namespace(data=f"{recorded}{os.pathsep}/elsewhere/shard1"), "model": Namespace(data="/old")}}
+    assert assets.recorded_data_dir(state) == str(recorded)  # cfg.task first; fairseq's sharded paths: the first
+    assert assets.recorded_data_dir({"args": Namespace(data=str(given))}) == str(given)  # a legacy checkpoint
     checkpoint = str(beside / "de-fr.pt")
-    assert assets.data_dir_for(checkpoint, state, ["de", "fr"]) == str(recorded)
+    assert assets.data_dir_for(checkpoint, str(recorded), ["de", "fr"]) == str(recorded)
     for lang in ("de", "fr"):
         (beside / f"dict.{lang}.txt").write_text("x 1\n")
-    assert assets.data_dir_for(checkpoint, state, ["de", "fr"]) == str(beside)
-    assert assets.data_dir_for(checkpoint, state, ["de", "fr"], data_dir=str(given)) == str(given)
+    assert assets.data_dir_for(checkpoint, str(recorded), ["de", "fr"]) == str(beside)
+    assert assets.data_dir_for(checkpoint, str(recorded), ["de", "fr"], data_dir=str(given)) == str(given)

@@ -43,18 +43,19 @@ def parse_args(argv=None):
                         help="the model folder (one pair), or a folder of <pair>/ model folders (several pairs)")
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default=None,
                         help="CTranslate2 weight type (default: the checkpoint's, float32)")
-    parser.add_argument("--data-dir", help="the binarized data folder with the dictionaries (default: the one in the checkpoint)")
+    parser.add_argument("--data-dir", help="the binarized data folder with the dictionaries (default: the checkpoint's own "
+                        "folder when extract put them there, else the one recorded in the checkpoint)")
     parser.add_argument("--spm-model", help="SentencePiece model to ship (default: DATA_DIR/spm.model)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output-dir")
     return parser.parse_args(argv)
 
 
 def resolve_inputs(options, loaded):
-    data_dir = options.data_dir or getattr(loaded.task_args, "data", None)
-    if isinstance(data_dir, str) and ":" in data_dir and not os.path.isdir(data_dir):
-        data_dir = data_dir.split(":")[0]  # fairseq's sharded data paths
-    if not data_dir or not os.path.isdir(data_dir):
-        raise usage_error(f"data folder {data_dir!r} not found; pass --data-dir (the binarized data with the dictionaries)")
+    from taskmoe_fairseq import assets
+
+    # --data-dir, else the dictionaries beside the checkpoint (an extracted one), else the training data folder
+    recorded = getattr(loaded.task_args, "data", None)
+    data_dir = assets.data_dir_for(loaded.path, recorded, assets.model_languages(loaded.args)[0], options.data_dir)
     spm = options.spm_model or os.path.join(data_dir, "spm.model")
     if not os.path.isfile(spm):
         raise usage_error(f"SentencePiece model {spm} not found; pass --spm-model")

@@ -90,7 +90,7 @@ class SharedWeights:
         self._stamp = self._file_stamp()
         state = compat.safe_torch_load(self.path, mmap=True)
         languages = assets.model_languages(model_args_of(state, checkpoint))[0]
-        self.data_dir = assets.data_dir_for(self.path, state, languages, data_dir)  # --data-dir, beside, recorded
+        self.data_dir = assets.data_dir_for(self.path, assets.recorded_data_dir(state), languages, data_dir)  # --data-dir, beside, recorded
         self.spm_model = os.path.abspath(spm_model or os.path.join(self.data_dir, "spm.model"))
         load_spm(self.spm_model)  # one clear line before fairseq opens it
         overrides = {"data": self.data_dir, "bpe": "sentencepiece", "sentencepiece_model": self.spm_model, "cpu": True}
