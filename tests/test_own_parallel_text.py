@@ -14,6 +14,8 @@ import re
 import sys
 import tarfile
 
+import pytest
+
 from cli_helpers import BUNDLED, REPO, mask_times, run, run_main, run_warm
 from taskmoe_fairseq import translate
 
@@ -91,3 +93,26 @@ def test_own_pairs_from_raw_text_to_an_extracted_model(tmp_path):
     translator = translate.load_translator(os.path.join(serve, "fr-de.pt"), "fr-de")
     assert translator.hub.task.args.data == serve
     assert len(translate.translate_lines(translator, sentences, beam=2, max_len_b=20)) == 4
+
+
+def test_binarize_pair_problems_are_one_line_before_writing(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(REPO, "examples", "data"))
+    try:
+        import binarize
+        from script_support import UserError
+    finally:
+        sys.path.remove(os.path.join(REPO, "examples", "data"))
+    raw = make_pairs_raw(str(tmp_path))
+    out = str(tmp_path / "bin")
+    with pytest.raises(UserError) as error:
+        binarize.main(["--raw", raw, "--out", out, "--pairs", "de-fr,de-es"])
+    assert str(error.value) == f"no training files for de-es in {raw} (expected train.de-es.{{de,es}})"
+    # a pair named the other way round than its files is found: fr-de is read from the de-fr files
+    assert binarize.discover(raw, pairs=["fr-de", "en-de"]) == {("de", "fr"): ["train", "valid", "test"], ("de", "en"): ["train", "valid"]}
+    assert list(binarize.discover(raw)) == [("de", "en"), ("de", "fr")]
+    for bad in ("de-de", "defr", "de-fr-en"):
+        with pytest.raises(SystemExit) as exit:
+            binarize.parse_args(["--raw", raw, "--out", out, "--pairs", bad])
+        assert exit.value.code == 2
+        assert f"--pairs entry '{bad}' is not of the form src-tgt" in capsys.readouterr().err
+    assert not os.path.exists(out)
