@@ -7,13 +7,15 @@
 * Every command in README.md's ``bash`` blocks that starts with ``fairseq-train``,
   ``fairseq-generate``, ``fairseq-interactive`` (also ``torchrun ... -m fairseq_cli.train``),
   ``python -m taskmoe_fairseq.<tool>`` or ``python examples/...`` names only options the tool
-  accepts, parsed by the tool's own parser: fairseq's ``options.get_training_parser()`` /
+  accepts (also inside a pipeline or list: ``echo ... | python -m taskmoe_fairseq.translate ...``),
+  parsed by the tool's own parser: fairseq's ``options.get_training_parser()`` /
   ``get_generation_parser()`` / ``get_interactive_generation_parser()`` with
   ``parse_args_and_arch`` (which loads ``--user-dir``), the plugin's ``parse_args`` /
   ``build_parser``, a script's ``parse_args`` / ``build_parser``. How a command is read:
-  continuation lines joined; comments, pipes and redirections cut; ``$NAME`` substituted from the
-  block's own ``NAME=value`` lines (a variable the block does not set is a failure: the block
-  does not run as written); ``$(python -m taskmoe_fairseq.user_dir)`` and a relative
+  continuation lines and quoted strings over several lines joined; comments and redirections
+  cut; ``$NAME`` substituted, as the shell does (before words are split), from the block's own
+  ``NAME=value`` lines (a variable the block does not set is a failure: the block does not run
+  as written); ``$(python -m taskmoe_fairseq.user_dir)`` and a relative
   ``--user-dir taskmoe_fairseq`` (the clone's root) are the plugin's folder; in a synopsis,
   ``[--opt a|b]`` is taken as ``--opt a``, and a placeholder (``<the fairseq-train arguments>``,
   a bare ``...``) stands for those of :data:`PLACEHOLDER_TRAIN_ARGS` (the data, task and model a
@@ -156,7 +158,7 @@ def bash_blocks(path):
 
 
 def logical_lines(start, lines):
-    """``(line number, text)`` with backslash continuations joined."""
+    """``(line number, text)`` with backslash continuations and quoted strings that span lines joined."""
     joined, number, buffer = [], None, ""
     for offset, line in enumerate(lines):
         if number is None:
@@ -164,7 +166,13 @@ def logical_lines(start, lines):
         if line.rstrip().endswith("\\"):
             buffer += line.rstrip()[:-1] + " "
             continue
-        joined.append((number, buffer + line))
+        buffer += line
+        try:
+            shlex.split(buffer, comments=True)
+        except ValueError:  # an open quote: the string goes on on the next line
+            buffer += "\n"
+            continue
+        joined.append((number, buffer))
         number, buffer = None, ""
     return joined
 
@@ -190,48 +198,52 @@ def command_tool(tokens):
 
 
 def readme_commands(path=README):
-    """Every checked command of ``path``'s bash blocks: ``(id, tool, arguments, problems)``."""
+    """Every checked command of ``path``'s bash blocks, pipelines and lists split into their
+    commands: ``(id, tool, arguments, problems)``."""
     commands = []
     for start, lines in bash_blocks(path):
         variables = {}
         for number, text in logical_lines(start, lines):
             text = text.replace('"$(python -m taskmoe_fairseq.user_dir)"', PLUGIN).replace("$(python -m taskmoe_fairseq.user_dir)", PLUGIN)
-            try:
-                tokens = shlex.split(text, comments=True)
-            except ValueError:
-                continue
-            assignment = [re.fullmatch(r"([A-Za-z_]\w*)=(.*)", token) for token in tokens]
-            if tokens and all(assignment):
-                variables.update(match.groups() for match in assignment)
-                continue
-            while tokens and re.fullmatch(r"[A-Za-z_]\w*=.*", tokens[0]):  # VAR=value command
-                tokens = tokens[1:]
-            if not command_tool(tokens):
-                continue
-            lexer = shlex.shlex(_synopsis(text), posix=True, punctuation_chars="|<>&;")
-            lexer.whitespace_split, lexer.commenters = True, "#"
-            tokens = list(lexer)
-            cut = next((i for i, token in enumerate(tokens) if token and token[0] in "|<>&;"), len(tokens))
-            tokens = tokens[:cut]
-            while tokens and re.fullmatch(r"[A-Za-z_]\w*=.*", tokens[0]):
-                tokens = tokens[1:]
-            problems = []
+            unset = []
 
             def substitute(match):
                 name = match.group(1) or match.group(2)
                 if name not in variables:
-                    problems.append(f"${name} is not set in this block")
+                    unset.append(f"${name} is not set in this block")
                 return variables.get(name, match.group(0))
 
-            tokens = [re.sub(r"\$\{(\w+)\}|\$(\w+)", substitute, token) for token in tokens]
-            tool, args = command_tool(tokens)
-            commands.append((f"{relative(path)}:{number} {tool}", tool, args, problems))
+            text = re.sub(r"\$\{(\w+)\}|\$(\w+)", substitute, text)  # as the shell does, before splitting words
+            try:
+                tokens = shlex.split(text, comments=True)
+            except ValueError:
+                continue
+            assignment = [re.fullmatch(r"([A-Za-z_]\w*)=(.*)", token, re.S) for token in tokens]
+            if tokens and all(assignment):
+                variables.update(match.groups() for match in assignment)
+                continue
+            lexer = shlex.shlex(_synopsis(text), posix=True, punctuation_chars="|<>&;")
+            lexer.whitespace_split, lexer.commenters = True, "#"
+            segment = []
+            for token in list(lexer) + [";"]:
+                if token and token[0] in "|&;":  # the end of one command of a pipeline or list
+                    cut = next((i for i, word in enumerate(segment) if word and word[0] in "<>"), len(segment))
+                    words = segment[:cut]
+                    while words and re.fullmatch(r"[A-Za-z_]\w*=.*", words[0], re.S):  # VAR=value command
+                        words = words[1:]
+                    if command_tool(words):
+                        tool, args = command_tool(words)
+                        commands.append((f"{relative(path)}:{number} {tool}", tool, args, list(unset)))
+                    segment = []
+                else:
+                    segment.append(token)
     return commands
 
 
 def _fairseq_parse(tool, args):
     from fairseq import options
 
+    args = list(args)
     if "@PLACEHOLDER@" in args:  # the options of PLACEHOLDER_TRAIN_ARGS the command does not give itself
         given = set(args)
         fill = [] if args[0] not in ("@PLACEHOLDER@",) and not args[0].startswith("-") else PLACEHOLDER_TRAIN_ARGS[:1]
@@ -347,17 +359,27 @@ def test_command_checks_catch_unknown_options_and_unset_variables(tmp_path):
         "python -m taskmoe_fairseq.translate --model m.pt --lang-pair en-de [--beam 4] < in > out\n"
         "python examples/data/binarize.py --raw r --out b --pairs de-fr\n"
         "fairseq-train <data> --moe-expert-count 8 ...   # a synopsis: placeholders stand for the task and model\n"
+        "TRAIN=\"--user-dir taskmoe_fairseq --task multilingual_translation_taskmoe --lang-pairs $PAIRS\n"
+        "    --arch taskmoe_transformer --optimizer adam --adam-betas (0.9,0.98)\"\n"
+        "OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m fairseq_cli.train DATA $TRAIN --max-update 10 &\n"
+        "echo 'Hello.' | python -m taskmoe_fairseq.translate --model m.pt --lang-pair en-de --no-such-flag | cat\n"
         "```\n\n```bash\nfairseq-generate DATA --user-dir taskmoe_fairseq --task multilingual_translation_taskmoe --lang-pairs $PAIRS\n```\n",
         encoding="utf-8")
     commands = readme_commands(str(page))
     assert [(tool, problems) for _, tool, _, problems in commands] == [
         ("fairseq-train", []), ("taskmoe_fairseq.extract", []), ("taskmoe_fairseq.translate", []),
-        ("examples/data/binarize.py", []), ("fairseq-train", []), ("fairseq-generate", ["$PAIRS is not set in this block"])]
+        ("examples/data/binarize.py", []), ("fairseq-train", []), ("fairseq-train", []), ("taskmoe_fairseq.translate", []),
+        ("fairseq-generate", ["$PAIRS is not set in this block"])]
     assert commands[0][2][-4:] == ["--moe-expert-count", "8", "--no-such-option", "1"]
     assert commands[2][2] == ["--model", "m.pt", "--lang-pair", "en-de", "--beam", "4"]
     found = [parse_problem(tool, args) for _, tool, args, _ in commands]
     assert "unrecognized arguments: --no-such-option 1" in found[0]
     assert "unrecognized arguments: --no-such-flag" in found[1]
-    assert found[2:] == [None, None, None, None]
+    assert found[2:6] == [None, None, None, None] and "--no-such-flag" in found[6] and found[7] is None
+    # a quoted value over two lines, $PAIRS expanded in it, split into words where it is used
+    assert commands[5][2] == ["DATA", "--user-dir", "taskmoe_fairseq", "--task", "multilingual_translation_taskmoe",
+                              "--lang-pairs", "en-de,de-en", "--arch", "taskmoe_transformer", "--optimizer", "adam",
+                              "--adam-betas", "(0.9,0.98)",
+                              "--max-update", "10"]
     assert parse_problem("fairseq-train", ["DATA", "--moe-expert-count", "8"]) == (
         "fairseq has no model for this --arch (or the command gives none)")
