@@ -201,8 +201,8 @@ def readme_commands(path=README):
     """Every checked command of ``path``'s bash blocks, pipelines and lists split into their
     commands: ``(id, tool, arguments, problems)``."""
     commands = []
+    variables = {}  # a reader runs a page's blocks in order, in one shell: assignments carry over
     for start, lines in bash_blocks(path):
-        variables = {}
         for number, text in logical_lines(start, lines):
             text = text.replace('"$(python -m taskmoe_fairseq.user_dir)"', PLUGIN).replace("$(python -m taskmoe_fairseq.user_dir)", PLUGIN)
             unset = []
@@ -210,7 +210,7 @@ def readme_commands(path=README):
             def substitute(match):
                 name = match.group(1) or match.group(2)
                 if name not in variables:
-                    unset.append(f"${name} is not set in this block")
+                    unset.append(f"${name} is not set earlier on this page")
                 return variables.get(name, match.group(0))
 
             text = re.sub(r"\$\{(\w+)\}|\$(\w+)", substitute, text)  # as the shell does, before splitting words
@@ -328,10 +328,7 @@ COMMANDS = readme_commands()
 # README.md's commands that fail today (issue 31; README.md is being rewritten, not fixed here):
 # strict, so each one turns red once it passes, and an entry no command matches any more fails
 # test_known_failures_are_current: empty this once the new README passes.
-KNOWN_FAILURES = {
-    "README.md:342 fairseq-generate": "uses $PAIRS, set only in the training block",
-    "README.md:556 fairseq-interactive": "uses $PAIRS, set only in the training block",
-}
+KNOWN_FAILURES = {}  # id -> why: a README command that does not parse yet (strict xfail)
 
 
 def _command_params():
@@ -363,19 +360,21 @@ def test_command_checks_catch_unknown_options_and_unset_variables(tmp_path):
         "    --arch taskmoe_transformer --optimizer adam --adam-betas (0.9,0.98)\"\n"
         "OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 -m fairseq_cli.train DATA $TRAIN --max-update 10 &\n"
         "echo 'Hello.' | python -m taskmoe_fairseq.translate --model m.pt --lang-pair en-de --no-such-flag | cat\n"
-        "```\n\n```bash\nfairseq-generate DATA --user-dir taskmoe_fairseq --task multilingual_translation_taskmoe --lang-pairs $PAIRS\n```\n",
+        "```\n\n```bash\nfairseq-generate DATA --user-dir taskmoe_fairseq --task multilingual_translation_taskmoe --lang-pairs $PAIRS\n"
+        "fairseq-generate DATA --user-dir taskmoe_fairseq --task multilingual_translation_taskmoe --lang-pairs $NOPE\n```\n",
         encoding="utf-8")
     commands = readme_commands(str(page))
     assert [(tool, problems) for _, tool, _, problems in commands] == [
         ("fairseq-train", []), ("taskmoe_fairseq.extract", []), ("taskmoe_fairseq.translate", []),
         ("examples/data/binarize.py", []), ("fairseq-train", []), ("fairseq-train", []), ("taskmoe_fairseq.translate", []),
-        ("fairseq-generate", ["$PAIRS is not set in this block"])]
+        ("fairseq-generate", []), ("fairseq-generate", ["$NOPE is not set earlier on this page"])]
     assert commands[0][2][-4:] == ["--moe-expert-count", "8", "--no-such-option", "1"]
     assert commands[2][2] == ["--model", "m.pt", "--lang-pair", "en-de", "--beam", "4"]
     found = [parse_problem(tool, args) for _, tool, args, _ in commands]
     assert "unrecognized arguments: --no-such-option 1" in found[0]
     assert "unrecognized arguments: --no-such-flag" in found[1]
     assert found[2:6] == [None, None, None, None] and "--no-such-flag" in found[6] and found[7] is None
+    assert commands[7][2][-1] == "en-de,de-en"  # set in the first block, used in the second
     # a quoted value over two lines, $PAIRS expanded in it, split into words where it is used
     assert commands[5][2] == ["DATA", "--user-dir", "taskmoe_fairseq", "--task", "multilingual_translation_taskmoe",
                               "--lang-pairs", "en-de,de-en", "--arch", "taskmoe_transformer", "--optimizer", "adam",

@@ -96,7 +96,9 @@ def test_extract_never_replaces_what_it_did_not_write(checkpoint_copy, tmp_path)
     out = tmp_path / "out"
     run_main("taskmoe_fairseq.extract", *args, "--output-dir", str(out))
     run_main("taskmoe_fairseq.extract", *args, "--output-dir", str(out), "--force")
-    assert sorted(os.listdir(out)) == ["en-de.pt", "en-de.report.json"]
+    written = sorted(os.listdir(out))
+    assert [name for name in written if not name.startswith("dict.")] == ["en-de.pt", "en-de.report.json", "spm.model"]
+    assert [name for name in written if name.startswith("dict.")]  # the model's dictionaries beside it
 
 
 def test_extract_refuses_a_device_or_a_link_as_output(checkpoint_copy, tmp_path):
