@@ -87,6 +87,26 @@ def test_extracted_model_generates_the_full_models_hypotheses(models, routing, d
                     assert abs(a - b) < 1e-4
 
 
+
+@pytest.mark.parametrize("routing", CASES)
+def test_full_and_extracted_models_agree_under_autocast(models, routing):
+    """fairseq's ``--amp`` (here CPU autocast, bfloat16): the experts run in low precision in both
+    models, the gates in float32 (autocast turned off for them), so the full model's task-routed
+    weights are the frozen ones of the extraction and both give the same hypotheses."""
+    from model_helpers import random_batch
+
+    dictionary, built = models
+    full, plain, _, _ = built[routing]
+    batch = mixed_length_batch(dictionary)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for beam in (1, 4):
+            assert hypotheses(plain, dictionary, batch, beam) == hypotheses(full, dictionary, batch, beam), (routing, beam)
+        with torch.no_grad():
+            _, extra = full(**random_batch(dictionary))
+    assert extra["moe_aux"] and all(
+        aux.gate_loss.dtype == aux.expert_load.dtype == torch.float32 for aux in extra["moe_aux"]
+    ), [(aux.layer, aux.gate_loss.dtype) for aux in extra["moe_aux"]]
+
 def test_extracted_model_refuses_another_pair_on_every_call(models):
     dictionary, built = models
     full, plain, _, _ = built[("token", "target")]

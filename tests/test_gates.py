@@ -141,6 +141,45 @@ def test_gate_parameters_stay_float32_when_the_model_is_converted(dtype):
     assert extracted.experts[0].fc1.weight.dtype == dtype  # the experts do convert
 
 
+
+def _gate_calls():
+    """(name, gate, inputs) for every gate kind, token gates in training and evaluation."""
+    from taskmoe_fairseq.modules.sentence_gate import SentenceTopKGate
+
+    torch.manual_seed(0)
+    tokens, sentence_tokens = torch.randn(300, 16), torch.tensor([4.0, 2, 7, 1, 3, 5])
+    task_ids = torch.tensor([3, 1, 3, 3, 0, 1])
+    calls = []
+    for policy in ("all", "sampling", "random"):
+        for training in (True, False):
+            gate = TokenTopKGate(16, 8, top_k=2, capacity_factor=1.0, second_expert_policy=policy).train(training)
+            calls.append((f"token {policy} {'train' if training else 'eval'}", gate, (tokens,)))
+    calls.append(("sentence", SentenceTopKGate(16, 8, top_k=2), (torch.randn(6, 16), sentence_tokens)))
+    calls.append(("task", TaskGate(num_tasks=5, num_experts=8, top_k=2), (task_ids, sentence_tokens)))
+    calls.append(("task softmax", TaskGate(5, 8, 2, renormalize=False), (task_ids, sentence_tokens)))
+    calls.append(("static", StaticTaskGate(num_experts=8, top_k=2), (task_ids, sentence_tokens)))
+    return calls
+
+
+def test_every_gate_computes_in_float32_under_autocast():
+    """``--amp`` / ``torch.autocast``: autocast runs ``linear`` in low precision whatever its
+    inputs' dtype; the gates turn it off, so the decision under CPU autocast (bfloat16) is the
+    float32 one, bit for bit (logits rounded to bfloat16 changed weights and experts)."""
+    for name, gate, inputs in _gate_calls():
+        rng = torch.get_rng_state()
+        want = gate(*inputs)
+        torch.set_rng_state(rng)  # the same noise for the sampling and random policies
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = gate(*inputs)
+        for field in ("expert_weight", "gate_loss", "expert_load", "dropped_share"):
+            assert getattr(got, field).dtype == torch.float32, (name, field, getattr(got, field).dtype)
+            assert torch.equal(getattr(got, field), getattr(want, field)), (name, field)
+        assert torch.equal(got.expert_index, want.expert_index), name
+    task_gate = TaskGate(num_tasks=5, num_experts=8, top_k=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs, weights, _ = task_gate.route_tasks(torch.arange(5))
+    assert probs.dtype == weights.dtype == torch.float32
+
 def _expert_weight_gradient(renormalize):
     """Gradient of a loss that depends on the task's k weights only (as the cross-entropy does)."""
     torch.manual_seed(0)

@@ -31,12 +31,17 @@ class ExpertFeedForward(nn.Module):
 def combine_experts(x: Tensor, experts: List[nn.Module], weights: Tensor) -> Tensor:
     """``sum_k weights[..., k] * experts[k](x)`` in k order (the order extraction keeps).
 
-    ``x``: ``[T, B, C]``; ``weights``: ``[B, K]`` per sentence or ``[K]`` for all.
+    ``x``: ``[T, B, C]``; ``weights``: ``[B, K]`` per sentence or ``[K]`` for all. The sum is
+    taken in ``x``'s dtype: under autocast (``--amp``) an expert returns float16/bfloat16 for a
+    float32 ``x``, and a 0-dim weight (``[K]``) would not promote the product to float32 as a
+    ``[B, K]`` one does, so the output is cast to ``x.dtype`` first (the full and the
+    extracted layer then agree; fairseq's dense FFN likewise adds its output to the float32
+    residual).
     """
     out = None
     for k, expert in enumerate(experts):
         weight = weights[..., k].to(x.dtype)
-        y = expert(x) * (weight if weight.dim() == 0 else weight[None, :, None])
+        y = expert(x).to(x.dtype) * (weight if weight.dim() == 0 else weight[None, :, None])
         out = y if out is None else out + y
     return out
 

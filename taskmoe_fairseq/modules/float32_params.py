@@ -7,10 +7,27 @@ sometimes its experts) while the extracted checkpoint keeps the fp32 ones, so
 full and extracted would disagree. Modules with this mixin follow device moves
 but keep their floating-point tensors in float32 (fairseq's MoE branch and
 fairscale's gates likewise compute in fp32).
+
+Autocast (fairseq's ``--amp``, ``torch.autocast``) is the other way gate math could leave
+float32: it runs ``linear`` in float16/bfloat16 whatever its inputs' dtype. Gates therefore
+compute inside :func:`autocast_off`.
 """
+
+import contextlib
 
 import torch
 import torch.nn as nn
+
+
+def autocast_off(device: torch.device):
+    """A context in which autocast is disabled for ``device``'s type (``cuda``, ``cpu``, ...),
+    so float32 inputs give float32 results, as fairseq's ``--amp`` leaves float32 math to code
+    that asks for it (``torch.autocast(device_type=..., enabled=False)``, torch's recipe for
+    regions that need full precision). A device type without autocast (``meta``) gets a no-op
+    context. Raises nothing."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 class Float32Params(nn.Module):

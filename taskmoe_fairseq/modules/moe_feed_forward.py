@@ -174,12 +174,13 @@ class MoeFeedForward(nn.Module):
         if self.expert_parallel is not None:
             outputs = ep_dispatch.run_experts(tokens.index_select(0, token), counts, self.experts, self.expert_parallel)
             out = tokens.new_zeros(tokens.shape)
-            return out.index_add_(0, token, outputs * weight.to(tokens.dtype)[:, None])
+            return out.index_add_(0, token, outputs.to(tokens.dtype) * weight.to(tokens.dtype)[:, None])
         routed = tokens.index_select(0, token).split(counts)
         outputs = [self.experts[e](chunk) for e, chunk in enumerate(routed) if counts[e] > 0]
         out = tokens.new_zeros(tokens.shape)
         if outputs:
-            out.index_add_(0, token, torch.cat(outputs) * weight.to(tokens.dtype)[:, None])
+            # in the tokens' dtype, as combine_experts (under autocast the experts return float16/bfloat16)
+            out.index_add_(0, token, torch.cat(outputs).to(tokens.dtype) * weight.to(tokens.dtype)[:, None])
         return out
 
     def _dispatch_sentences_parallel(self, x: Tensor, padding_mask: Optional[Tensor], index: Tensor, weight: Tensor):

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from taskmoe_fairseq.modules.float32_params import Float32Params
+from taskmoe_fairseq.modules.float32_params import Float32Params, autocast_off
 from taskmoe_fairseq.modules.static_gate import StaticTaskGate
 from taskmoe_fairseq.modules.routing_decision import (
     RoutingDecision,
@@ -23,7 +23,8 @@ STATIC_INIT_MARGIN = 3.0  # logit of a task's static experts over the rest at a 
 
 
 class TaskGate(Float32Params, nn.Module):
-    """``task_logits``: float32 ``[num_tasks, E]`` (kept float32 in fp16/bf16 models).
+    """``task_logits``: float32 ``[num_tasks, E]`` (kept float32 in fp16/bf16 models; the gate
+    computes in float32, with autocast off: :func:`autocast_off`).
 
     ``renormalize`` (``--moe-task-gate-weights top-k``, the default): the k weights are the top-k
     probabilities renormalised to sum to 1, as in GShard. Then a weight depends only on the
@@ -59,27 +60,30 @@ class TaskGate(Float32Params, nn.Module):
         self.top_k = top_k
 
     def route_tasks(self, tasks: Tensor):
-        """Probabilities ``[T, E]``, top-k weights ``[T, K]`` and experts ``[T, K]`` of task ids ``[T]``."""
-        probs = self.task_logits.float()[tasks].softmax(dim=-1)
-        if self.renormalize:
-            weights, index = top_k_weights(probs, self.top_k)
-        else:
-            weights, index = probs.topk(self.top_k, dim=-1)
+        """Float32 probabilities ``[T, E]``, top-k weights ``[T, K]`` and experts ``[T, K]`` of task ids ``[T]``."""
+        with autocast_off(self.task_logits.device):
+            probs = self.task_logits.float()[tasks].softmax(dim=-1)
+            if self.renormalize:
+                weights, index = top_k_weights(probs, self.top_k)
+            else:
+                weights, index = probs.topk(self.top_k, dim=-1)
         return probs, weights, index
 
     def forward(self, task_ids: Tensor, sentence_tokens: Tensor) -> RoutingDecision:
-        """``task_ids``: LongTensor ``[B]``; ``sentence_tokens``: float ``[B]``; returns ``[B, K]`` rows."""
+        """``task_ids``: LongTensor ``[B]``; ``sentence_tokens``: float ``[B]``; returns ``[B, K]`` rows
+        (float32 weights and losses, autocast off)."""
         # Once per task of the table (a few dozen rows), not per token or sentence; a task absent
         # from the batch stands for 0 tokens, so it adds nothing to the loss or the load. No
         # torch.unique: nothing is read back from the device.
         num_tasks = self.task_logits.size(0)
-        probs, weights, index = self.route_tasks(torch.arange(num_tasks, device=task_ids.device))
-        task_tokens = sentence_tokens.new_zeros(num_tasks).index_add_(0, task_ids, sentence_tokens)
-        return RoutingDecision(
-            expert_index=index[task_ids],
-            expert_weight=weights[task_ids],
-            per_sentence=True,
-            gate_loss=load_balancing_loss(probs, index[:, 0], task_tokens),
-            expert_load=expert_load(index, weights, self.num_experts, task_tokens),
-            dropped_share=probs.new_zeros(()),
-        )
+        with autocast_off(self.task_logits.device):
+            probs, weights, index = self.route_tasks(torch.arange(num_tasks, device=task_ids.device))
+            task_tokens = sentence_tokens.new_zeros(num_tasks).index_add_(0, task_ids, sentence_tokens)
+            return RoutingDecision(
+                expert_index=index[task_ids],
+                expert_weight=weights[task_ids],
+                per_sentence=True,
+                gate_loss=load_balancing_loss(probs, index[:, 0], task_tokens),
+                expert_load=expert_load(index, weights, self.num_experts, task_tokens),
+                dropped_share=probs.new_zeros(()),
+            )

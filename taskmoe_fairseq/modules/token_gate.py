@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from taskmoe_fairseq.modules.float32_params import Float32Params
+from taskmoe_fairseq.modules.float32_params import Float32Params, autocast_off
 from taskmoe_fairseq.modules.routing_decision import (
     RoutingDecision,
     expert_load,
@@ -35,7 +35,8 @@ class TokenTopKGate(Float32Params, nn.Module):
     Unlike fairscale's ``Top2Gate`` this gate does not build dense one-hot
     ``[N, E, capacity]`` dispatch tensors and does not need ``N % E == 0``; the
     layer dispatches by sorting assignments (cost ``N * k``). ``wg`` stays
-    float32 in fp16/bf16 models and the gate computes in float32.
+    float32 in fp16/bf16 models and the gate computes in float32, under autocast
+    (``--amp``) too.
     """
 
     per_sentence = False
@@ -65,7 +66,12 @@ class TokenTopKGate(Float32Params, nn.Module):
         return max(1, math.ceil(factor * self.top_k * num_tokens / self.num_experts))
 
     def forward(self, tokens: Tensor) -> RoutingDecision:
-        """``tokens``: ``[N, C]`` non-pad token states; returns a per-token decision."""
+        """``tokens``: ``[N, C]`` non-pad token states (any float dtype); returns a per-token
+        decision (float32 weights and losses), with autocast off (:func:`autocast_off`)."""
+        with autocast_off(tokens.device):
+            return self._route(tokens)
+
+    def _route(self, tokens: Tensor) -> RoutingDecision:
         # Gate math in fp32 (as fairseq's MoE and fairscale do) so fp16/bf16 runs route stably.
         logits = F.linear(tokens.float(), self.wg.weight.float())
         probs = logits.softmax(dim=-1)
