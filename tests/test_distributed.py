@@ -105,3 +105,38 @@ def test_launcher_rejects_an_unknown_ddp_backend(capsys):
         cpu_data_parallel.main(["--ddp-backend", "fully_sharded", "--", "data"])
     assert stopped.value.code == 2
     assert "--ddp-backend: invalid choice: 'fully_sharded'" in capsys.readouterr().err
+
+
+FSDP_REFUSAL = "--ddp-backend fully_sharded is not supported by taskmoe_transformer"
+
+
+@pytest.mark.parametrize("precision", [(), ("--fp16",), ("--fp16", "--memory-efficient-fp16")], ids=["fp32", "fp16", "mefp16"])
+def test_fully_sharded_is_refused_before_fsdp_is_built(data_dir, tmp_path, precision):
+    """FSDP flattens the gates into its (half-precision) parameter buffer: fairseq-train's
+    ``main`` stops with one line when the task builds the model, before fairseq builds FSDP
+    (which on this CPU stops with a traceback: "Torch not compiled with CUDA enabled", or
+    fairscale's "torch.distributed is not yet initialized") and before anything is written to
+    --save-dir."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq_cli import train
+
+    from cli_helpers import train_command
+    from taskmoe_fairseq.errors import TaskMoeError
+
+    save_dir = tmp_path / "ckpt"
+    command = train_command(data_dir, str(save_dir), "token", "target", 1, ("--ddp-backend", "fully_sharded", *precision))
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), command[1:]))
+    with pytest.raises(TaskMoeError) as refused:
+        train.main(cfg)
+    assert str(refused.value).startswith(FSDP_REFUSAL) and "\n" not in str(refused.value)
+    assert not save_dir.exists() or os.listdir(save_dir) == []
+
+
+def test_fully_sharded_refusal_is_one_line_from_the_command(data_dir, tmp_path):
+    from cli_helpers import train_command
+
+    result = run_warm(train_command(data_dir, str(tmp_path / "ckpt"), "target", "target", 1,
+                                    ("--ddp-backend", "fully_sharded")), check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"taskmoe-fairseq: error: {FSDP_REFUSAL}")

@@ -184,6 +184,28 @@ def check_expert_parallel_args(args):
         raise usage_error("--ddp-backend fully_sharded with --moe-expert-parallel-size is not supported; use legacy_ddp or pytorch_ddp")
 
 
+
+def check_training_backend(args):
+    """Refuse ``--ddp-backend fully_sharded`` for training (one line), before fairseq builds FSDP.
+
+    fairseq's FSDP (fairscale's ``FullyShardedDataParallel``, ``flatten_parameters=True``)
+    joins every parameter of a wrapped module into one flat buffer: ``--memory-efficient-fp16``
+    halves that buffer, gates included, and ``--fp16`` (FSDP's mixed precision) computes from
+    float16 copies of it, so :class:`~taskmoe_fairseq.modules.float32_params.Float32Params`
+    cannot keep the gates float32 and full and extracted models would silently disagree.
+    Called by the task's ``build_model`` for a new model only (a checkpoint being loaded for
+    generation keeps loading whatever its training options were).
+
+    Raises:
+        TaskMoeError: ``args.ddp_backend == "fully_sharded"``.
+    """
+    if getattr(args, "ddp_backend", None) == "fully_sharded":
+        raise usage_error(
+            "--ddp-backend fully_sharded is not supported by taskmoe_transformer: FSDP flattens the gates into "
+            "its half-precision parameter buffer, and gate math must stay float32; use --ddp-backend pytorch_ddp "
+            "(the default) or legacy_ddp, with --fp16, --bf16 or --amp if you want half precision"
+        )
+
 def build_moe_ffn(cfg, side: str) -> nn.Module:
     """The FFN of an MoE layer on ``side``: experts (with a token gate for token routing),
     or, in a checkpoint written by extraction, the kept experts."""

@@ -21,6 +21,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
 from taskmoe_fairseq.errors import usage_error
+from taskmoe_fairseq.models.moe_options import check_training_backend
 from taskmoe_fairseq.modules import routing_kinds
 from taskmoe_fairseq.tasks.language_id_dataset import LanguageIdDataset
 from taskmoe_fairseq.tasks.taskmoe_dataset_manager import TaskMoeDatasetManager
@@ -107,7 +108,8 @@ class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
 
     def build_model(self, args, from_checkpoint=False):
         """fairseq's; a model that takes no language ids (``--arch transformer``: its ``forward``
-        would fail on the first batch with a ``TypeError``) or a pair it cannot serve stops with one line.
+        would fail on the first batch with a ``TypeError``), a training backend the gates cannot
+        keep float32 in (``--ddp-backend fully_sharded``) or a pair it cannot serve stops with one line.
 
         ``from_checkpoint`` (fairseq's ``load_model_ensemble``: generate, interactive, the hub): the
         random initialisation the checkpoint overwrites draws from a fork of torch's CPU generator
@@ -118,7 +120,8 @@ class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
         if from_checkpoint:
             with torch.random.fork_rng(devices=[]):
                 model = super().build_model(args, from_checkpoint)
-        else:
+        else:  # training (fairseq-train builds the model, then FSDP or DDP wraps it)
+            check_training_backend(args)
             model = super().build_model(args, from_checkpoint)
         _check_takes_language_ids(model, args)
         router = getattr(getattr(model, "encoder", None), "moe_router", None)
