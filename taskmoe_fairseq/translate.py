@@ -30,6 +30,9 @@ A line longer than the encoder takes (``--max-source-positions``, 1024 by defaul
 pieces and ``</s>``; an export records it as ``max_source_positions``) is refused on both paths by
 :func:`check_source_length`, never truncated.
 
+``--device auto`` (the default) runs on CUDA device ``--device-index`` (0) when one is present,
+else on the CPU; ``--device cpu`` / ``cuda`` choose (:mod:`taskmoe_fairseq.devices`).
+
 Bad input (no such model, a folder that is not an export, a pair the model does not serve, an
 unreadable SentencePiece model, a line too long...) is one line ``taskmoe_fairseq.translate: error: ...`` and exit
 status 2; the library functions raise :class:`~taskmoe_fairseq.errors.TaskMoeError`.
@@ -43,6 +46,7 @@ import sys
 import warnings
 from typing import Callable, List, Optional, Sequence
 
+from taskmoe_fairseq.devices import add_device_args, resolve_device
 from taskmoe_fairseq.errors import run_cli, usage_error
 
 PROG = "taskmoe_fairseq.translate"
@@ -77,6 +81,7 @@ def parse_args(argv=None):
     parser.add_argument("--spm-model", help="SentencePiece model (default: DATA_DIR/spm.model for a checkpoint, "
                         "the export's spm.model for a CTranslate2 folder)")
     parser.add_argument("--no-progress", action="store_true", help="never show the progress bar")
+    add_device_args(parser)
     options = parser.parse_args(argv)
     for name in ("beam", "max_len_b", "batch_size"):
         if getattr(options, name) < 1:
@@ -174,7 +179,8 @@ class Ct2Translator:
         return self.sp.decode(list(pieces))
 
 
-def load_ct2(folder: str, pair: str, spm_model: Optional[str] = None, data_dir: Optional[str] = None) -> Ct2Translator:
+def load_ct2(folder: str, pair: str, spm_model: Optional[str] = None, data_dir: Optional[str] = None,
+             device: str = "auto", device_index: Optional[int] = None) -> Ct2Translator:
     from taskmoe_fairseq.export.conventions import CONVENTIONS_FILE
 
     conventions_path = os.path.join(folder, CONVENTIONS_FILE)
@@ -202,21 +208,25 @@ def load_ct2(folder: str, pair: str, spm_model: Optional[str] = None, data_dir: 
         import ctranslate2
     except ImportError:
         raise usage_error("CTranslate2 is not installed: pip install 'taskmoe-fairseq[ctranslate2]' (or ctranslate2)") from None
+    # CTranslate2's own CUDA build decides whether it can use a GPU, not torch's
+    target = resolve_device(device, device_index, ctranslate2.get_cuda_device_count())
     try:
-        translator = ctranslate2.Translator(folder, device="cpu")
+        translator = ctranslate2.Translator(folder, device=target.type, device_index=target.index or 0)
     except (RuntimeError, ValueError, OSError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise usage_error(f"{folder}: CTranslate2 cannot load the model ({first}); re-export it") from None
     return Ct2Translator(translator, conv, sp)
 
 
-def load_fairseq(checkpoint: str, pair: str, data_dir: Optional[str] = None, spm_model: Optional[str] = None) -> FairseqTranslator:
+def load_fairseq(checkpoint: str, pair: str, data_dir: Optional[str] = None, spm_model: Optional[str] = None,
+                 device: str = "auto", device_index: Optional[int] = None) -> FairseqTranslator:
     from fairseq.dataclass.utils import open_dict
 
     from taskmoe_fairseq import assets, compat
     from taskmoe_fairseq.models.taskmoe_transformer import TaskMoeTransformerModel
 
     source, target = split_pair(pair)
+    on = resolve_device(device, device_index)
     state = compat.safe_torch_load(checkpoint, mmap=True)  # one-line errors for unreadable files
     cfg = state.get("cfg") if isinstance(state, dict) else None
     cfg = cfg if isinstance(cfg, dict) else {}
@@ -234,29 +244,33 @@ def load_fairseq(checkpoint: str, pair: str, data_dir: Optional[str] = None, spm
     try:
         hub = TaskMoeTransformerModel.from_pretrained(
             os.path.dirname(path), checkpoint_file=os.path.basename(path), data_name_or_path=data_dir,
-            source_lang=source, target_lang=target, bpe="sentencepiece", sentencepiece_model=spm_model, cpu=True,
+            source_lang=source, target_lang=target, bpe="sentencepiece", sentencepiece_model=spm_model,
+            cpu=on.type == "cpu",
         )
     except FileNotFoundError as error:
         raise usage_error(f"cannot load {checkpoint} with the data in {data_dir} ({error}); pass the --data-dir the model was trained on") from None
-    hub.eval()
+    hub.to(on).eval()  # fairseq's hub runs its batches on its parameters' device
     with open_dict(hub.cfg):
         hub.cfg.dataset.max_tokens = None  # our batches are the batches (the hub would re-split by the training --max-tokens)
         hub.cfg.dataset.batch_size = None
     return FairseqTranslator(hub)
 
 
-def load_translator(model: str, lang_pair: str, data_dir: Optional[str] = None, spm_model: Optional[str] = None):
-    """A translator for ``model`` (checkpoint file or CTranslate2 folder) and ``lang_pair``.
+def load_translator(model: str, lang_pair: str, data_dir: Optional[str] = None, spm_model: Optional[str] = None,
+                    device: str = "auto", device_index: Optional[int] = None):
+    """A translator for ``model`` (checkpoint file or CTranslate2 folder) and ``lang_pair``, on
+    ``device`` / ``device_index`` (:func:`taskmoe_fairseq.devices.resolve_device`).
 
     Raises:
-        TaskMoeError: no such model, not an export, unknown pair, unreadable SentencePiece model...
+        TaskMoeError: no such model, not an export, unknown pair, unreadable SentencePiece model,
+            ``cuda`` without a CUDA device...
     """
     split_pair(lang_pair)
     if os.path.isdir(model):
-        return load_ct2(model, lang_pair, spm_model=spm_model, data_dir=data_dir)
+        return load_ct2(model, lang_pair, spm_model=spm_model, data_dir=data_dir, device=device, device_index=device_index)
     if not os.path.exists(model):
         raise usage_error(f"{model}: no such checkpoint file or CTranslate2 folder")
-    return load_fairseq(model, lang_pair, data_dir=data_dir, spm_model=spm_model)
+    return load_fairseq(model, lang_pair, data_dir=data_dir, spm_model=spm_model, device=device, device_index=device_index)
 
 
 def translate_lines(
@@ -307,7 +321,8 @@ def read_input(stream) -> List[str]:
 
 def main(argv=None) -> int:
     options = parse_args(argv)
-    translator = load_translator(options.model, options.lang_pair, options.data_dir, options.spm_model)
+    translator = load_translator(options.model, options.lang_pair, options.data_dir, options.spm_model,
+                                 options.device, options.device_index)
     stdin = sys.stdin
     if hasattr(stdin, "reconfigure"):
         stdin.reconfigure(encoding="utf-8", errors="strict")

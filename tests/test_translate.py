@@ -225,3 +225,38 @@ def test_checkpoint_and_ctranslate2_paths_refuse_the_same_long_lines(ct2_export,
         status, out, err = cli(model, 1023)
         assert (status, out) == (2, ""), model
         assert err == ERROR_PREFIX + "input line 2 has 1024 tokens; the model takes at most 1023 (split the line)\n", model
+
+
+def test_device_choice(trained, data_dir, ct2_export, capsys):
+    """``--device`` / ``--device-index`` for both kinds of model: ``cpu`` and ``auto`` translate (here, on
+    the CPU: the hub's outputs); ``cuda`` runs on a CUDA device where the backend sees one (torch for a
+    checkpoint, CTranslate2's own build for a folder) and is one line, exit status 2, where it does not."""
+    import ctranslate2
+    import torch
+
+    extracted, folder = ct2_export
+    lines = raw_lines(data_dir)[:4]
+    want = hub_reference(extracted, data_dir, lines, beam=1)
+    assert len(set(want)) >= 2  # the outputs depend on the input
+    for model, cuda_devices in ((extracted, torch.cuda.device_count()), (folder, ctranslate2.get_cuda_device_count())):
+        for device, index in (("cpu", None), ("cpu", 0), ("auto", None)):
+            translator = translate.load_translator(model, "en-de", device=device, device_index=index)
+            if not cuda_devices:
+                assert translate.translate_lines(translator, lines, beam=1, max_len_b=MAX_LEN) == want, (model, device)
+        for index in sorted({0, cuda_devices - 1}) if cuda_devices else ():
+            # on a GPU: the model is placed there (float results may differ from the CPU's in the last bits)
+            translator = translate.load_translator(model, "en-de", device="cuda", device_index=index)
+            if translator.kind == "fairseq":
+                assert next(translator.hub.parameters()).device == torch.device("cuda", index)
+            else:
+                assert (translator.translator.device, translator.translator.device_index) == ("cuda", [index])
+            assert len(translate.translate_lines(translator, lines, beam=1, max_len_b=MAX_LEN)) == len(lines)
+        if not cuda_devices:
+            status = translate.cli(["--model", model, "--lang-pair", "en-de", "--device", "cuda"])
+            assert_one_line_error(status, capsys.readouterr().err, "--device cuda: no CUDA device is visible")
+        status = translate.cli(["--model", model, "--lang-pair", "en-de", "--device", "cpu", "--device-index", "1"])
+        assert_one_line_error(status, capsys.readouterr().err, "--device-index 1 numbers CUDA devices")
+    # the real command: the option parses and the model runs on the CPU
+    result = run_warm(translate_command("--model", folder, "--lang-pair", "en-de", "--beam", "1", "--max-len-b", str(MAX_LEN),
+                                        "--device", "cpu"), stdin="\n".join(lines) + "\n")
+    assert output_lines(result) == want
