@@ -88,3 +88,40 @@ def check_routing(rank, world_size, ep, routing, failures):
         if difference > 1e-5:
             failures.put(f"rank {rank} {routing} {name}: max difference {difference:.3g}")
     failures.put(f"rank {rank} {routing} checked {len(checks)}")
+
+
+def groups_worker(rank, world_size, size, init_file, reports):
+    """This rank's expert-parallel groups and what ``reduce_expert_gradients`` does to
+    rank-dependent expert gradients (one of them missing on rank 0), put on ``reports``."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        from taskmoe_fairseq.compat.expert_parallel import clip_grad_norm, reduce_expert_gradients
+        from taskmoe_fairseq.modules import expert_parallel
+
+        ep = expert_parallel.setup(size, EXPERTS)
+        again = expert_parallel.setup(size, EXPERTS)  # a second MoE layer of the same model: the same groups
+        layer = build_layer("token", ep)
+        experts = list(layer.experts.parameters())
+        for i, param in enumerate(experts):
+            param.grad = None if (rank, i) == (0, 0) else torch.full_like(param, float((rank + 1) * (i + 1)))
+        layer.gate.wg.weight.grad = torch.ones_like(layer.gate.wg.weight)  # not an expert: left alone
+        with torch.profiler.profile() as profile:
+            reduce_expert_gradients(layer, ep)
+        expert_squares = sum(float(param.grad.double().pow(2).sum()) for param in experts if param.grad is not None)
+        norm = float(clip_grad_norm(list(layer.parameters()), 0.0, ep))  # 0: measure only
+        reports.put({
+            "rank": rank,
+            "expert_squares": expert_squares,
+            "gate_squares": float(layer.gate.wg.weight.grad.double().pow(2).sum()),
+            "norm": norm,
+            "group": dist.get_process_group_ranks(ep.group),
+            "group_is_default": ep.group is None or ep.group is dist.group.WORLD,
+            "replica_group": None if ep.replica_group is None else dist.get_process_group_ranks(ep.replica_group),
+            "replica_is_default": ep.replica_group is dist.group.WORLD,
+            "same_groups_again": again.group is ep.group and again.replica_group is ep.replica_group,
+            "all_reduces": sum(1 for event in profile.events() if event.name == "gloo:all_reduce"),
+            "expert_grads": [None if param.grad is None else param.grad.unique().tolist() for param in experts],
+            "gate_grad": layer.gate.wg.weight.grad.unique().tolist(),
+        })
+    finally:
+        dist.destroy_process_group()

@@ -30,6 +30,49 @@ def test_two_ranks_match_one_process_forward_and_backward(tmp_path):
     assert [m for m in messages if " checked " not in m] == []
 
 
+
+def rank_reports(worker, world_size, *args, folder):
+    reports = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(worker, args=(world_size, *args, str(folder / "rendezvous"), reports), nprocs=world_size)
+    got = []
+    while not reports.empty():
+        got.append(reports.get())
+    return sorted(got, key=lambda report: report["rank"])
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_expert_parallel_groups_are_their_own_and_expert_gradients_reduce_in_one_call(world_size, tmp_path):
+    """P = 2 on 2 ranks and on 4 (two replicas per shard), gloo: the all-to-alls' group is never
+    the default group (on NCCL it would share a communicator with everything else issued there),
+    the replicas' group neither; the replicas sum the expert gradients in one all-reduce (was one
+    per parameter), divided by W, a missing gradient counting as zeros; the gradient norm counts
+    each expert of the group once."""
+    from expert_parallel_workers import groups_worker
+
+    reports = rank_reports(groups_worker, world_size, 2, folder=tmp_path)
+    assert [report["rank"] for report in reports] == list(range(world_size))
+    for report in reports:
+        rank = report["rank"]
+        start = rank - rank % 2
+        assert report["group"] == [start, start + 1] and not report["group_is_default"], report
+        assert report["same_groups_again"], report
+        if world_size == 2:
+            assert report["replica_group"] is None and report["all_reduces"] == 0, report
+            replicas = [rank]
+        else:
+            replicas = [rank % 2, rank % 2 + 2]
+            assert report["replica_group"] == replicas and not report["replica_is_default"], report
+            assert report["all_reduces"] == 1, report
+        want = [[sum(0 if (r, i) == (0, 0) else (r + 1) * (i + 1) for r in replicas) / world_size]
+                for i in range(len(report["expert_grads"]))]
+        if world_size == 2 and rank == 0:
+            want[0] = None  # no replicas: a gradient no token made stays None (as DDP leaves it)
+        assert report["expert_grads"] == want, report
+        assert report["gate_grad"] == [1.0]
+        # the clipping norm counts every expert of the group once, and the replicated gate
+        group_squares = sum(reports[member]["expert_squares"] for member in report["group"])
+        assert report["norm"] == pytest.approx((report["gate_squares"] + group_squares) ** 0.5, rel=1e-6)
+
 # --- bad input: one line each (TaskMoeError) ---
 
 

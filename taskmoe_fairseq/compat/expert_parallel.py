@@ -24,6 +24,7 @@ import logging
 
 import torch
 import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 logger = logging.getLogger("taskmoe_fairseq.compat")
 
@@ -49,28 +50,69 @@ def expert_parameter_names(model):
     return [name for name, param in model.named_parameters() if getattr(param, "expert", False)]
 
 
+#: elements per coalesced all-reduce of expert gradients (fairseq's LegacyDistributedDataParallel
+#: buffer size: a bounded extra copy of the gradients)
+BUCKET_ELEMENTS = 2 ** 28
+
+
+def _buckets(grads):
+    """``grads`` in order, cut into lists of one device and dtype and at most
+    :data:`BUCKET_ELEMENTS` elements (a larger tensor is a bucket of its own)."""
+    bucket, size = [], 0
+    for grad in grads:
+        if bucket and (size + grad.numel() > BUCKET_ELEMENTS or (grad.device, grad.dtype) != (bucket[0].device, bucket[0].dtype)):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(grad)
+        size += grad.numel()
+    if bucket:
+        yield bucket
+
+
 def reduce_expert_gradients(model, ep):
-    """After DDP's reduction: sum each expert gradient over the shard's replicas and divide by W."""
+    """After DDP's reduction: sum each expert gradient over the shard's replicas and divide by W.
+
+    The replicas' sums are coalesced as fairseq's ``legacy_ddp`` coalesces its all-reduce: the
+    gradients are copied into one flat buffer per bucket (``torch._utils._flatten_dense_tensors``),
+    all-reduced once over ``ep.replica_group``, divided by W and copied back; so one collective
+    per :data:`BUCKET_ELEMENTS` elements, not one per parameter. A parameter no token reached
+    here gets a zero gradient to take part. Without replicas (W == P) each gradient is divided only."""
     params = [param for param in model.parameters() if getattr(param, "expert", False) and param.requires_grad]
-    if ep.replica_group is not None:
+    if ep.replica_group is None:
         for param in params:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            dist.all_reduce(param.grad, group=ep.replica_group)
+            if param.grad is not None:
+                param.grad.div_(ep.world_size)
+        return
     for param in params:
-        if param.grad is not None:
-            param.grad.div_(ep.world_size)
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    for bucket in _buckets([param.grad for param in params]):
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat, group=ep.replica_group)
+        flat.div_(ep.world_size)
+        for grad, reduced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            grad.copy_(reduced)
+
+
+def _sum_of_squares(grads, zero):
+    """``sum_i |g_i|^2`` in float32 (one ``torch._foreach_norm`` over the list)."""
+    if not grads:
+        return zero
+    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).pow(2).sum()
 
 
 def clip_grad_norm(params, max_norm: float, ep):
     """fairseq's ``utils.clip_grad_norm_`` (same clip coefficient) with the norm over every
-    expert of the group, as one process holding all of them would compute it. Returns it."""
-    grads = [p.grad.detach() for p in params if p.grad is not None]
-    shared = [g for p, g in zip([p for p in params if p.grad is not None], grads) if not getattr(p, "expert", False)]
-    local = [g for p, g in zip([p for p in params if p.grad is not None], grads) if getattr(p, "expert", False)]
+    expert of the group, as one process holding all of them would compute it. Returns it
+    (float32 scalar). The per-tensor norms are one ``torch._foreach_norm`` per list (as
+    ``torch.nn.utils.clip_grad_norm_`` computes them), the group's expert part one all-reduce."""
+    with_grad = [p for p in params if p.grad is not None]
+    grads = [p.grad.detach() for p in with_grad]
+    shared = [g for p, g in zip(with_grad, grads) if not getattr(p, "expert", False)]
+    local = [g for p, g in zip(with_grad, grads) if getattr(p, "expert", False)]
     zero = torch.zeros((), dtype=torch.float32, device=params[0].device if params else None)
-    shared_sq = sum((g.float().norm() ** 2 for g in shared), zero)
-    experts_sq = sum((g.float().norm() ** 2 for g in local), zero).reshape(1)
+    shared_sq = _sum_of_squares(shared, zero)
+    experts_sq = _sum_of_squares(local, zero).reshape(1)
     dist.all_reduce(experts_sq, group=ep.group)
     total = (shared_sq + experts_sq[0]) ** 0.5
     if max_norm > 0:

@@ -34,8 +34,9 @@ from taskmoe_fairseq.errors import usage_error
 @dataclass
 class ExpertParallel:
     """Where this rank stands: ``size`` P, ``index`` l (its shard), ``world_size`` W, the
-    expert-parallel ``group`` (None: the whole world) and the shard's
-    ``replica_group`` (ranks holding the same experts; None when W == P)."""
+    expert-parallel ``group`` (P ranks; always a group of its own, never the default group,
+    even when W == P) and the shard's ``replica_group`` (the W / P ranks holding the same
+    experts, a group of its own; None when W == P: nothing to reduce)."""
 
     size: int
     index: int
@@ -48,14 +49,19 @@ class ExpertParallel:
         return range(self.index * per_rank, (self.index + 1) * per_rank)
 
 
-_GROUPS = {}
+_GROUPS = {}  # (P, W) -> (the default group they were made under, group, replica group)
 
 
 def setup(size: int, num_experts: int) -> Optional[ExpertParallel]:
     """This rank's :class:`ExpertParallel` for ``--moe-expert-parallel-size size`` (None for 1).
 
     Creates the process groups once per process (every rank calls this in the same order,
-    as it builds the same model).
+    as it builds the same model). The all-to-alls get a communicator of their own, never the
+    default group's: on NCCL a communicator runs its collectives in order on one stream, so
+    sharing it with the collectives other code issues on the default group (DDP's broadcasts,
+    checkpoint and logging exchanges) would serialise them with, or hang them against, the
+    dispatch (fairseq likewise makes its own ``new_group()`` for data parallelism rather than
+    use ``group.WORLD``: "it seems to cause random NCCL hangs in some cases").
 
     Raises:
         TaskMoeError: P < 1, E not divisible by P, no process group, or P not dividing W.
@@ -82,21 +88,21 @@ def setup(size: int, num_experts: int) -> Optional[ExpertParallel]:
             f"ranks, or choose P among the divisors of {world}"
         )
     key = (size, world)
-    if key not in _GROUPS:
+    if key not in _GROUPS or _GROUPS[key][0] is not dist.group.WORLD:  # new, or made before a re-initialisation
         group = replica_group = None
+        for start in range(0, world, size):  # every rank creates every group, in the same order
+            ranks = list(range(start, start + size))
+            created = dist.new_group(ranks)
+            if rank in ranks:
+                group = created
         if world > size:
-            for start in range(0, world, size):  # every rank creates every group, in the same order
-                ranks = list(range(start, start + size))
-                created = dist.new_group(ranks)
-                if rank in ranks:
-                    group = created
             for index in range(size):
                 ranks = list(range(index, world, size))
                 created = dist.new_group(ranks)
                 if rank in ranks:
                     replica_group = created
-        _GROUPS[key] = (group, replica_group)
-    group, replica_group = _GROUPS[key]
+        _GROUPS[key] = (dist.group.WORLD, group, replica_group)
+    _, group, replica_group = _GROUPS[key]
     return ExpertParallel(size, rank % size, world, group, replica_group)
 
 
