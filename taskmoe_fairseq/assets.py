@@ -17,6 +17,7 @@ data folder is gone or moved. A full checkpoint of ``fairseq-train`` keeps only 
 """
 
 import filecmp
+import logging
 import os
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -24,6 +25,8 @@ from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.files import atomic_copy
 
 SPM_MODEL = "spm.model"
+
+logger = logging.getLogger(__name__)
 
 
 def dictionary_name(lang: str) -> str:
@@ -142,6 +145,8 @@ def plan_beside_outputs(state: dict, args, outputs: Iterable[Optional[str]], dat
     written), from ``data_dir`` or the data folder the checkpoint ``state`` records, for the
     languages of the model's legacy ``args`` (:func:`model_languages`).
 
+    A checkpoint that records no data folder (a model built in code) gets no copies: a warning.
+
     Raises:
         TaskMoeError: as :func:`plan_copies`.
     """
@@ -150,6 +155,10 @@ def plan_beside_outputs(state: dict, args, outputs: Iterable[Optional[str]], dat
         return {}
     required, optional = model_languages(args)
     source = data_dir or recorded_data_dir(state)
+    if source is None:  # a model built in code, not trained by fairseq-train on a data folder
+        logger.warning("the checkpoint records no data folder and no --data-dir was given: the output holds no "
+                       "dictionaries or spm.model, so translating it needs --data-dir")
+        return {}
     copies = {}
     for folder in folders:
         copies.update(plan_copies(source, folder, required, optional, force=force))

@@ -52,6 +52,7 @@ def exactness_worker(rank, world_size, init_file, routings, failures):
         for routing in routings:
             check_routing(rank, world_size, ep, routing, failures)
     finally:
+        dist.barrier()  # no rank tears the groups down while another still uses them
         dist.destroy_process_group()
 
 
@@ -124,4 +125,5 @@ def groups_worker(rank, world_size, size, init_file, reports):
             "gate_grad": layer.gate.wg.weight.grad.unique().tolist(),
         })
     finally:
+        dist.barrier()  # no rank tears the groups down while another still uses them
         dist.destroy_process_group()
