@@ -12,14 +12,19 @@ headless Chromium.
 """
 
 import asyncio
+import concurrent.futures
 import gc
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 import weakref
 
@@ -98,35 +103,58 @@ def test_least_recently_used_expert_set_is_evicted_and_freed(token_target, data_
 
 
 class Server:
-    def __init__(self, process, url):
-        self.process, self.url = process, url
+    def __init__(self, process, url, token=None):
+        self.process, self.url, self.token = process, url, token
+
+    def headers(self, content_type="application/json"):
+        headers = {"Content-Type": content_type} if content_type else {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    def raw_request(self, path, data=None, headers=None):
+        """``(status, headers, body bytes)`` of ``GET path`` (``data`` None) or ``POST path``."""
+        request = urllib.request.Request(self.url + path, data=data, headers=self.headers() if headers is None else headers)
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                return response.status, response.headers, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.headers, error.read()
 
     def request(self, path, body=None, raw=None):
         """``(status, JSON body)`` of ``GET path`` or ``POST path`` with ``body`` (JSON) / ``raw`` bytes."""
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        request = urllib.request.Request(self.url + path, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+        status, _, answer = self.raw_request(path, data)
+        return status, json.loads(answer)
 
     def translate(self, pair, texts, beam=BEAM, max_len_b=MAX_LEN):
         status, body = self.request("/translate", {"lang_pair": pair, "texts": texts, "beam": beam, "max_len_b": max_len_b})
         assert status == 200, body
         return body["translations"]
 
+    def health(self):
+        return self.request("/health")[1]
+
+    def wait_for(self, condition, what):
+        """Poll ``GET /health`` until ``condition(health)`` (a wait for the server's state, not a time bound)."""
+        for _ in range(6000):
+            health = self.health()
+            if condition(health):
+                return health
+            threading.Event().wait(0.01)
+        raise AssertionError(f"the server never reached: {what} ({health})")
+
     def rss_mib(self):
         with open(f"/proc/{self.process.pid}/status") as status:
             return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
 
 
-@pytest.fixture(scope="module")
-def server(trained):
-    checkpoint = trained.get("target", "target", UPDATES)
-    command = [sys.executable, "-m", "taskmoe_fairseq.serve", "--checkpoint", checkpoint, "--port", "0",
-               "--max-expert-sets", "4", "--max-texts", "32", "--max-body-bytes", "65536", "--threads", "1"]
-    process = subprocess.Popen(command, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_server(checkpoint, *options, token=None):
+    """The real server (``python -m taskmoe_fairseq.serve``) on a free loopback port."""
+    command = [sys.executable, "-m", "taskmoe_fairseq.serve", "--checkpoint", checkpoint, "--port", "0", "--threads", "1",
+               *options]
+    log = tempfile.TemporaryFile(mode="w+", encoding="utf-8")  # the server's log (a pipe could fill and block it)
+    process = subprocess.Popen(command, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=log, text=True)
     first = {}
     reader = threading.Thread(target=lambda: first.setdefault("line", process.stdout.readline()), daemon=True)
     reader.start()
@@ -134,10 +162,21 @@ def server(trained):
     match = re.fullmatch(r"taskmoe_fairseq\.serve: serving 6 pairs on (http://127\.0\.0\.1:\d+)\n", first.get("line", ""))
     if match is None:
         process.kill()
-        raise AssertionError(f"the server did not start: {first.get('line')!r}\n{process.stderr.read()[-3000:]}")
-    yield Server(process, match.group(1))
-    process.terminate()
-    assert process.wait(60) == 0  # SIGTERM: a clean stop
+        log.seek(0)
+        raise AssertionError(f"the server did not start: {first.get('line')!r}\n{log.read()[-3000:]}")
+    server = Server(process, match.group(1), token)
+    server.log = lambda: (log.seek(0), log.read())[1]
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    checkpoint = trained.get("target", "target", UPDATES)
+    server = start_server(checkpoint, "--max-expert-sets", "4", "--max-texts", "32", "--max-body-bytes", "65536",
+                          "--max-queue-requests", str(CONCURRENCY))  # the load test's clients all taken
+    yield server
+    server.process.terminate()
+    assert server.process.wait(60) == 0  # SIGTERM: a clean stop
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +309,227 @@ def test_bad_options_are_one_line(trained, tmp_path, capsys):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
     assert "truncated or corrupt" in cli("--checkpoint", str(broken))
+    assert "--host 0.0.0.0 is reachable from other machines and nothing guards it: pass --auth-token-file FILE" in cli(
+        "--checkpoint", checkpoint, "--host", "0.0.0.0")
+    assert "--host 192.168.1.2 is reachable" in cli("--checkpoint", checkpoint, "--host", "192.168.1.2", "--max-texts", "4")
+    assert "cannot read it" in cli("--checkpoint", checkpoint, "--auth-token-file", str(tmp_path / "none"))
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    assert f"--auth-token-file {empty} is empty" in cli("--checkpoint", checkpoint, "--auth-token-file", str(empty))
+    assert "--request-timeout must be a number of seconds above 0" in cli("--checkpoint", checkpoint, "--request-timeout", "0")
+    assert "--max-queue-requests must be at least 1" in cli("--checkpoint", checkpoint, "--max-queue-requests", "0")
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    for guard in (["--insecure"], ["--auth-token-file", str(token)]):  # a guarded or explicitly open host is taken
+        options = serve_cli.parse_args(["--checkpoint", checkpoint, "--host", "0.0.0.0", *guard])
+        assert options.auth_token == (None if guard == ["--insecure"] else "s3cret")
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert serve_cli.parse_args(["--checkpoint", checkpoint, "--host", host]).auth_token is None
+
+
+# ---------------------------------------------------------------- overload and abuse (issue 28), one guarded server
+
+TOKEN = "test-token-Zq3"
+MAX_QUEUE_TOKENS = 100000
+REQUEST_TIMEOUT = 10
+HEAVY = dict(beam=8, max_len_b=200)  # 32 texts at beam 8: the worker is busy for a while
+
+
+def heavy_texts(count=32):
+    return [f"Click the button number {i} to open the dialog and see the settings." for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def guarded(trained, tmp_path_factory):
+    """A server with small queue bounds, a deadline and a bearer token, on its own copy of the checkpoint
+    (the last test changes that copy)."""
+    folder = tmp_path_factory.mktemp("guarded")
+    checkpoint = str(folder / "serve.pt")
+    shutil.copyfile(trained.get("target", "target", UPDATES), checkpoint)
+    token_file = folder / "token"
+    token_file.write_text(TOKEN + "\n")
+    server = start_server(checkpoint, "--max-expert-sets", "1", "--max-texts", "32", "--max-body-bytes", "4000000",
+                          "--max-queue-requests", "2", "--max-queue-tokens", str(MAX_QUEUE_TOKENS),
+                          "--request-timeout", str(REQUEST_TIMEOUT), "--auth-token-file", str(token_file), token=TOKEN)
+    server.checkpoint = checkpoint
+    yield server
+    server.process.terminate()
+    assert server.process.wait(60) == 0
+
+
+class PartialPost:
+    """A raw connection that sent a ``POST /translate``'s headers and only the start of its body."""
+
+    def __init__(self, server, length=1000, start=b'{"lang_pair": '):
+        url = urllib.parse.urlsplit(server.url)
+        self.sock = socket.create_connection((url.hostname, url.port), timeout=120)
+        head = [f"POST /translate HTTP/1.1", f"Host: {url.netloc}", "Content-Type: application/json",
+                f"Content-Length: {length}"] + [f"{k}: {v}" for k, v in server.headers(None).items()]
+        self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + start)
+
+    def answer(self):
+        """``(status, headers, JSON body)`` of the answer (read up to its Content-Length)."""
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.sock.recv(65536)
+            assert chunk, f"the server closed the connection without an answer: {data!r}"
+            data += chunk
+        head, body = data.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        while len(body) < int(headers["content-length"]):
+            chunk = self.sock.recv(65536)
+            assert chunk
+            body += chunk
+        return int(lines[0].split()[1]), headers, json.loads(body)
+
+    def close(self):
+        self.sock.close()
+
+
+def test_json_is_utf8_and_client_input_is_never_a_500(guarded):
+    deep = b"[" * 200000 + b"]" * 200000
+    for raw, needle in [(deep, "malformed JSON body (nested too deeply)"),
+                        (b'{"lang_pair": "en-de", "texts": ["\\ud800"]}', "texts[0] is not valid Unicode"),
+                        (b'{"lang_pair": "en-de", "texts": ["ok", "a\\udfffb"]}', "texts[1] is not valid Unicode"),
+                        (b'{"lang_pair": "\\ud800", "texts": ["x"]}', "unknown lang_pair '\\ud800'"),
+                        (b'{"\\ud800": 1}', "unknown field '\\ud800'")]:
+        status, headers, body = guarded.raw_request("/translate", raw)
+        assert (status, headers["Content-Type"]) == (400, "application/json; charset=utf-8"), body[:200]
+        error = json.loads(body)["error"]
+        assert needle in error and "\n" not in error, error
+    # answers are UTF-8, not \u escapes
+    status, _, body = guarded.raw_request("/translate", json.dumps({"lang_pair": "en-ф", "texts": ["x"]}).encode())
+    assert status == 400 and "unknown lang_pair 'en-ф'".encode() in body and b"\\u" not in body
+    status, headers, body = guarded.raw_request("/translate", json.dumps({"lang_pair": "en-ru", "texts": heavy_texts(2)}).encode())
+    assert status == 200 and headers["Content-Type"] == "application/json; charset=utf-8"
+    assert b"\\u" not in body and any("\u0400" <= char <= "\u04ff" for char in body.decode("utf-8"))  # Cyrillic, raw
+
+
+def test_only_json_bodies_with_the_token_are_taken(guarded):
+    body = json.dumps({"lang_pair": "en-de", "texts": ["Hello"]}).encode()
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        headers = {**auth, **({"Content-Type": content_type} if content_type else {})}
+        status, _, answer = guarded.raw_request("/translate", body, headers)
+        assert status == 415 and "Content-Type: application/json" in json.loads(answer)["error"], (content_type, answer)
+    for headers in ({"Content-Type": "application/json"}, {"Content-Type": "application/json", "Authorization": "Bearer nope"},
+                    {"Content-Type": "application/json", "Authorization": TOKEN}):
+        status, answer_headers, answer = guarded.raw_request("/translate", body, headers)
+        assert status == 401 and answer_headers["WWW-Authenticate"].startswith("Bearer"), answer
+        assert "bearer token" in json.loads(answer)["error"]
+    assert guarded.raw_request("/pairs", None, {})[0] == 401
+    assert guarded.raw_request("/health", None, {})[0] == 200 and guarded.raw_request("/", None, {})[0] == 200
+    status, answer = guarded.request("/translate", raw=body)  # the token, JSON: served
+    assert status == 200 and len(answer["translations"]) == 1
+
+
+def test_a_full_queue_is_a_503_with_retry_after_and_a_client_that_leaves_frees_its_place(guarded):
+    holders = [PartialPost(guarded), PartialPost(guarded)]  # two places taken, their bodies never come
+    guarded.wait_for(lambda health: health["queue"]["requests"] == 2, "2 requests taken")
+    status, headers, body = guarded.raw_request("/translate", json.dumps({"lang_pair": "en-de", "texts": ["Hi"]}).encode())
+    assert (status, headers["Retry-After"]) == (503, "1") and "busy" in json.loads(body)["error"]
+    for holder in holders:
+        holder.close()
+    guarded.wait_for(lambda health: health["queue"]["requests"] == 0, "the places given back")
+    assert guarded.translate("en-de", ["Hi"]) == guarded.translate("en-de", ["Hi"])
+
+
+def test_the_token_bound_is_a_413_for_one_request_and_a_503_while_full(guarded):
+    status, body = guarded.request("/translate", {"lang_pair": "en-ru", "texts": ["word " * 200] * 32, **HEAVY})
+    assert status == 413 and f"the server holds {MAX_QUEUE_TOKENS} at most" in body["error"], body
+    heavy = dict(lang_pair="en-ru", texts=heavy_texts(), **HEAVY)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(guarded.request, "/translate", heavy)
+        guarded.wait_for(lambda health: health["queue"]["tokens"] > MAX_QUEUE_TOKENS / 2, "the first request's tokens taken")
+        status, body = guarded.request("/translate", heavy)  # fits alone, not beside the first
+        assert status == 503 and "queue tokens in use" in body["error"], body
+        assert first.result()[0] == 200
+    assert guarded.health()["queue"] == {"requests": 0, "max_requests": 2, "tokens": 0, "max_tokens": MAX_QUEUE_TOKENS,
+                                         "request_timeout": REQUEST_TIMEOUT}
+
+
+def test_a_request_past_its_deadline_is_a_504(guarded):
+    late = PartialPost(guarded)  # its body never completes: the deadline answers
+    status, headers, body = late.answer()
+    late.close()
+    assert (status, headers["content-type"]) == (504, "application/json; charset=utf-8")
+    assert f"no answer within {REQUEST_TIMEOUT} s (the server's --request-timeout)" in body["error"]
+    guarded.wait_for(lambda health: health["queue"]["requests"] == 0, "the place given back")
+
+
+def test_work_of_a_client_that_left_is_dropped(guarded):
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        kept = pool.submit(guarded.request, "/translate", dict(lang_pair="en-ru", texts=heavy_texts(), **HEAVY))
+        before = guarded.wait_for(lambda health: health["queue"]["tokens"] > 0, "the first request queued")
+        body = json.dumps(dict(lang_pair="en-ru", texts=heavy_texts(8), beam=4, max_len_b=30)).encode()  # another group
+        left = PartialPost(guarded, length=len(body), start=body)
+        guarded.wait_for(lambda health: health["queue"]["tokens"] > before["queue"]["tokens"], "the second one queued")
+        left.close()  # its client goes away while the first is decoded
+        assert kept.result()[0] == 200
+    settled = sum(before["worker"][key] for key in ("requests_done", "requests_dropped")) + 2
+    after = guarded.wait_for(lambda health: health["queue"]["requests"] == 0 and sum(
+        health["worker"][key] for key in ("requests_done", "requests_dropped")) == settled, "both settled by the worker")
+    assert after["worker"]["requests_dropped"] == before["worker"]["requests_dropped"] + 1, (before["worker"], after["worker"])
+    assert after["worker"]["requests_done"] == before["worker"]["requests_done"] + 1  # the first only
+
+
+def test_health_answers_while_a_huge_text_is_checked(guarded):
+    import aiohttp
+
+    async def scenario():
+        async with aiohttp.ClientSession(headers=guarded.headers(None)) as session:
+            huge = asyncio.ensure_future(session.post(guarded.url + "/translate",
+                                                      json={"lang_pair": "en-de", "texts": ["word " * 200000]}))
+            taken = 0
+            while not taken:  # until the server has taken the request
+                async with session.get(guarded.url + "/health") as response:
+                    taken = (await response.json())["queue"]["requests"]
+            async with session.get(guarded.url + "/health") as response:  # while its text is encoded and counted
+                assert response.status == 200 and not huge.done()
+            async with await huge as response:
+                return response.status, await response.json()
+
+    status, body = asyncio.run(scenario())
+    assert status == 400 and re.fullmatch(r"texts\[0\] has \d+ tokens; the model takes at most 1023 \(split the text\)",
+                                          body["error"]), body
+
+
+def test_a_touched_checkpoint_is_no_change_and_a_changed_one_is_the_servers_503(guarded, trained):
+    guarded.translate("en-de", ["Hello"])  # one expert set at most: the pairs below are loaded from the file again
+    os.utime(guarded.checkpoint)  # same bytes, new time
+    want = guarded.translate("en-fr", heavy_texts(3))
+    assert guarded.health()["status"] == "ok"
+    with open(trained.get("token", "target"), "rb") as other, open(guarded.checkpoint, "wb") as changed:
+        shutil.copyfileobj(other, changed)  # another checkpoint written over it in place
+    status, body = guarded.request("/translate", {"lang_pair": "en-ru", "texts": ["Hello"]})
+    assert status == 503 and "checkpoint changed on disk" in body["error"] and "/" not in body["error"], body
+    status, health = guarded.request("/health")
+    assert status == 503 and "checkpoint changed on disk" in health["status"] and "/" not in health["status"]
+    assert guarded.translate("en-fr", heavy_texts(3)) == want  # what is loaded still serves
+    assert f"{guarded.checkpoint} changed on disk" in guarded.log()  # the detail is in the log
+
+
+def test_sigterm_answers_or_refuses_what_is_in_flight_and_exits(trained):
+    server = start_server(trained.get("target", "target", UPDATES), "--max-texts", "32")
+    import aiohttp
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            async def post():
+                async with session.post(server.url + "/translate", json=dict(lang_pair="en-ru", texts=heavy_texts(),
+                                                                             **HEAVY)) as response:
+                    return response.status, await response.json()
+
+            posts = [asyncio.ensure_future(post()) for _ in range(3)]
+            waiting = PartialPost(server)
+            await asyncio.to_thread(server.wait_for, lambda health: health["queue"]["requests"] == 4, "4 requests taken")
+            server.process.terminate()
+            answered = await asyncio.gather(*posts)
+            return answered, await asyncio.to_thread(waiting.answer)
+
+    answered, (status, _, body) = asyncio.run(scenario())
+    assert server.process.wait(60) == 0
+    assert (status, body) == (503, {"error": "the server is shutting down; retry later"})  # its body never came
+    assert all(status in (200, 503) for status, _ in answered) and any(status == 503 for status, _ in answered), answered
+    assert "Traceback" not in server.log()

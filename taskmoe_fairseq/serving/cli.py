@@ -5,24 +5,34 @@ Examples::
     python -m taskmoe_fairseq.serve --checkpoint ckpt/checkpoint_best.pt
     python -m taskmoe_fairseq.serve --checkpoint ckpt/checkpoint_best.pt --lang-pairs en-de,de-en \\
         --max-expert-sets 2 --host 127.0.0.1 --port 8080
+    python -m taskmoe_fairseq.serve --checkpoint ckpt/checkpoint_best.pt --host 0.0.0.0 --auth-token-file token.txt
 
 It reads the checkpoint's shared weights once (:class:`SharedWeights`), loads each pair's experts
 on first use and keeps at most ``--max-expert-sets`` expert sets (least recently used evicted),
 and serves the API of :mod:`taskmoe_fairseq.serving.app` until SIGINT or SIGTERM. Once it
 listens it prints one line, ``taskmoe_fairseq.serve: serving N pairs on http://HOST:PORT``
 (``--port 0``: a free port, the line tells which). Bad options or checkpoints: one line
-``taskmoe_fairseq.serve: error: ...`` and exit status 2.
+``taskmoe_fairseq.serve: error: ...`` and exit status 2; so is a ``--host`` that is not a loopback
+address without ``--auth-token-file`` (or ``--insecure``). On SIGINT/SIGTERM it stops listening,
+answers every waiting request 503 at once, gives connections ``SHUTDOWN_SECONDS`` to close and the
+worker thread ``WORKER_STOP_SECONDS`` to end (it stops between two fairseq batches); a batch still
+being decoded then (nobody waits for it) ends with the process (``os._exit``, after flushing).
 """
 
 import argparse
 import asyncio
+import ipaddress
 import logging
+import math
+import os
 import signal
 import sys
 
 from taskmoe_fairseq.errors import run_cli, usage_error
 
 PROG = "taskmoe_fairseq.serve"
+SHUTDOWN_SECONDS = 3.0  # aiohttp's shutdown_timeout
+WORKER_STOP_SECONDS = 1.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +47,8 @@ def parse_args(argv=None):
     parser.add_argument("--lang-pairs", help="comma-separated pairs to serve (default: the checkpoint's training pairs)")
     parser.add_argument("--max-expert-sets", type=int, default=4,
                         help="expert sets kept loaded; the least recently used beyond are evicted (default 4)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; another than loopback needs --auth-token-file or --insecure)")
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
     parser.add_argument("--data-dir", help="binarized data folder with the dictionaries (default: the checkpoint's own "
                         "folder when extract put them there, else the one recorded in the checkpoint)")
@@ -50,10 +61,28 @@ def parse_args(argv=None):
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body size limit (default 1 MiB)")
     parser.add_argument("--batch-size", type=int, default=64, help="sentences per forward (default 64)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--max-queue-requests", type=int, default=32,
+                        help="requests taken at once, waiting or decoding; more are answered 503 (default 32)")
+    parser.add_argument("--max-queue-tokens", type=int, default=1 << 20,
+                        help="sum over the requests taken of beam x (source tokens + max_len_b) per text; "
+                             "more: 503 (default 1048576)")
+    parser.add_argument("--request-timeout", type=float, default=60.0,
+                        help="seconds a request may take from arrival to answer; then 504 and its work is dropped (default 60)")
+    parser.add_argument("--auth-token-file", help="file holding a bearer token every request but GET / and GET /health "
+                                                  "must send (Authorization: Bearer TOKEN)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --host without --auth-token-file (anyone who reaches it may use it)")
     options = parser.parse_args(argv)
-    for name in ("max_expert_sets", "beam", "max_beam", "max_len_b", "max_texts", "max_body_bytes", "batch_size"):
+    for name in ("max_expert_sets", "beam", "max_beam", "max_len_b", "max_texts", "max_body_bytes", "batch_size",
+                 "max_queue_requests", "max_queue_tokens"):
         if getattr(options, name) < 1:
             raise usage_error(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(options, name)})")
+    if not (math.isfinite(options.request_timeout) and options.request_timeout > 0):
+        raise usage_error(f"--request-timeout must be a number of seconds above 0 (got {options.request_timeout:g})")
+    options.auth_token = read_token(options.auth_token_file) if options.auth_token_file else None
+    if options.auth_token is None and not options.insecure and not is_loopback(options.host):
+        raise usage_error(f"--host {options.host} is reachable from other machines and nothing guards it: pass "
+                          "--auth-token-file FILE (a bearer token), or --insecure to serve anyone who reaches it")
     if options.beam > options.max_beam:
         raise usage_error(f"--beam {options.beam} is over --max-beam {options.max_beam}")
     if not 0 <= options.port <= 65535:
@@ -61,6 +90,35 @@ def parse_args(argv=None):
     if options.threads is not None and options.threads < 1:
         raise usage_error(f"--threads must be at least 1 (got {options.threads})")
     return options
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback IP address (``127.0.0.0/8``, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(path: str) -> str:
+    """The bearer token in ``path`` (surrounding whitespace stripped).
+
+    Raises:
+        TaskMoeError: unreadable, empty, or not printable ASCII without spaces (an HTTP header value).
+    """
+    try:
+        with open(path, encoding="utf-8") as stream:
+            token = stream.read().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise usage_error(f"--auth-token-file {path}: cannot read it ({getattr(error, 'strerror', None) or error})") from None
+    if not token:
+        raise usage_error(f"--auth-token-file {path} is empty; write a token in it (e.g. python -c "
+                          "'import secrets; print(secrets.token_urlsafe(32))' > FILE)")
+    if not all("!" <= char <= "~" for char in token):
+        raise usage_error(f"--auth-token-file {path}: the token must be printable ASCII without spaces")
+    return token
 
 
 def build_service(options):
@@ -78,7 +136,8 @@ async def serve(app, host: str, port: int, pairs: int):
     """Listen until SIGINT/SIGTERM; print the address once listening."""
     from aiohttp import web
 
-    runner = web.AppRunner(app, access_log=None)
+    # handler_cancellation: a client that disconnects cancels its handler, which drops its work
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
@@ -106,7 +165,7 @@ def main(argv=None) -> int:
         raise usage_error("aiohttp is not installed: pip install 'taskmoe-fairseq[serve]'") from None
     import torch
 
-    from taskmoe_fairseq.serving.app import build_app
+    from taskmoe_fairseq.serving.app import Limits, build_app
     from taskmoe_fairseq.serving.batching import BatchingWorker
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -114,11 +173,19 @@ def main(argv=None) -> int:
         torch.set_num_threads(options.threads)
     service = build_service(options)
     worker = BatchingWorker(service.translate, max_group_texts=max(options.batch_size, options.max_texts))
-    app = build_app(service, worker, default_beam=options.beam, max_body_bytes=options.max_body_bytes)
+    limits = Limits(max_requests=options.max_queue_requests, max_tokens=options.max_queue_tokens,
+                    request_timeout=options.request_timeout, max_body_bytes=options.max_body_bytes,
+                    default_beam=options.beam, auth_token=options.auth_token)
+    app = build_app(service, worker, limits)
     try:
         asyncio.run(serve(app, options.host, options.port, len(service.pairs)))
     finally:
-        worker.stop()
+        stopped = worker.stop(timeout=WORKER_STOP_SECONDS)
+    if not stopped:  # a batch nobody waits for is still decoding: end now (a normal exit would wait or abort in torch)
+        logging.getLogger(__name__).warning("stopped while a batch was being decoded (its requests were answered 503)")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -74,7 +74,8 @@ def build_pair_model(weights, pair: str):
 
     Returns ``(model, rows)``; the model shares every non-expert tensor with ``weights.shared``.
     Raises:
-        TaskMoeError: the checkpoint changed on disk, or the pair has no sub-network.
+        CheckpointChanged: the checkpoint changed on disk (:meth:`SharedWeights.read_experts`).
+        TaskMoeError: the pair has no sub-network.
     """
     if weights.layers:
         args = extraction.extracted_args(weights.args, pair)

@@ -5,7 +5,8 @@ the pair's sub-network: the :class:`ExpertSetStore` loads it on first use, and t
 through the same code as ``python -m taskmoe_fairseq.translate`` (fairseq's hub interface: the
 SentencePiece model splits the text, the task adds the language tags, fairseq's generator
 decodes, :func:`taskmoe_fairseq.translate.translate_lines` orders, batches and detokenizes).
-Every problem with a request is a :class:`~taskmoe_fairseq.errors.TaskMoeError` with one line.
+Every problem with a request is a :class:`~taskmoe_fairseq.errors.TaskMoeError` with one line
+that names no server file (it is the client's answer).
 """
 
 import copy
@@ -86,8 +87,13 @@ class TranslationService:
         """Tokens of ``text`` as the model sees them (SentencePiece pieces and ``</s>``, as the hub encodes)."""
         return self.dictionary.encode_line(self.bpe.encode(text), add_if_not_exist=False).numel()
 
-    def check(self, pair, texts, beam, max_len_b) -> None:
-        """Raise :class:`TaskMoeError` (one line) for a request the server cannot translate."""
+    def check(self, pair, texts, beam, max_len_b) -> int:
+        """The request's cost: ``beam`` x the sum over its texts of (source tokens + ``max_len_b``), i.e. the
+        most tokens its beams may hold (an empty text: 0).
+
+        Raises:
+            TaskMoeError: (one line) a request the server cannot translate.
+        """
         if not isinstance(pair, str) or pair not in self.pairs:
             raise usage_error(f"unknown lang_pair {pair!r}; this server translates {', '.join(self.pairs)}")
         if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
@@ -100,14 +106,29 @@ class TranslationService:
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= largest:
                 raise usage_error(f'"{name}" must be an integer from 1 to {largest} (got {value!r})')
         for number, text in enumerate(texts):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:  # a lone surrogate (JSON's "\\ud800" escape): not text
+                raise usage_error(f"texts[{number}] is not valid Unicode ({error.reason} at character {error.start}); "
+                                  "send UTF-8 text") from None
+        cost = 0
+        for number, text in enumerate(texts):
             tokens = self.source_tokens(text) if text.strip() else 0
             if tokens > self.max_source_tokens:
                 raise usage_error(f"texts[{number}] has {tokens} tokens; the model takes at most {self.max_source_tokens} "
                                   "(split the text)")
+            cost += beam * (tokens + max_len_b) if tokens else 0
+        return cost
 
-    def translate(self, pair: str, texts: List[str], beam: int, max_len_b: int) -> List[str]:
-        """Detokenized translations of ``texts`` (checked with :meth:`check` first), in order."""
+    def translate(self, pair: str, texts: List[str], beam: int, max_len_b: int, on_batch=None) -> List[str]:
+        """Detokenized translations of ``texts`` (checked with :meth:`check` first), in order; ``on_batch(n)``
+        after each batch of ``n`` sentences (``translate_lines``'s hook; it may raise to stop).
+
+        Raises:
+            CheckpointChanged: the pair's experts are not loaded and the checkpoint's content changed on disk.
+        """
         from taskmoe_fairseq.translate import translate_lines
 
         translator = self.store.translator(pair)
-        return translate_lines(translator, texts, beam=beam, max_len_b=max_len_b, batch_size=self.batch_size)
+        return translate_lines(translator, texts, beam=beam, max_len_b=max_len_b, batch_size=self.batch_size,
+                               on_batch=on_batch)

@@ -17,11 +17,17 @@ keeps in memory:
 
 :meth:`SharedWeights.read_experts` maps the file again, copies only the requested expert tensors
 and drops the map, so a pair's experts cost one pickle parse and their own bytes, and an evicted
-expert set leaves no mapped pages behind.
+expert set leaves no mapped pages behind. Before it does, it checks that the file still holds what
+the server read at start: same inode, size and modification time, or else the same SHA-256 (taken
+once at start, one sequential read of the file), so a ``touch`` or a copy of the same bytes is no
+change while an edited or replaced checkpoint is :class:`CheckpointChanged` (a server failure, 503,
+not the client's).
 """
 
 import copy
+import hashlib
 import os
+import threading
 from typing import Dict, Iterable, List
 
 import torch
@@ -31,6 +37,11 @@ from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.models import extraction
 from taskmoe_fairseq.models.router import ROUTER_PREFIX
 
+
+
+class CheckpointChanged(Exception):
+    """The checkpoint file no longer holds what the server read at start (the message names the file:
+    for the server's log, never for a client)."""
 
 
 def _config(state: dict, path: str, overrides: dict):
@@ -87,7 +98,9 @@ class SharedWeights:
         self.path = os.path.abspath(checkpoint)
         if not os.path.isfile(self.path):
             raise usage_error(f"{checkpoint}: no such checkpoint file")
-        self._stamp = self._file_stamp()
+        self._lock = threading.Lock()
+        self._stamp, self._changed_stamp = self._file_stamp(), None
+        self._digest = self._content_digest()
         state = compat.safe_torch_load(self.path, mmap=True)
         languages = assets.model_languages(model_args_of(state, checkpoint))[0]
         self.data_dir = assets.data_dir_for(self.path, assets.recorded_data_dir(state), languages, data_dir)  # --data-dir, beside, recorded
@@ -124,7 +137,35 @@ class SharedWeights:
 
     def _file_stamp(self):
         info = os.stat(self.path)
-        return info.st_size, info.st_mtime_ns
+        return info.st_ino, info.st_size, info.st_mtime_ns
+
+    def _content_digest(self) -> str:
+        with open(self.path, "rb") as stream:
+            return hashlib.file_digest(stream, "sha256").hexdigest()
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`CheckpointChanged` if the file's content differs from the one read at start (or it
+        is gone). A new stamp (inode, size, mtime) costs one SHA-256 of the file; the same content again
+        (``touch``) is accepted and its stamp remembered. Thread-safe.
+        """
+        with self._lock:
+            try:
+                stamp = self._file_stamp()
+            except OSError as error:
+                raise CheckpointChanged(f"{self.path} cannot be read any more ({error.strerror or error})") from None
+            if stamp == self._stamp:
+                return
+            if stamp != self._changed_stamp:
+                try:
+                    same = self._content_digest() == self._digest
+                except OSError as error:
+                    raise CheckpointChanged(f"{self.path} cannot be read any more ({error.strerror or error})") from None
+                if same:
+                    self._stamp = stamp  # touched or copied, same bytes
+                    return
+                self._changed_stamp = stamp
+            raise CheckpointChanged(f"{self.path} changed on disk since the server started (its SHA-256 differs); "
+                                    "restart the server to serve the new checkpoint")
 
     def _training_pairs(self) -> List[str]:
         pairs = getattr(self.cfg.task, "lang_pairs", None)
@@ -155,12 +196,11 @@ class SharedWeights:
         """Copies of the named expert tensors, read from a fresh map of the checkpoint.
 
         Raises:
-            TaskMoeError: the file changed since the server started.
+            CheckpointChanged: the file's content changed since the server started (:meth:`check_unchanged`).
         """
         from taskmoe_fairseq import compat
 
-        if not os.path.isfile(self.path) or self._file_stamp() != self._stamp:
-            raise usage_error(f"{self.path} changed on disk since the server started; restart the server")
+        self.check_unchanged()
         state = compat.safe_torch_load(self.path, mmap=True)
         model_state = state["model"]
         self._skeleton.upgrade_state_dict(model_state)
