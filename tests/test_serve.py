@@ -495,6 +495,27 @@ def test_health_answers_while_a_huge_text_is_checked(guarded):
                                           body["error"]), body
 
 
+def test_overload_answers_every_taken_request_right_and_refuses_the_rest(guarded):
+    """benchmarks/measure_overload.py, bounded: 10x the places (2) in clients, 80 requests, 30% abandoned
+    by their clients at random; asserts statuses, answers and memory, never time."""
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import measure_overload
+
+    pool = measure_overload.request_pool(["en-de", "en-ru"], max_texts=8)
+    answers = asyncio.run(measure_overload.sequential_answers(guarded.url, guarded.headers(None), pool))
+    assert asyncio.run(measure_overload.burst(guarded.url, guarded.headers(None), pool[-1], 2)) == [200, 200]  # the warm-up
+    bound = guarded.health()["rss_mib"] + 2 * 4000000 * measure_overload.BODY_FACTOR / 2 ** 20  # 2 places, 4 MB bodies
+    result = asyncio.run(measure_overload.overload(guarded.url, guarded.headers(None), pool, clients=20, duration=3600,
+                                                   max_sent=80, disconnect_rate=0.3, seed=1, health_interval=0.05,
+                                                   abandon_after=0.3))
+    summary = measure_overload.check(result, answers, bound)
+    assert summary["ok"], summary  # only 200 (each equal to its sequential answer), 503 with Retry-After, 504
+    assert summary["sent"] == 80 and summary["statuses"].get("200") and summary["statuses"].get("503"), summary
+    assert summary["peak_queue_requests"] <= 2
+    settled = guarded.wait_for(lambda health: health["queue"]["requests"] == 0, "every request settled")
+    assert settled["queue"]["tokens"] == 0
+
+
 def test_a_touched_checkpoint_is_no_change_and_a_changed_one_is_the_servers_503(guarded, trained):
     guarded.translate("en-de", ["Hello"])  # one expert set at most: the pairs below are loaded from the file again
     os.utime(guarded.checkpoint)  # same bytes, new time
