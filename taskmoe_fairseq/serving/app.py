@@ -94,8 +94,14 @@ dumps = functools.partial(json.dumps, ensure_ascii=False)
 
 
 def json_response(body, status: int = 200, headers=None) -> web.Response:
-    """``body`` as UTF-8 JSON (``Content-Type: application/json; charset=utf-8``)."""
-    return web.json_response(body, status=status, headers=headers, dumps=dumps)
+    """``body`` as UTF-8 JSON (``Content-Type: application/json; charset=utf-8``); a string that cannot be
+    UTF-8 (a lone surrogate) makes the whole body ASCII JSON with ``\\u`` escapes instead."""
+    text = dumps(body)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(body)
+    return web.json_response(text=text, status=status, headers=headers)
 
 
 def error_response(status: int, message: str, headers=None) -> web.Response:
@@ -141,7 +147,9 @@ async def bearer_auth(request, handler):
     token = request.app[LIMITS].auth_token
     if token is not None and request.path not in OPEN_PATHS:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        given = given.strip()
+        # the token is printable ASCII (cli.read_token); anything else, e.g. bytes that are not UTF-8, is wrong
+        if scheme.lower() != "bearer" or not given.isascii() or not hmac.compare_digest(given.encode(), token.encode()):
             return error_response(401, "missing or wrong bearer token; send the header Authorization: Bearer <token>",
                                   headers={"WWW-Authenticate": 'Bearer realm="taskmoe"'})
     return await handler(request)
@@ -165,7 +173,7 @@ def prepare(service, limits: Limits, raw: bytes):
         raise usage_error('the body must be a JSON object: {"lang_pair": "en-de", "texts": ["..."], "beam": 4}')
     unknown = sorted(set(body) - set(FIELDS))
     if unknown:
-        raise usage_error(f"unknown field {unknown[0]!r}; the fields are {', '.join(FIELDS)}")
+        raise usage_error(f"unknown field {unknown[0]!r:.60}; the fields are {', '.join(FIELDS)}")
     pair, texts = body.get("lang_pair"), body.get("texts")
     beam, max_len_b = body.get("beam", limits.default_beam), body.get("max_len_b", service.max_len_b)
     cost = service.check(pair, texts, beam, max_len_b)

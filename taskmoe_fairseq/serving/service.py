@@ -95,7 +95,7 @@ class TranslationService:
             TaskMoeError: (one line) a request the server cannot translate.
         """
         if not isinstance(pair, str) or pair not in self.pairs:
-            raise usage_error(f"unknown lang_pair {pair!r}; this server translates {', '.join(self.pairs)}")
+            raise usage_error(f"unknown lang_pair {pair!r:.60}; this server translates {', '.join(self.pairs)}")
         if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
             raise usage_error('"texts" must be a list of strings')
         if not texts:
@@ -104,7 +104,7 @@ class TranslationService:
             raise usage_error(f'"texts" has {len(texts)} texts; at most {self.max_texts} per request (split the request)')
         for name, value, largest in (("beam", beam, self.max_beam), ("max_len_b", max_len_b, self.max_len_b)):
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= largest:
-                raise usage_error(f'"{name}" must be an integer from 1 to {largest} (got {value!r})')
+                raise usage_error(f'"{name}" must be an integer from 1 to {largest} (got {value!r:.60})')
         for number, text in enumerate(texts):
             try:
                 text.encode("utf-8")
