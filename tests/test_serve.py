@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -97,6 +98,53 @@ def test_least_recently_used_expert_set_is_evicted_and_freed(token_target, data_
     stats = service.store.stats()
     assert (stats["loads"], stats["evictions"], len(stats["loaded"])) == (3, 2, 1)
     assert stats["loaded"][0]["pairs"] == ["en-de"]
+
+
+def test_the_worker_drops_unwanted_jobs_before_and_between_batches():
+    """BatchingWorker with a stand-in translate (two "batches", ``on_batch`` between them, each waiting for the
+    test): a job abandoned or past its deadline is never decoded; a group abandoned while decoding stops after
+    the batch it is in; stop() refuses the queue."""
+    from taskmoe_fairseq.serving.batching import Abandoned, BatchingWorker, Job, ServerStopping
+
+    entered, proceed, batches = threading.Semaphore(0), threading.Semaphore(0), []
+
+    def translate(pair, texts, beam, max_len_b, on_batch):
+        for half in (texts[:1], texts[1:]):
+            if half:
+                entered.release()
+                assert proceed.acquire(timeout=60)
+                batches.append(list(half))
+                on_batch(len(half))
+        return [text.upper() for text in texts]
+
+    worker = BatchingWorker(translate, max_group_texts=8)
+    first = worker.submit(Job("en-de", ["a"], 1, 10))
+    assert entered.acquire(timeout=60)  # the worker decodes "a"; the jobs below wait in its queue
+    left, late = Job("en-de", ["b"], 2, 10), Job("en-de", ["c"], 3, 10, deadline=time.monotonic() - 1)
+    leaving = Job("en-de", ["d", "e"], 4, 10)
+    for job in (left, late, leaving):
+        worker.submit(job)
+    left.abandon()
+    proceed.release()
+    assert first.result(60) == ["A"]
+    assert entered.acquire(timeout=60)  # "d", first batch: the next job decoded is leaving's ("b" and "c" skipped)
+    leaving.abandon()  # its client leaves during the first batch
+    proceed.release()
+    with pytest.raises(Abandoned):
+        leaving.future.result(60)
+    assert batches == [["a"], ["d"]]  # "e" never decoded
+    assert (worker.jobs_done, worker.jobs_dropped) == (1, 3)
+    running = worker.submit(Job("en-de", ["f", "g"], 1, 10))
+    assert entered.acquire(timeout=60)  # "f" is being decoded
+    queued = worker.submit(Job("en-de", ["h"], 2, 10))
+    worker.stop(timeout=0)  # the queue is refused at once, the running group stops after its batch
+    with pytest.raises(ServerStopping):
+        queued.result(60)
+    proceed.release()
+    with pytest.raises(ServerStopping):
+        running.result(60)
+    assert worker.stop(timeout=60)  # the thread ended
+    assert batches == [["a"], ["d"], ["f"]]
 
 
 # ---------------------------------------------------------------- over loopback: one real server
