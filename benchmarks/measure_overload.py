@@ -16,9 +16,11 @@ flight, and the time to its exit is taken.
 Checked and recorded (nothing is asserted on the machine's speed): every answer is 200, 503
 (``Retry-After``) or 504, and each 200 equals its sequential answer; the /health latencies (p50,
 p99, max); the peak resident memory against the bound the limits give: resident memory after the
-warm-up (each request once, then ``--max-queue-requests`` copies of the heaviest at once: the
-largest batch the worker can decode) + ``max_queue_requests`` x ``max_body_bytes`` x ``BODY_FACTOR``
-(a taken request holds at most its body, its decoded text and its parsed JSON); SIGTERM to exit. Loopback only; it stops by
+warm-up (each request once, ``--max-queue-requests`` copies of the heaviest at once: the largest
+batch the worker decodes, then ``--warm-up`` seconds of the same load: the connections', threads'
+and allocator's working set; its peak) + ``max_queue_requests`` x ``max_body_bytes`` x ``BODY_FACTOR`` (a
+taken request holds at most its body, its decoded text and its parsed JSON), i.e. memory does not
+grow with the number of requests sent, only with what the limits let in; SIGTERM to exit. Loopback only; it stops by
 itself (``--duration``, ``--max-sent``). ``tests/test_serve.py`` runs :func:`overload` against its
 own server with a few dozen requests and asserts the same properties.
 """
@@ -195,6 +197,8 @@ def check(result: dict, answers: list, rss_bound_mib: float, stopped: bool = Fal
         "health_not_200": sum(1 for h in result["health"] if h["status"] != 200),
         "peak_queue_requests": max((h["queue"]["requests"] for h in result["health"]), default=0),
         "rss_peak_mib": peak,
+        "rss_peak_first_half_mib": max((h["rss_mib"] for h in result["health"][:len(latencies) // 2]), default=float("nan")),
+        "rss_peak_second_half_mib": max((h["rss_mib"] for h in result["health"][len(latencies) // 2:]), default=float("nan")),
         "rss_bound_mib": round(rss_bound_mib, 1),
     }
     out["ok"] = (not out["unexpected_statuses"] and not out["503_without_retry_after"] and not wrong
@@ -240,6 +244,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clients-factor", type=int, default=10, help="clients = this x --max-queue-requests (default 10)")
     parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--warm-up", type=float, default=10.0, help="seconds of the same load before the measured run (default 10)")
     parser.add_argument("--max-sent", type=int, default=20000, help="stop after this many requests at most")
     parser.add_argument("--disconnect-rate", type=float, default=0.3)
     parser.add_argument("--abandon-after", type=float, default=2.0, help="an abandoning client waits up to this (s)")
@@ -264,7 +269,10 @@ def main(argv=None) -> int:
         try:
             answers = asyncio.run(sequential_answers(url, headers, pool))  # also the warm-up: every pair loaded
             warm_statuses = asyncio.run(burst(url, headers, pool[-1], options.max_queue_requests))
-            rss_warm = _health(url, headers)["rss_mib"]
+            warm_up = asyncio.run(overload(url, headers, pool, options.clients_factor * options.max_queue_requests,
+                                           options.warm_up, options.max_sent, options.disconnect_rate, options.seed + 1,
+                                           options.health_interval, abandon_after=options.abandon_after))
+            rss_warm = max([_health(url, headers)["rss_mib"]] + [h["rss_mib"] for h in warm_up["health"]])  # its peak
             bound = rss_warm + options.max_queue_requests * options.max_body_bytes * BODY_FACTOR / 2 ** 20
             stopped_at = {}
 
@@ -283,10 +291,11 @@ def main(argv=None) -> int:
         log.seek(0)
         server_log = log.read()
     summary = check(result, answers, bound, stopped=True)
-    summary.update(rss_warm_mib=rss_warm, warm_up_burst_statuses=warm_statuses, sigterm_exit_code=code, sigterm_to_exit_s=round(exit_seconds, 2),
+    summary.update(rss_warm_mib=rss_warm, warm_up_burst_statuses=warm_statuses, warm_up=check(warm_up, answers, float("inf")),
+                   sigterm_exit_code=code, sigterm_to_exit_s=round(exit_seconds, 2),
                    load_seconds=round(result["load_seconds"], 1), clients=options.clients_factor * options.max_queue_requests,
                    tracebacks_in_log=server_log.count("Traceback"))
-    summary["ok"] = summary["ok"] and code == 0 and exit_seconds < 10 and summary["health_p99_s"] < 1
+    summary["ok"] = summary["ok"] and summary["warm_up"]["ok"] and code == 0 and exit_seconds < 10 and summary["health_p99_s"] < 1
     record["summary"] = summary
     record["pool"] = [{"lang_pair": r["lang_pair"], "texts": len(r["texts"]), "beam": r["beam"], "max_len_b": r["max_len_b"]}
                       for r in pool]
