@@ -18,16 +18,18 @@ Checked and recorded (nothing is asserted on the machine's speed): every answer 
 p99, max); the peak resident memory against the bound the limits give: resident memory after the
 warm-up (each request once, ``--max-queue-requests`` copies of the heaviest at once: the largest
 batch the worker decodes, then ``--warm-up`` seconds of the same load: the connections', threads'
-and allocator's working set; its peak) + ``max_queue_requests`` x ``max_body_bytes`` x ``BODY_FACTOR`` (a
+and allocator's working set; its peak: RSS swings by tens of MiB with the batches decoded, so the
+warm-up is as long as the run) + ``max_queue_requests`` x ``max_body_bytes`` x ``BODY_FACTOR`` (a
 taken request holds at most its body, its decoded text and its parsed JSON), i.e. memory does not
-grow with the number of requests sent, only with what the limits let in; SIGTERM to exit. Loopback only; it stops by
-itself (``--duration``, ``--max-sent``). ``tests/test_serve.py`` runs :func:`overload` against its
+grow with the number of requests sent, only with what the limits let in; SIGTERM to exit. Loopback
+only; it stops by itself (``--duration``, ``--max-sent``). ``tests/test_serve.py`` runs :func:`overload` against its
 own server with a few dozen requests and asserts the same properties.
 """
 
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import random
@@ -199,7 +201,7 @@ def check(result: dict, answers: list, rss_bound_mib: float, stopped: bool = Fal
         "rss_peak_mib": peak,
         "rss_peak_first_half_mib": max((h["rss_mib"] for h in result["health"][:len(latencies) // 2]), default=float("nan")),
         "rss_peak_second_half_mib": max((h["rss_mib"] for h in result["health"][len(latencies) // 2:]), default=float("nan")),
-        "rss_bound_mib": round(rss_bound_mib, 1),
+        "rss_bound_mib": round(rss_bound_mib, 1) if math.isfinite(rss_bound_mib) else None,
     }
     out["ok"] = (not out["unexpected_statuses"] and not out["503_without_retry_after"] and not wrong
                  and statuses.get("200", 0) > 0 and not out["health_not_200"] and peak <= rss_bound_mib)
@@ -244,7 +246,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clients-factor", type=int, default=10, help="clients = this x --max-queue-requests (default 10)")
     parser.add_argument("--duration", type=float, default=30.0)
-    parser.add_argument("--warm-up", type=float, default=10.0, help="seconds of the same load before the measured run (default 10)")
+    parser.add_argument("--warm-up", type=float, default=30.0,
+                        help="seconds of the same load before the measured run (default 30: RSS swings by tens of MiB "
+                             "with the batches decoded, a shorter warm-up may not see its top)")
     parser.add_argument("--max-sent", type=int, default=20000, help="stop after this many requests at most")
     parser.add_argument("--disconnect-rate", type=float, default=0.3)
     parser.add_argument("--abandon-after", type=float, default=2.0, help="an abandoning client waits up to this (s)")
