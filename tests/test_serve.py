@@ -2,13 +2,20 @@
 
 In-process (token/target, 12 updates: the token-routed encoder stays whole): each pair's model
 is the model's own extraction, shares every non-expert tensor with the others, and the store
-evicts and frees expert sets. Over loopback, against one real server (the 300-update
+evicts and frees expert sets; the batching worker drops jobs nobody waits for (a stand-in
+translate, no timing). Over loopback, against one real server (the 300-update
 target/target model of test_translate/test_export, which gives varied outputs; 6 pairs, 4 expert
 sets: de-en, fr-en and ru-en share the target-English one): every pair's translations equal its
 extracted checkpoint's (in-process, and one pair through the real fairseq-generate), bad input
 is a 4xx JSON line while the server keeps serving, 2,000 concurrent small requests mixing all
 pairs give no error, the right answer each and no resident-memory growth, and the page works in
-headless Chromium.
+headless Chromium. Against a second, guarded server (issue 28: 2 places, a token budget, a 10 s
+deadline, a bearer token, its own copy of the checkpoint): client input is never a 500 and answers
+are UTF-8; only JSON with the token is taken; a full queue is a 503 with Retry-After; a request
+past its deadline is a 504; a client that leaves frees its place and its work is dropped; /health
+answers while a huge text is checked; a bounded overload keeps every answer right; a touched
+checkpoint is no change and a changed one is the server's 503. SIGTERM with requests in flight
+answers them and exits 0.
 """
 
 import asyncio
