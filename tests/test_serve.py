@@ -606,8 +606,12 @@ def test_sigterm_answers_or_refuses_what_is_in_flight_and_exits(trained):
             answered = await asyncio.gather(*posts)
             return answered, await asyncio.to_thread(waiting.answer)
 
-    answered, (status, _, body) = asyncio.run(scenario())
-    assert server.process.wait(60) == 0
+    try:
+        answered, (status, _, body) = asyncio.run(scenario())
+        assert server.process.wait(60) == 0
+    finally:
+        if server.process.poll() is None:  # a failure above: leave no server behind
+            server.process.kill()
     assert (status, body) == (503, {"error": "the server is shutting down; retry later"})  # its body never came
     assert all(status in (200, 503) for status, _ in answered) and any(status == 503 for status, _ in answered), answered
     assert "Traceback" not in server.log()
