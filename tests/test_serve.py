@@ -373,6 +373,9 @@ def test_bad_options_are_one_line(trained, tmp_path, capsys):
     assert f"--auth-token-file {empty} is empty" in cli("--checkpoint", checkpoint, "--auth-token-file", str(empty))
     assert "--request-timeout must be a number of seconds above 0" in cli("--checkpoint", checkpoint, "--request-timeout", "0")
     assert "--max-queue-requests must be at least 1" in cli("--checkpoint", checkpoint, "--max-queue-requests", "0")
+    if not torch.cuda.is_available():  # the device choice is taskmoe_fairseq.devices' (tests/test_devices.py)
+        assert "--device cuda: no CUDA device is visible" in cli("--checkpoint", checkpoint, "--device", "cuda")
+    assert "--device-index 1 numbers CUDA devices" in cli("--checkpoint", checkpoint, "--device", "cpu", "--device-index", "1")
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     for guard in (["--insecure"], ["--auth-token-file", str(token)]):  # a guarded or explicitly open host is taken

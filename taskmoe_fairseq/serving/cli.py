@@ -28,6 +28,7 @@ import os
 import signal
 import sys
 
+from taskmoe_fairseq.devices import add_device_args, resolve_device
 from taskmoe_fairseq.errors import run_cli, usage_error
 
 PROG = "taskmoe_fairseq.serve"
@@ -53,6 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", help="binarized data folder with the dictionaries (default: the checkpoint's own "
                         "folder when extract put them there, else the one recorded in the checkpoint)")
     parser.add_argument("--spm-model", help="SentencePiece model (default: DATA_DIR/spm.model)")
+    add_device_args(parser)  # --device {auto,cpu,cuda}, --device-index N (taskmoe_fairseq.devices)
     parser.add_argument("--beam", type=int, default=4, help="beam of a request that gives none (default 4)")
     parser.add_argument("--max-beam", type=int, default=8, help="largest beam a request may ask (default 8)")
     parser.add_argument("--max-len-b", type=int, default=200,
@@ -126,7 +128,8 @@ def build_service(options):
     from taskmoe_fairseq.serving.service import TranslationService
     from taskmoe_fairseq.serving.shared_weights import SharedWeights
 
-    weights = SharedWeights(options.checkpoint, data_dir=options.data_dir, spm_model=options.spm_model)
+    device = resolve_device(options.device, options.device_index)
+    weights = SharedWeights(options.checkpoint, data_dir=options.data_dir, spm_model=options.spm_model, device=device)
     pairs = [pair.strip() for pair in options.lang_pairs.split(",") if pair.strip()] if options.lang_pairs else None
     return TranslationService(weights, pairs, max_expert_sets=options.max_expert_sets, max_len_b=options.max_len_b,
                               max_beam=options.max_beam, max_texts=options.max_texts, batch_size=options.batch_size)

@@ -80,7 +80,7 @@ class TranslationService:
         from taskmoe_fairseq.translate import FairseqTranslator
 
         hub = TaskMoeHubInterface(self.cfg, self.weights.pair_task(pair), [model])
-        hub.eval()
+        hub.to(self.weights.device).eval()  # the hub moves each batch to its parameters' device
         return FairseqTranslator(hub)
 
     def source_tokens(self, text: str) -> int:

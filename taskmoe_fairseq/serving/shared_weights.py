@@ -86,16 +86,20 @@ class SharedWeights:
         data_dir: the binarized data folder with the dictionaries (default: the checkpoint's own folder
             when it holds them, as extract writes them, else the folder recorded at training).
         spm_model: SentencePiece model (default ``DATA_DIR/spm.model``).
+        device: where the shared tensors, the router and every pair's experts live
+            (:func:`taskmoe_fairseq.devices.resolve_device`; default the CPU).
     Raises:
         TaskMoeError: unreadable or not a TaskMoE checkpoint, missing data folder or SentencePiece model.
     """
 
-    def __init__(self, checkpoint: str, data_dir: str = None, spm_model: str = None):
+    def __init__(self, checkpoint: str, data_dir: str = None, spm_model: str = None,
+                 device: torch.device = torch.device("cpu")):
         from taskmoe_fairseq import assets, compat
         from taskmoe_fairseq.models.taskmoe_transformer import TaskMoeTransformerModel
         from taskmoe_fairseq.translate import load_spm
 
         self.path = os.path.abspath(checkpoint)
+        self.device = device
         if not os.path.isfile(self.path):
             raise usage_error(f"{checkpoint}: no such checkpoint file")
         self._lock = threading.Lock()
@@ -106,7 +110,8 @@ class SharedWeights:
         self.data_dir = assets.data_dir_for(self.path, assets.recorded_data_dir(state), languages, data_dir)  # --data-dir, beside, recorded
         self.spm_model = os.path.abspath(spm_model or os.path.join(self.data_dir, "spm.model"))
         load_spm(self.spm_model)  # one clear line before fairseq opens it
-        overrides = {"data": self.data_dir, "bpe": "sentencepiece", "sentencepiece_model": self.spm_model, "cpu": True}
+        overrides = {"data": self.data_dir, "bpe": "sentencepiece", "sentencepiece_model": self.spm_model,
+                     "cpu": device.type == "cpu"}
         self.cfg = _config(state, checkpoint, overrides)
         self.model_class = TaskMoeTransformerModel
         self.args = copy.deepcopy(self.cfg.model)
@@ -126,10 +131,10 @@ class SharedWeights:
         router_state = {}
         for key, tensor in model_state.items():
             if key.startswith(ROUTER_PREFIX):
-                router_state[key[len(ROUTER_PREFIX):]] = tensor.clone()
+                router_state[key[len(ROUTER_PREFIX):]] = tensor.to(device, copy=True)
             if key.startswith(replaced):
                 continue
-            owned = tensor.clone()  # out of the map: the shared copy
+            owned = tensor.to(device, copy=True)  # out of the map: the shared copy
             self.shared[key] = nn.Parameter(owned, requires_grad=False) if key in parameter_names else owned
         self.router = full.encoder.moe_router
         nn.Module.load_state_dict(self.router, router_state, strict=True, assign=True)
@@ -193,7 +198,7 @@ class SharedWeights:
         return task
 
     def read_experts(self, keys: Iterable[str]) -> Dict[str, torch.Tensor]:
-        """Copies of the named expert tensors, read from a fresh map of the checkpoint.
+        """Copies of the named expert tensors on the server's device, read from a fresh map of the checkpoint.
 
         Raises:
             CheckpointChanged: the file's content changed since the server started (:meth:`check_unchanged`).
@@ -204,6 +209,6 @@ class SharedWeights:
         state = compat.safe_torch_load(self.path, mmap=True)
         model_state = state["model"]
         self._skeleton.upgrade_state_dict(model_state)
-        out = {key: model_state[key].clone() for key in keys}
+        out = {key: model_state[key].to(self.device, copy=True) for key in keys}
         del state, model_state
         return out
