@@ -32,6 +32,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -65,7 +66,7 @@ class Plan:
         """Record step ``name`` (its ``commands``: lists of arguments); run them unless dry or
         impossible, then ``read(outputs)`` -> findings dict. ``described``: commands that ``read``
         runs itself (a server), recorded only."""
-        entry = {"name": name, "commands": [" ".join(c) for c in list(commands) + list(described)], "needs_cuda": needs_cuda}
+        entry = {"name": name, "commands": [shlex.join(c) for c in list(commands) + list(described)], "needs_cuda": needs_cuda}
         self.steps.append(entry)
         if needs_cuda and not self.has_cuda:
             entry["status"] = "skipped: no CUDA"

@@ -129,12 +129,12 @@ def test_serving_report_renders_the_committed_record(tmp_path):
 
 def test_the_gpu_check_plans_every_step_and_names_the_cuda_ones_skipped(tmp_path, capsys):
     """``benchmarks/gpu_check.py --dry-run`` on this CPU: every step with its commands, the CUDA
-    ones named as skipped; its fairseq-train and fairseq-generate commands parse with fairseq's own
-    parsers (so the plan a GPU user runs names only options that exist); the report renders."""
+    ones named as skipped; every command parses with its tool's own parser (so the plan a GPU user
+    runs names only options that exist); the report renders."""
     import shlex
 
     import torch
-    from fairseq import options
+    from test_docs import parse_problem  # each tool's own parser, as for the README's commands
 
     import gpu_check
     import report
@@ -147,14 +147,23 @@ def test_the_gpu_check_plans_every_step_and_names_the_cuda_ones_skipped(tmp_path
                  "full=extracted:bf16", "translate:cuda", "serve:cuda", "export:float16", "export:int8_float16",
                  "speed:dense", "speed:token/target", "speed:target/target"):
         assert name in names
+    checked = set()
     for step in steps:
         skipped = step["needs_cuda"] and not torch.cuda.is_available()
         assert step["status"] == ("skipped: no CUDA" if skipped else "planned"), step
         for command in map(shlex.split, step["commands"]):
-            if command[0] == "fairseq-train":
-                options.parse_args_and_arch(options.get_training_parser(), command[1:])
-            elif command[0] == "fairseq-generate":
-                options.parse_args_and_arch(options.get_generation_parser(), command[1:])
+            if command[:2] == ["bash", "-c"]:  # a command with redirections
+                command = shlex.split(command[2].split("<")[0])
+            if command[0] in ("fairseq-train", "fairseq-generate"):
+                tool, args = command[0], command[1:]
+            elif command[1:2] == ["-m"]:
+                tool, args = command[2], command[3:]
+            else:
+                tool, args = os.path.relpath(command[1], REPO), command[2:]
+            assert parse_problem(tool, args) is None, (step["name"], tool, parse_problem(tool, args))
+            checked.add(tool)
+    assert checked >= {"fairseq-train", "fairseq-generate", "taskmoe_fairseq.extract", "taskmoe_fairseq.translate",
+                       "taskmoe_fairseq.serve", "taskmoe_fairseq.export", "examples/data/binarize.py"}
     assert report.main([str(out), "--out", str(tmp_path)]) in (None, 0)
     rendered = (tmp_path / "gpu_check.md").read_text()
     assert "| train:amp | " in rendered and ("skipped: no CUDA" in rendered or torch.cuda.is_available())
