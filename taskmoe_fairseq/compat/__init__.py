@@ -1,15 +1,24 @@
-"""Compatibility shims for fairseq on current torch, applied once on plugin import:
+"""Compatibility shims for fairseq on current torch, each applied once per process and only
+where it is needed (docs/design.md, "What the plugin changes in fairseq"):
 
-* :mod:`.safe_loading`: torch's safe loader plus an explicit allow-list on every fairseq
-  load path, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says; one-line refusals;
-* :mod:`.distributed`: every DDP backend trains and resumes a model with experts
-  (plain-container broadcast, ``find_unused_parameters``, CPU ``torchrun``);
-* :mod:`.expert_parallel`: the trainer with ``--moe-expert-parallel-size`` (expert
-  parameters out of DDP, their gradients normalised, one gradient norm);
-* :mod:`.expert_parallel_checkpoints`: its sharded checkpoints (save, resume, checks);
-* :mod:`.model_identity`: training refuses a checkpoint of another model (``--langs`` order,
-  MoE and size options) with one line;
+* on plugin import (every path reads checkpoints): :mod:`.safe_loading`, torch's safe loader
+  plus an explicit allow-list on every fairseq load path, whatever
+  ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says; one-line refusals. In a process that ``torchrun``
+  started on a machine without CUDA also :func:`.distributed.let_torchrun_work_on_cpu`
+  (fairseq infers its world size before any task exists);
+* when the plugin's task trains (:func:`apply_for_training`, from its ``build_model`` in
+  ``fairseq-train``, before fairseq builds the trainer):
+
+  - :mod:`.model_identity`: training refuses a checkpoint of another model (``--langs`` order,
+    MoE and size options) or a folder of expert shards with one line;
+  - with several data-parallel ranks, :mod:`.distributed`: every DDP backend trains and resumes
+    a model with experts (plain-container broadcast, ``find_unused_parameters``, CPU DDP);
+  - with ``--moe-expert-parallel-size`` > 1, :mod:`.expert_parallel` (expert parameters out of
+    DDP, their gradients normalised, one gradient norm) and
+    :mod:`.expert_parallel_checkpoints` (sharded save, resume, checks);
 * fairseq is imported quietly (below).
+
+Raises nothing itself; each shim's errors are one-line :class:`~taskmoe_fairseq.errors.TaskMoeError`.
 """
 
 import logging
@@ -46,10 +55,75 @@ def _import_fairseq_quietly():
             root.removeHandler(handler)
 
 
+logger = logging.getLogger("taskmoe_fairseq.compat")
+
+#: the shim groups applied in this process, in order (each once)
+APPLIED = []
+
+
+def _apply_once(name: str, apply_group, replaced: str) -> None:
+    """Run ``apply_group()`` unless ``name`` was applied in this process; log what it replaced."""
+    if name in APPLIED:
+        return
+    apply_group()
+    APPLIED.append(name)
+    logger.info("taskmoe_fairseq: %s: replaced %s", name, replaced)
+
+
 def apply():
+    """What importing the plugin changes in fairseq: the safe-loading policy (every path that
+    reads a checkpoint needs it), and the CPU torchrun fix in a process torchrun started without CUDA."""
     _import_fairseq_quietly()
-    safe_loading.apply()
-    distributed.apply()
-    expert_parallel.apply()
-    model_identity.apply()  # inside expert_parallel_checkpoints' wrapper: its checks of a shard set come first
-    expert_parallel_checkpoints.apply()
+    _apply_once(
+        "safe loading", safe_loading.apply,
+        "fairseq.checkpoint_utils.torch, fairseq.distributed.utils.torch (load with weights_only=True), "
+        "checkpoint_utils.load_checkpoint_to_cpu (one-line refusals)",
+    )
+    if distributed.torchrun_without_cuda():
+        _apply_once(
+            "torchrun on CPU", distributed.let_torchrun_work_on_cpu,
+            "fairseq.distributed.utils.infer_init_method, _infer_torch_distributed_launch_init",
+        )
+
+
+def _data_parallel_world_size() -> int:
+    """The number of ranks of this process's ``torch.distributed`` group (1 when it has none):
+    fairseq-train initialises it before it calls ``main``, so it is known when the task builds its model."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def apply_for_training(args) -> None:
+    """The trainer's shims for a ``fairseq-train`` run of the plugin's task, before fairseq builds its
+    ``Trainer`` (called from the task's ``build_model``, which runs after ``torch.distributed`` is set
+    up and before the trainer). Each group is applied once per process and logged:
+
+    * the resume checks (:mod:`.model_identity`): every training run;
+    * the DDP settings (:mod:`.distributed`): when this process is one of several ranks;
+    * expert parallelism (:mod:`.expert_parallel`, :mod:`.expert_parallel_checkpoints`): when
+      ``args.moe_expert_parallel_size`` > 1 (which needs several ranks).
+    """
+    expert_parallel_size = getattr(args, "moe_expert_parallel_size", 1) or 1
+    if _data_parallel_world_size() > 1 or expert_parallel_size > 1:
+        _apply_once(
+            "data parallel", distributed.apply,
+            "fairseq.distributed.utils.broadcast_object (plain containers), fairseq.models.DistributedFairseqModel "
+            "(find_unused_parameters for a model with experts), distributed_fairseq_model.DistributedDataParallel "
+            "(no device_ids on CPU)",
+        )
+    if expert_parallel_size > 1:
+        _apply_once(
+            "expert parallelism", expert_parallel.apply,
+            "fairseq.models.DistributedFairseqModel (expert parameters left out of DDP), "
+            "FairseqOptimizer.all_reduce_grads, Trainer.clip_grad_norm",
+        )
+    # the resume checks go inside expert_parallel_checkpoints' Trainer.load_checkpoint: its checks of a
+    # shard set come first
+    _apply_once("resume checks", model_identity.apply, "fairseq.trainer.Trainer.load_checkpoint")
+    if expert_parallel_size > 1:
+        _apply_once(
+            "expert-parallel checkpoints", expert_parallel_checkpoints.apply,
+            "Trainer.checkpoint_suffix, should_save_checkpoint_on_current_rank, save_checkpoint, load_checkpoint, "
+            "fairseq.checkpoint_utils.PathManager, load_checkpoint_to_cpu (shards)",
+        )

@@ -1,4 +1,6 @@
-"""Data parallel the way fairseq users launch it, for models with experts.
+"""Data parallel the way fairseq users launch it, for models with experts. Applied
+(:func:`apply`) when the plugin's task trains on several ranks, except the torchrun fix
+(:func:`let_torchrun_work_on_cpu`), applied on import in a process torchrun started without CUDA.
 
 * Rank 0's broadcast copy of a checkpoint (resuming without
   ``--load-checkpoint-on-all-dp-ranks``) carries plain containers instead of an
@@ -51,7 +53,6 @@ def _wrap_fairseq_broadcast_object():
     original = distributed_utils.broadcast_object
     if getattr(original, "_taskmoe_wrapped", False):
         return
-    torch.serialization.add_safe_globals([distributed_utils._TensorPlaceholder])
 
     @functools.wraps(original)
     def broadcast_object(obj, src_rank, group, dist_device=None):
@@ -135,7 +136,14 @@ def _torchrun_world_size():
     return None
 
 
-def _let_torchrun_work_on_cpu():
+def torchrun_without_cuda() -> bool:
+    """Whether torchrun started this process as one of several ranks on a machine without CUDA: the
+    only case in which :func:`let_torchrun_work_on_cpu` changes anything."""
+    world_size = _torchrun_world_size()
+    return world_size is not None and world_size > 1 and torch.cuda.device_count() == 0
+
+
+def let_torchrun_work_on_cpu():
     """fairseq reads torchrun's environment (``env://``), but on a machine without CUDA it never
     gets there: ``--distributed-world-size`` defaults to the CUDA device count (1 without one), and
     ``infer_init_method`` stops at a world size of 1; then it computes the device as
@@ -179,6 +187,6 @@ def _let_torchrun_work_on_cpu():
 
 
 def apply():
+    """The resume broadcast and the DDP settings (once per process; :func:`taskmoe_fairseq.compat.apply_for_training`)."""
     _wrap_fairseq_broadcast_object()
     _wrap_fairseq_distributed_model()
-    _let_torchrun_work_on_cpu()

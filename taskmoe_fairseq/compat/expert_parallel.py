@@ -16,7 +16,8 @@ differ per rank, so:
 * The gradient norm (logged, clipped, compared across ranks) counts every expert once:
   ``sqrt(|shared|^2 + sum over the group of |local experts|^2)``, the same on every rank.
 
-Checkpoints: :mod:`.expert_parallel_checkpoints`.
+Checkpoints: :mod:`.expert_parallel_checkpoints`. Applied only to a run with expert
+parallelism (:func:`taskmoe_fairseq.compat.apply_for_training`).
 """
 
 import functools
@@ -127,10 +128,6 @@ def _wrap_trainer():
     from fairseq.optim import FairseqOptimizer
     from fairseq.trainer import Trainer
 
-    if getattr(Trainer, "_taskmoe_expert_parallel", False):
-        return
-    Trainer._taskmoe_expert_parallel = True
-
     original_ddp = models.DistributedFairseqModel
 
     @functools.wraps(original_ddp)
@@ -167,4 +164,8 @@ def _wrap_trainer():
 
 
 def apply():
+    """Once per process (:func:`taskmoe_fairseq.compat.apply_for_training`, a run with
+    ``--moe-expert-parallel-size`` > 1): ``models.DistributedFairseqModel``,
+    ``FairseqOptimizer.all_reduce_grads`` and ``Trainer.clip_grad_norm`` act on expert parameters
+    as above, and as fairseq's for a model without expert parallelism."""
     _wrap_trainer()

@@ -6,7 +6,11 @@
   ``checkpoint_best`` to ``checkpoint_last`` and the others);
 * every rank loads the shared file merged with its own shard (``load_checkpoint_on_all_dp_ranks``),
   after checking the whole set: same P, every shard present, one run and one save;
-* a run without expert parallelism in a folder of shards stops instead of starting afresh.
+* (a run without expert parallelism in a folder of shards stops instead of starting afresh:
+  :mod:`.model_identity`).
+
+Applied only to a run with ``--moe-expert-parallel-size`` > 1
+(:func:`taskmoe_fairseq.compat.apply_for_training`).
 """
 
 import functools
@@ -111,15 +115,7 @@ def _wrap_checkpointing():
     @functools.wraps(original_load)
     def load_checkpoint(self, filename, *args, **kwargs):
         ep = expert_parallel_of(self._model)
-        if ep is None:
-            shared = sharded_checkpoint.shared_path(filename[: -len(".pt")]) if filename.endswith(".pt") else None
-            if shared and not os.path.exists(filename) and os.path.isfile(shared):
-                size = sharded_checkpoint.read_meta(shared)["size"]
-                raise usage_error(
-                    f"{os.path.dirname(filename) or '.'} holds an expert-parallel checkpoint ({os.path.basename(shared)}, "
-                    f"P = {size}) and no {os.path.basename(filename)}: resume with --moe-expert-parallel-size {size}, "
-                    "or consolidate it (python -m taskmoe_fairseq.consolidate) for single-process use"
-                )
+        if ep is None:  # (a run without expert parallelism: model_identity refuses a folder of shards)
             return original_load(self, filename, *args, **kwargs)
         stem = sharded_checkpoint.stem_of(filename)
         run = None
@@ -157,4 +153,8 @@ def _wrap_checkpointing():
 
 
 def apply():
+    """Once per process: ``Trainer.checkpoint_suffix``, ``should_save_checkpoint_on_current_rank``,
+    ``save_checkpoint``, ``load_checkpoint`` and ``checkpoint_utils.PathManager``,
+    ``load_checkpoint_to_cpu`` handle expert shards as above (fairseq's own for a model
+    without expert parallelism)."""
     _wrap_checkpointing()

@@ -6,13 +6,19 @@ options: other shapes are a ``size mismatch`` traceback, equal shapes with anoth
 ``--langs`` order, routing or top-k) load silently and train a corrupted model. Before it loads,
 every rank reads the checkpoint's config (mapped, its tensors are not read) and compares it with
 the model's (:func:`taskmoe_fairseq.models.identity.check_same_model`): one line instead.
+A run without expert parallelism pointed at a folder of expert shards (``<name>-shared.pt``, no
+``<name>.pt``) stops with one line too, instead of starting afresh.
+
+Applied when the plugin's task trains (:func:`taskmoe_fairseq.compat.apply_for_training`).
 """
 
 import functools
 import os
 
 from taskmoe_fairseq import sharded_checkpoint
+from taskmoe_fairseq.compat.expert_parallel import expert_parallel_of
 from taskmoe_fairseq.compat.safe_loading import safe_torch_load
+from taskmoe_fairseq.errors import usage_error
 
 
 def _config_file(filename: str):
@@ -40,7 +46,21 @@ def check_checkpoint_fits(model, filename: str) -> None:
         check_same_model(saved, model.args, filename)
 
 
+def refuse_a_folder_of_shards(filename: str) -> None:
+    """Raise :class:`~taskmoe_fairseq.errors.TaskMoeError` if ``filename`` (``<name>.pt``) is absent but
+    its expert-parallel ``<name>-shared.pt`` is there: fairseq would start afresh beside it."""
+    shared = sharded_checkpoint.shared_path(filename[: -len(".pt")]) if filename.endswith(".pt") else None
+    if shared and not os.path.exists(filename) and os.path.isfile(shared):
+        size = sharded_checkpoint.read_meta(shared)["size"]
+        raise usage_error(
+            f"{os.path.dirname(filename) or '.'} holds an expert-parallel checkpoint ({os.path.basename(shared)}, "
+            f"P = {size}) and no {os.path.basename(filename)}: resume with --moe-expert-parallel-size {size}, "
+            "or consolidate it (python -m taskmoe_fairseq.consolidate) for single-process use"
+        )
+
+
 def apply():
+    """Wrap ``fairseq.trainer.Trainer.load_checkpoint`` (once): the checks above, then fairseq's."""
     from fairseq.trainer import Trainer
 
     original_load = Trainer.load_checkpoint
@@ -49,6 +69,8 @@ def apply():
 
     @functools.wraps(original_load)
     def load_checkpoint(self, filename, *args, **kwargs):
+        if expert_parallel_of(self._model) is None:
+            refuse_a_folder_of_shards(filename)
         check_checkpoint_fits(self._model, filename)
         return original_load(self, filename, *args, **kwargs)
 

@@ -263,6 +263,9 @@ def _give_fairseq_safe_torch_load():
 
 
 def apply():
-    torch.serialization.add_safe_globals(SAFE_GLOBALS)
+    from fairseq.distributed import utils as distributed_utils
+
+    # fairseq's broadcast_object pickles a tensor as this placeholder (rank 0's checkpoint on resume)
+    torch.serialization.add_safe_globals([*SAFE_GLOBALS, distributed_utils._TensorPlaceholder])
     _give_fairseq_safe_torch_load()
     _wrap_fairseq_checkpoint_loader()

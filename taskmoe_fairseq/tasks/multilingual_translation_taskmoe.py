@@ -20,6 +20,7 @@ import torch
 from fairseq.tasks import register_task
 from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleEpochTask
 
+from taskmoe_fairseq import compat
 from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.models.moe_options import check_training_backend
 from taskmoe_fairseq.modules import routing_kinds
@@ -116,13 +117,17 @@ class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
         (``torch.random.fork_rng``), so the stream ``fairseq-generate --seed`` set is the same
         afterwards for a full and an extracted model (they draw different numbers of initial
         weights) and ``--sampling`` samples the same tokens. Training (a new model) draws from the
-        stream as fairseq does."""
+        stream as fairseq does, and gets the trainer's shims it needs
+        (:func:`taskmoe_fairseq.compat.apply_for_training`: the resume checks; the DDP settings on
+        several ranks; expert parallelism with ``--moe-expert-parallel-size`` > 1)."""
         if from_checkpoint:
             with torch.random.fork_rng(devices=[]):
                 model = super().build_model(args, from_checkpoint)
         else:  # training (fairseq-train builds the model, then FSDP or DDP wraps it)
             check_training_backend(args)
             model = super().build_model(args, from_checkpoint)
+            # the trainer's shims this run needs, before fairseq-train builds its Trainer
+            compat.apply_for_training(args)
         _check_takes_language_ids(model, args)
         router = getattr(getattr(model, "encoder", None), "moe_router", None)
         if router is None or not (self.args.source_lang and self.args.target_lang):
