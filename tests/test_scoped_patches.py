@@ -51,40 +51,50 @@ before = snapshot()
 import taskmoe_fairseq  # noqa: E402
 after_import = changed(before, snapshot())
 
-sys.path.insert(0, "tests")
-from cli_helpers import train_in_process  # noqa: E402
+after_training = None
+if json.loads(sys.argv[2]):
+    sys.path.insert(0, "tests")
+    from cli_helpers import train_in_process
 
-train_in_process(json.loads(sys.argv[2]))
-after_training = changed(before, snapshot())
+    train_in_process(json.loads(sys.argv[2]))
+    after_training = changed(before, snapshot())
 with open(sys.argv[3], "w") as out:
     json.dump({"after_import": after_import, "after_training": after_training}, out)
 """
 
 # kept at import, because every path that reads a checkpoint (fairseq-generate, -interactive, the hub,
-# training's resume, rank 0's broadcast copy) needs them: torch's safe loader whatever
-# TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says, and one-line refusals (docs/design.md)
+# training's resume and fine-tuning, rank 0's broadcast copy) needs them: torch's safe loader whatever
+# TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD says, one-line refusals, and fairseq's broadcast of a checkpoint
+# made plain containers (the safe loader refuses the DictConfig in fairseq's own copy, for any model's
+# data-parallel resume) (docs/design.md)
 SAFE_LOADING = [
     "fairseq.checkpoint_utils.load_checkpoint_to_cpu",
     "fairseq.checkpoint_utils.torch",
+    "fairseq.distributed.utils.broadcast_object",
     "fairseq.distributed.utils.torch",
 ]
 
 
-def test_import_and_a_run_without_expert_parallelism_leave_fairseq_its_own(data_dir, tmp_path):
-    save_dir = str(tmp_path / "checkpoints")
-    command = train_command(data_dir, save_dir, "token", "token", max_update=2)
+def changed_attributes(tmp_path, train=None, env=ENV):
+    """What a fresh interpreter reports: the fairseq attributes that are not fairseq's own object
+    after ``import taskmoe_fairseq`` and after the in-process ``fairseq-train`` command ``train``."""
     report = str(tmp_path / "report.json")
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(HOLDERS), json.dumps(command), report],
-        env=ENV, capture_output=True, text=True, cwd=REPO, timeout=600,
+        [sys.executable, "-c", SCRIPT, json.dumps(HOLDERS), json.dumps(train), report],
+        env=env, capture_output=True, text=True, cwd=REPO, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     with open(report) as stream:
-        changed = json.load(stream)
+        return json.load(stream), result
 
-    # the shims that existed on import before (Trainer.clip_grad_norm, save_checkpoint,
-    # checkpoint_suffix, PathManager, FairseqOptimizer.all_reduce_grads, DistributedFairseqModel,
-    # broadcast_object, infer_init_method, ...) are fairseq's own after the import
+
+def test_import_and_a_run_without_expert_parallelism_leave_fairseq_its_own(data_dir, tmp_path):
+    save_dir = str(tmp_path / "checkpoints")
+    changed, result = changed_attributes(tmp_path, train_command(data_dir, save_dir, "token", "token", max_update=2))
+
+    # what the import replaced before (Trainer.clip_grad_norm, save_checkpoint, load_checkpoint,
+    # checkpoint_suffix, checkpoint_utils.PathManager, FairseqOptimizer.all_reduce_grads,
+    # DistributedFairseqModel, DistributedDataParallel, infer_init_method, ...) is fairseq's own after it
     assert changed["after_import"] == SAFE_LOADING
 
     # a one-process run of the plugin's task without --moe-expert-parallel-size needs only the resume
@@ -94,3 +104,15 @@ def test_import_and_a_run_without_expert_parallelism_leave_fairseq_its_own(data_
     assert os.path.isfile(os.path.join(save_dir, "checkpoint_last.pt"))  # the run trained and saved
     applied = [line for line in (result.stdout + result.stderr).splitlines() if "taskmoe_fairseq: resume checks: replaced" in line]
     assert len(applied) == 1 and "fairseq.trainer.Trainer.load_checkpoint" in applied[0], result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_the_cpu_torchrun_fix_is_applied_on_import_only_in_a_torchrun_process(tmp_path):
+    """fairseq-train infers its world size from torchrun's environment before it builds a task, so
+    this fix is applied on import, but only where it can act: a process torchrun started as one of
+    several ranks on a machine without CUDA (in a process without torchrun's variables: the test above)."""
+    import torch
+
+    torchrun_env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")
+    changed, _ = changed_attributes(tmp_path, env=torchrun_env)
+    fix = ["fairseq.distributed.utils._infer_torch_distributed_launch_init", "fairseq.distributed.utils.infer_init_method"]
+    assert changed["after_import"] == sorted(SAFE_LOADING + (fix if torch.cuda.device_count() == 0 else []))

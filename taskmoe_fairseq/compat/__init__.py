@@ -3,16 +3,18 @@ where it is needed (docs/design.md, "What the plugin changes in fairseq"):
 
 * on plugin import (every path reads checkpoints): :mod:`.safe_loading`, torch's safe loader
   plus an explicit allow-list on every fairseq load path, whatever
-  ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says; one-line refusals. In a process that ``torchrun``
-  started on a machine without CUDA also :func:`.distributed.let_torchrun_work_on_cpu`
-  (fairseq infers its world size before any task exists);
+  ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says; one-line refusals; and rank 0's broadcast copy of
+  a checkpoint as plain containers (:mod:`.distributed`), which that loader accepts. In a
+  process that ``torchrun`` started on a machine without CUDA also
+  :func:`.distributed.let_torchrun_work_on_cpu` (fairseq infers its world size before any task
+  exists);
 * when the plugin's task trains (:func:`apply_for_training`, from its ``build_model`` in
   ``fairseq-train``, before fairseq builds the trainer):
 
   - :mod:`.model_identity`: training refuses a checkpoint of another model (``--langs`` order,
     MoE and size options) or a folder of expert shards with one line;
-  - with several data-parallel ranks, :mod:`.distributed`: every DDP backend trains and resumes
-    a model with experts (plain-container broadcast, ``find_unused_parameters``, CPU DDP);
+  - with several data-parallel ranks, :mod:`.distributed`: every DDP backend trains a model with
+    experts (``find_unused_parameters``, DDP on CPU);
   - with ``--moe-expert-parallel-size`` > 1, :mod:`.expert_parallel` (expert parameters out of
     DDP, their gradients normalised, one gradient norm) and
     :mod:`.expert_parallel_checkpoints` (sharded save, resume, checks);
@@ -70,14 +72,23 @@ def _apply_once(name: str, apply_group, replaced: str) -> None:
     logger.info("taskmoe_fairseq: %s: replaced %s", name, replaced)
 
 
+def _safe_loading():
+    """The safe loader on fairseq's load paths, and rank 0's broadcast copy of a checkpoint made of
+    plain containers: the safe loader on ``fairseq.distributed.utils`` refuses the ``DictConfig`` in
+    fairseq's own copy, whatever the model, so the two go together."""
+    safe_loading.apply()
+    distributed.wrap_fairseq_broadcast_object()
+
+
 def apply():
     """What importing the plugin changes in fairseq: the safe-loading policy (every path that
     reads a checkpoint needs it), and the CPU torchrun fix in a process torchrun started without CUDA."""
     _import_fairseq_quietly()
     _apply_once(
-        "safe loading", safe_loading.apply,
+        "safe loading", _safe_loading,
         "fairseq.checkpoint_utils.torch, fairseq.distributed.utils.torch (load with weights_only=True), "
-        "checkpoint_utils.load_checkpoint_to_cpu (one-line refusals)",
+        "checkpoint_utils.load_checkpoint_to_cpu (one-line refusals), distributed.utils.broadcast_object "
+        "(plain containers, which the safe loader accepts)",
     )
     if distributed.torchrun_without_cuda():
         _apply_once(
@@ -108,9 +119,8 @@ def apply_for_training(args) -> None:
     if _data_parallel_world_size() > 1 or expert_parallel_size > 1:
         _apply_once(
             "data parallel", distributed.apply,
-            "fairseq.distributed.utils.broadcast_object (plain containers), fairseq.models.DistributedFairseqModel "
-            "(find_unused_parameters for a model with experts), distributed_fairseq_model.DistributedDataParallel "
-            "(no device_ids on CPU)",
+            "fairseq.models.DistributedFairseqModel (find_unused_parameters for a model with experts), "
+            "distributed_fairseq_model.DistributedDataParallel (no device_ids on CPU)",
         )
     if expert_parallel_size > 1:
         _apply_once(

@@ -1,6 +1,8 @@
-"""Data parallel the way fairseq users launch it, for models with experts. Applied
-(:func:`apply`) when the plugin's task trains on several ranks, except the torchrun fix
-(:func:`let_torchrun_work_on_cpu`), applied on import in a process torchrun started without CUDA.
+"""Data parallel the way fairseq users launch it, for models with experts. The DDP settings
+(:func:`apply`) are applied when the plugin's task trains on several ranks; the broadcast
+(:func:`wrap_fairseq_broadcast_object`) on import with the safe loader, which needs it for any
+model; the torchrun fix (:func:`let_torchrun_work_on_cpu`) on import in a process torchrun started
+without CUDA.
 
 * Rank 0's broadcast copy of a checkpoint (resuming without
   ``--load-checkpoint-on-all-dp-ranks``) carries plain containers instead of an
@@ -41,7 +43,7 @@ def _plain(obj):
     return obj
 
 
-def _wrap_fairseq_broadcast_object():
+def wrap_fairseq_broadcast_object():
     """Rank 0 broadcasts its in-memory checkpoint when ranks resume without
     ``--load-checkpoint-on-all-dp-ranks``; the other ranks unpickle it with the safe loader.
     fairseq's copy holds the ``DictConfig`` that ``load_checkpoint_to_cpu`` made of the saved
@@ -187,6 +189,5 @@ def let_torchrun_work_on_cpu():
 
 
 def apply():
-    """The resume broadcast and the DDP settings (once per process; :func:`taskmoe_fairseq.compat.apply_for_training`)."""
-    _wrap_fairseq_broadcast_object()
+    """The DDP settings (once per process; :func:`taskmoe_fairseq.compat.apply_for_training`)."""
     _wrap_fairseq_distributed_model()
