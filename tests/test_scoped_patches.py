@@ -2,8 +2,9 @@
 
 A fresh interpreter (a real process: the test process has long since imported the plugin)
 captures every attribute of the fairseq modules and classes the plugin's shims touch, imports
-``taskmoe_fairseq``, then runs ``fairseq-train``'s ``main`` in-process without expert
-parallelism, and reports which attributes are no longer fairseq's own object after each step.
+``taskmoe_fairseq``, then runs ``fairseq-generate``'s and ``fairseq-train``'s ``main`` in-process
+(without expert parallelism), and reports which attributes are no longer fairseq's own object
+after each step.
 """
 
 import json
@@ -11,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from cli_helpers import ENV, REPO, train_command
+from cli_helpers import ENV, REPO, generate_command, train_command
 
 # (holder, name): the modules and classes whose attributes the plugin's shims replace
 HOLDERS = [
@@ -49,17 +50,16 @@ def changed(before, now):
 
 before = snapshot()
 import taskmoe_fairseq  # noqa: E402
-after_import = changed(before, snapshot())
+report = {"import": changed(before, snapshot())}
 
-after_training = None
-if json.loads(sys.argv[2]):
-    sys.path.insert(0, "tests")
-    from cli_helpers import train_in_process
+sys.path.insert(0, "tests")
+from cli_helpers import run_in_process, train_in_process  # noqa: E402
 
-    train_in_process(json.loads(sys.argv[2]))
-    after_training = changed(before, snapshot())
+for command in json.loads(sys.argv[2]):  # in-process fairseq-generate / fairseq-train, in turn
+    (train_in_process if command[0] == "fairseq-train" else run_in_process)(command)
+    report[command[0]] = changed(before, snapshot())
 with open(sys.argv[3], "w") as out:
-    json.dump({"after_import": after_import, "after_training": after_training}, out)
+    json.dump(report, out)
 """
 
 # kept at import, because every path that reads a checkpoint (fairseq-generate, -interactive, the hub,
@@ -75,12 +75,13 @@ SAFE_LOADING = [
 ]
 
 
-def changed_attributes(tmp_path, train=None, env=ENV):
+def changed_attributes(tmp_path, commands=(), env=ENV):
     """What a fresh interpreter reports: the fairseq attributes that are not fairseq's own object
-    after ``import taskmoe_fairseq`` and after the in-process ``fairseq-train`` command ``train``."""
+    after ``import taskmoe_fairseq`` (``"import"``) and after each in-process command of ``commands``
+    (``fairseq-generate``, ``fairseq-train``; keyed by the tool), run in turn."""
     report = str(tmp_path / "report.json")
     result = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(HOLDERS), json.dumps(train), report],
+        [sys.executable, "-c", SCRIPT, json.dumps(HOLDERS), json.dumps(list(commands)), report],
         env=env, capture_output=True, text=True, cwd=REPO, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -88,19 +89,23 @@ def changed_attributes(tmp_path, train=None, env=ENV):
         return json.load(stream), result
 
 
-def test_import_and_a_run_without_expert_parallelism_leave_fairseq_its_own(data_dir, tmp_path):
+def test_import_and_a_run_without_expert_parallelism_leave_fairseq_its_own(trained, data_dir, tmp_path):
     save_dir = str(tmp_path / "checkpoints")
-    changed, result = changed_attributes(tmp_path, train_command(data_dir, save_dir, "token", "token", max_update=2))
+    generate = generate_command(data_dir, trained.get("token", "target"), "en-de", beam=1)
+    train = train_command(data_dir, save_dir, "token", "token", max_update=2)
+    changed, result = changed_attributes(tmp_path, [generate, train])
 
     # what the import replaced before (Trainer.clip_grad_norm, save_checkpoint, load_checkpoint,
     # checkpoint_suffix, checkpoint_utils.PathManager, FairseqOptimizer.all_reduce_grads,
     # DistributedFairseqModel, DistributedDataParallel, infer_init_method, ...) is fairseq's own after it
-    assert changed["after_import"] == SAFE_LOADING
+    assert changed["import"] == SAFE_LOADING
+    # generation (the task's model built from a checkpoint) needs nothing more
+    assert changed["fairseq-generate"] == SAFE_LOADING
 
     # a one-process run of the plugin's task without --moe-expert-parallel-size needs only the resume
     # checks in Trainer.load_checkpoint (a checkpoint of another model, or a folder of expert shards,
     # is refused with one line); no DDP, no expert-parallel trainer or checkpoints
-    assert changed["after_training"] == sorted(SAFE_LOADING + ["fairseq.trainer:Trainer.load_checkpoint"])
+    assert changed["fairseq-train"] == sorted(SAFE_LOADING + ["fairseq.trainer:Trainer.load_checkpoint"])
     assert os.path.isfile(os.path.join(save_dir, "checkpoint_last.pt"))  # the run trained and saved
     applied = [line for line in (result.stdout + result.stderr).splitlines() if "taskmoe_fairseq: resume checks: replaced" in line]
     assert len(applied) == 1 and "fairseq.trainer.Trainer.load_checkpoint" in applied[0], result.stdout[-3000:] + result.stderr[-3000:]
@@ -115,4 +120,4 @@ def test_the_cpu_torchrun_fix_is_applied_on_import_only_in_a_torchrun_process(tm
     torchrun_env = dict(ENV, MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", WORLD_SIZE="2", RANK="1", LOCAL_RANK="1")
     changed, _ = changed_attributes(tmp_path, env=torchrun_env)
     fix = ["fairseq.distributed.utils._infer_torch_distributed_launch_init", "fairseq.distributed.utils.infer_init_method"]
-    assert changed["after_import"] == sorted(SAFE_LOADING + (fix if torch.cuda.device_count() == 0 else []))
+    assert changed["import"] == sorted(SAFE_LOADING + (fix if torch.cuda.device_count() == 0 else []))
