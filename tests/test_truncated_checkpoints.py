@@ -136,3 +136,39 @@ def test_expert_parallel_files_are_checked_on_consolidate_and_extract(truncated,
         assert result.returncode == 2 and result.stderr.startswith(f"taskmoe_fairseq.extract: error: {broken}: {MESSAGE}")
         shutil.move(str(tmp_path / "intact.pt"), broken)
         assert not os.path.exists(tmp_path / "full.pt") and not os.path.exists(tmp_path / "en-de.pt")
+
+
+def zeroed_copy(source, path, start_share=1 / 3, length=1 << 16):
+    """Copy ``source`` to ``path`` with ``length`` bytes zeroed in place at ``start_share`` of the
+    file (a page range lost in a crash or a bad copy): every size and the zip directory stay intact."""
+    shutil.copy(source, path)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as stream:
+        stream.seek(int(size * start_share) // 4096 * 4096)
+        stream.write(b"\0" * length)
+
+
+CORRUPT = "the checkpoint is corrupt: record"
+
+
+@pytest.mark.parametrize("start_share", [1 / 3, 2 / 3])
+def test_a_copy_damaged_in_place_is_refused_on_every_path(trained, data_dir, tmp_path, start_share):
+    """Sizes intact, bytes zeroed: the records' CRC-32 (torch writes one each) tells. Before, extract
+    exited 0 writing the damaged weights and the server answered garbage with 200."""
+    from taskmoe_fairseq.serving.shared_weights import SharedWeights
+    from taskmoe_fairseq.translate import load_translator
+
+    full = trained.get("token", "target")
+    path = str(tmp_path / "checkpoint_last.pt")
+    zeroed_copy(full, path, start_share)
+    compat.safe_torch_load(full, mmap=True)  # the intact file passes
+    result = run_main("taskmoe_fairseq.extract", "--checkpoint", path, "--lang-pair", "en-de",
+                      "--output", str(tmp_path / "out" / "en-de.pt"), check=False)
+    assert result.returncode == 2 and result.stderr.startswith(f"taskmoe_fairseq.extract: error: {path}: {CORRUPT}")
+    assert not os.path.exists(tmp_path / "out" / "en-de.pt")
+    for load in (lambda: load_translator(path, "en-de", data_dir=data_dir), lambda: SharedWeights(path, data_dir=data_dir)):
+        with pytest.raises(TaskMoeError, match=f"^{path}: {CORRUPT}"):
+            load()
+    result = run_warm(generate_command(data_dir, path, "en-de", beam=1), check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert any(line.startswith(f"taskmoe-fairseq: error: {path}: {CORRUPT}") for line in result.stderr.splitlines())

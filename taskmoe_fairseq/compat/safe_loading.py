@@ -178,6 +178,51 @@ def check_tensor_records(source, name: str = None):
                 f"{name}: the checkpoint is truncated or corrupt: tensor record {record} {held}, its storage needs "
                 f"{needed[key]:,}; re-copy it or re-save it"
             )
+    check_record_checksums(source, name)
+
+
+_CHECKSUMS_VERIFIED = set()  # (real path, inode, size, mtime, ctime) of files whose records all passed
+
+
+def _file_identity(path: str):
+    info = os.stat(path)
+    return os.path.realpath(path), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+def check_record_checksums(source, name: str = None):
+    """Refuse a torch zip checkpoint one of whose records does not match the CRC-32 its zip
+    directory holds (torch writes one per record), or whose record header is damaged: a copy with a
+    zeroed or overwritten range keeps every size, so :func:`check_tensor_records` alone passes it
+    and torch would load the damaged bytes as weights. Reads every record once; a file that passed
+    is remembered by its identity (path, inode, size, modification and change times), so a server
+    reading one pair's experts at a time does not read it again.
+
+    Raises:
+        TaskMoeError: one line naming ``name`` (default: the path) and the record.
+    """
+    name = name or str(source)
+    identity = _file_identity(source) if isinstance(source, (str, os.PathLike)) else None
+    if identity is not None and identity in _CHECKSUMS_VERIFIED:
+        return
+    position = source.tell() if identity is None else None
+    record = None
+    try:
+        with zipfile.ZipFile(source) as archive:
+            for info in archive.infolist():
+                record = info.filename
+                with archive.open(info) as member:  # zipfile compares the CRC-32 when the record is read to its end
+                    while member.read(1 << 24):
+                        pass
+    except zipfile.BadZipFile as error:
+        raise usage_error(f"{name}: the checkpoint is corrupt: record {record} fails its check ({error}); re-copy it or "
+                          "re-save it") from None
+    except (OSError, EOFError, ValueError):
+        return  # not readable as a zip here: torch.load reports it
+    finally:
+        if position is not None:
+            source.seek(position)
+    if identity is not None:
+        _CHECKSUMS_VERIFIED.add(identity)
 
 
 def safe_torch_load(path: str, mmap: bool = False):
