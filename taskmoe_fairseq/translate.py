@@ -39,6 +39,7 @@ status 2; the library functions raise :class:`~taskmoe_fairseq.errors.TaskMoeErr
 """
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -319,6 +320,33 @@ def read_input(stream) -> List[str]:
         raise usage_error(f"the input is not UTF-8 text ({error.reason} at byte {error.start} of a block)") from None
 
 
+def write_output(text: str) -> None:
+    """Write ``text`` to standard output, all of it or a one-line error. Written to the file
+    descriptor and every count checked: a write that a full disk or a file-size limit cuts short
+    returns fewer bytes without an error, and Python's buffered stdout then lost the rest silently
+    (exit 0, lines missing).
+
+    Raises:
+        TaskMoeError: the write failed (ENOSPC, EFBIG, EIO, ...).
+    """
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's capture): its own write
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    sys.stdout.flush()
+    data = memoryview(text.encode("utf-8"))
+    while data:
+        try:
+            written = os.write(descriptor, data)
+        except OSError as error:
+            name = errno.errorcode.get(error.errno, str(error.errno))
+            raise usage_error(f"cannot write the translations to standard output: {error.strerror} ({name}); "
+                              "the output is incomplete: free space or raise the limit and run it again") from None
+        data = data[written:]
+
+
 def main(argv=None) -> int:
     options = parse_args(argv)
     translator = load_translator(options.model, options.lang_pair, options.data_dir, options.spm_model,
@@ -337,8 +365,7 @@ def main(argv=None) -> int:
                 translator, window, beam=options.beam, max_len_b=options.max_len_b, batch_size=options.batch_size,
                 on_batch=bar.update if bar is not None else None, first_line_number=start + 1,
             )
-            sys.stdout.write("".join(text + "\n" for text in translations))
-            sys.stdout.flush()
+            write_output("".join(text + "\n" for text in translations))
     finally:
         if bar is not None:
             bar.close()

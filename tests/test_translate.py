@@ -260,3 +260,34 @@ def test_device_choice(trained, data_dir, ct2_export, capsys):
     result = run_warm(translate_command("--model", folder, "--lang-pair", "en-de", "--beam", "1", "--max-len-b", str(MAX_LEN),
                                         "--device", "cpu"), stdin="\n".join(lines) + "\n")
     assert output_lines(result) == want
+
+
+def test_a_write_error_on_standard_output_is_one_line_not_lost_lines(trained, data_dir, tmp_path):
+    """The translations go to a file under a 4 KiB file-size limit (a disk filling up): the write that
+    crosses it comes back short without an error, and the old code lost the rest silently (exit 0,
+    lines missing). Now: one line, exit 2."""
+    import resource
+    import subprocess
+
+    from cli_helpers import ENV, REPO
+
+    checkpoint = trained.get("token", "target")
+    lines = (raw_lines(data_dir) * 60)[:1200]
+    source, out = tmp_path / "in.en", tmp_path / "out.de"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    limit = 4096
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    command = translate_command("--model", checkpoint, "--lang-pair", "en-de", "--beam", "1", "--max-len-b", "20",
+                                "--data-dir", data_dir, "--no-progress")
+    with open(source, "rb") as stdin, open(out, "wb") as stdout:
+        result = subprocess.run(command, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, text=True, env=ENV,
+                                cwd=REPO, preexec_fn=limit_file_size, timeout=600)
+    written = out.read_bytes()
+    assert len(written) == limit  # the output did cross the limit: the case is the one under test
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.splitlines() == [ERROR_PREFIX + "cannot write the translations to standard output: File too "
+                                          "large (EFBIG); the output is incomplete: free space or raise the limit and "
+                                          "run it again"]
