@@ -457,6 +457,11 @@ def test_json_is_utf8_and_client_input_is_never_a_500(guarded):
         assert (status, headers["Content-Type"]) == (400, "application/json; charset=utf-8"), body[:200]
         error = json.loads(body)["error"]
         assert needle in error and "\n" not in error and len(error) < 300, error
+    for encoding in ("gzip", "deflate"):  # plain JSON announced as compressed: aiohttp cannot decode it (was a 500)
+        status, headers, body = guarded.raw_request("/translate", b'{"lang_pair": "en-de", "texts": ["hi"]}',
+                                                    headers={**guarded.headers(), "Content-Encoding": encoding})
+        assert (status, headers["Content-Type"]) == (400, "application/json; charset=utf-8"), body[:200]
+        assert json.loads(body)["error"].startswith("unreadable request body (")
     # answers are UTF-8, not \u escapes
     status, _, body = guarded.raw_request("/translate", json.dumps({"lang_pair": "en-ф", "texts": ["x"]}).encode())
     assert status == 400 and "unknown lang_pair 'en-ф'".encode() in body and b"\\u" not in body
@@ -581,6 +586,13 @@ def test_a_touched_checkpoint_is_no_change_and_a_changed_one_is_the_servers_503(
     os.utime(guarded.checkpoint)  # same bytes, new time
     want = guarded.translate("en-fr", heavy_texts(3))
     assert guarded.health()["status"] == "ok"
+    before = os.stat(guarded.checkpoint)
+    with open(guarded.checkpoint, "r+b") as changed:  # bytes rewritten in place, size and mtime kept
+        changed.seek(before.st_size // 2)
+        changed.write(bytes(255 - byte for byte in changed.read(64)))
+    os.utime(guarded.checkpoint, ns=(before.st_atime_ns, before.st_mtime_ns))
+    status, body = guarded.request("/translate", {"lang_pair": "de-en", "texts": ["Hello"]})
+    assert status == 503 and "checkpoint changed on disk" in body["error"], body
     with open(trained.get("token", "target"), "rb") as other, open(guarded.checkpoint, "wb") as changed:
         shutil.copyfileobj(other, changed)  # another checkpoint written over it in place
     status, body = guarded.request("/translate", {"lang_pair": "en-ru", "texts": ["Hello"]})

@@ -39,6 +39,7 @@ import time
 from typing import Optional
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from taskmoe_fairseq.errors import TaskMoeError, usage_error
 from taskmoe_fairseq.serving.batching import Abandoned, BatchingWorker, Job, ServerStopping
@@ -223,7 +224,10 @@ async def translate(request: web.Request) -> web.Response:
 
 async def _translate(request: web.Request, ticket: Ticket) -> web.Response:
     service, worker, state, limits = request.app[SERVICE], request.app[WORKER], request.app[STATE], request.app[LIMITS]
-    raw = await request.read()  # over client_max_size: 413 (the middleware's message)
+    try:
+        raw = await request.read()  # over client_max_size: 413 (the middleware's message)
+    except RequestPayloadError as error:  # a body its Content-Encoding cannot decode, or cut short: the client's
+        return error_response(400, f"unreadable request body ({str(error)[:120]}); send plain or gzip-encoded JSON")
     loop = asyncio.get_running_loop()
     try:
         pair, texts, beam, max_len_b, cost = await loop.run_in_executor(state.prepare_pool, prepare, service, limits, raw)

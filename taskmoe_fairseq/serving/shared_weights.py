@@ -141,8 +141,8 @@ class SharedWeights:
         del state, model_state
 
     def _file_stamp(self):
-        info = os.stat(self.path)
-        return info.st_ino, info.st_size, info.st_mtime_ns
+        info = os.stat(self.path)  # the change time too: an in-place rewrite with the old mtime put back moves it
+        return info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
     def _content_digest(self) -> str:
         with open(self.path, "rb") as stream:
