@@ -152,3 +152,25 @@ def test_data_parallel_ranks_refuse_together(ddp_checkpoint, data_dir, tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     for rank in (0, 1):
         assert f"[rank{rank}]: taskmoe-fairseq: error: {tmp_path}/checkpoint_last.pt was trained with --moe-expert-count 4" in result.stderr
+
+
+def with_encoder_langtok(command, value):
+    command = list(command)
+    command[command.index("--encoder-langtok") + 1] = value
+    return command
+
+
+def test_another_language_tag_scheme_is_refused_on_resume_and_in_generation(trained, data_dir, tmp_path):
+    """--encoder-langtok src on a model trained with tgt keeps every shape but feeds the encoder
+    another tag: resume trained on and fairseq-generate decoded with it silently (a tester's finding)."""
+    save_dir, extra = start_from("save-dir", trained.get("token", "target"), tmp_path)
+    before = snapshot(str(tmp_path))
+    with pytest.raises(TaskMoeError, match="was trained with --encoder-langtok tgt --decoder-langtok but this run has "
+                                           "--encoder-langtok src --decoder-langtok; pass --encoder-langtok tgt"):
+        train_in_process(with_encoder_langtok(train_command(data_dir, save_dir, "token", "target", 13, extra), "src"))
+    assert snapshot(str(tmp_path)) == before
+    fresh = str(tmp_path / "fresh")  # a checkpoint of today's code records its scheme for generation too
+    train_in_process(train_command(data_dir, fresh, "token", "target", 1))
+    with pytest.raises(TaskMoeError, match="--encoder-langtok tgt --decoder-langtok but this run has --encoder-langtok src"):
+        run_in_process(with_encoder_langtok(generate_command(data_dir, os.path.join(fresh, "checkpoint_last.pt"), "en-de", 1),
+                                            "src"))

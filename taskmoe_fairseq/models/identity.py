@@ -62,6 +62,32 @@ def check_language_order(saved: Sequence[str], given: Sequence[str], what: str =
         )
 
 
+def language_tags(task_args) -> Optional[List]:
+    """``[--encoder-langtok, --decoder-langtok]`` of a task's args (None without them): which tag
+    the encoder reads (``tgt``: the paper's ``<2xx>``) and whether the decoder starts with one. Another
+    scheme keeps every shape and changes what each input means, as another ``--langs`` order does."""
+    if task_args is None or not hasattr(task_args, "encoder_langtok"):
+        return None
+    return [getattr(task_args, "encoder_langtok", None), bool(getattr(task_args, "decoder_langtok", False))]
+
+
+def describe_tags(tags) -> str:
+    encoder, decoder = tags
+    return (f"--encoder-langtok {encoder}" if encoder else "no --encoder-langtok") + (
+        " --decoder-langtok" if decoder else " and no --decoder-langtok")
+
+
+def check_language_tags(saved, given, what: str = "the model") -> None:
+    """Refuse a language-tag scheme other than the model's.
+
+    Raises:
+        TaskMoeError: one line naming both schemes and the fix.
+    """
+    if list(saved) != list(given):
+        raise usage_error(f"{what} was trained with {describe_tags(saved)} but this run has {describe_tags(given)}; "
+                          f"pass {describe_tags(saved)} (the tags are the task signal the model reads)")
+
+
 def checkpoint_model_args(state: dict) -> Optional[argparse.Namespace]:
     """The model's legacy config in a loaded checkpoint ``state``, completed with the defaults
     ``TaskMoeTransformerModel.build_model`` fills in when it rebuilds the model (fairseq's
@@ -81,10 +107,12 @@ def checkpoint_model_args(state: dict) -> Optional[argparse.Namespace]:
         return None
     model = argparse.Namespace(**vars(model))
     taskmoe_base_architecture(model)
+    task = (cfg or {}).get("task") if isinstance(cfg, dict) else None
     if not getattr(model, "taskmoe_langs", None):
-        task = (cfg or {}).get("task") if isinstance(cfg, dict) else None
         langs = task.get("langs") if isinstance(task, dict) else getattr(task, "langs", None)
         model.taskmoe_langs = list(langs) if langs else None
+    if getattr(model, "taskmoe_language_tags", None) is None:  # checkpoints from before the field: the task's
+        model.taskmoe_language_tags = language_tags(argparse.Namespace(**task) if isinstance(task, dict) else task)
     return model
 
 
@@ -126,6 +154,9 @@ def check_same_model(saved: argparse.Namespace, run: argparse.Namespace, path: s
     saved_langs, run_langs = getattr(saved, "taskmoe_langs", None), getattr(run, "taskmoe_langs", None)
     if saved_langs and run_langs is not None:
         check_language_order(saved_langs, run_langs, what=path)
+    saved_tags, run_tags = getattr(saved, "taskmoe_language_tags", None), getattr(run, "taskmoe_language_tags", None)
+    if saved_tags is not None and run_tags is not None:
+        check_language_tags(saved_tags, run_tags, what=path)
     differences = option_differences(saved, run)
     if differences:
         theirs = ", ".join(as_option(name, getattr(saved, name, None)) for name in differences)

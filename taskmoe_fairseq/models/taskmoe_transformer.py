@@ -30,13 +30,21 @@ logger = logging.getLogger(__name__)
 def check_languages(args, task):
     """The model's language list is the task's (ids follow its order); saved in the args
     (``taskmoe_langs``, see :mod:`taskmoe_fairseq.models.identity`). A model loaded from a
-    checkpoint (generation, the hub, serving) refuses a task with another ``--langs`` order."""
+    checkpoint (generation, the hub, serving) refuses a task with another ``--langs`` order or
+    language-tag scheme (``taskmoe_language_tags``)."""
     task_langs = getattr(task, "langs", None)
     saved_langs = getattr(args, "taskmoe_langs", None)
     if saved_langs is None:
         args.taskmoe_langs = list(task_langs or [])
     elif task_langs is not None:
         identity.check_language_order(saved_langs, task_langs)
+    # the language-tag scheme (--encoder-langtok, --decoder-langtok) is the task signal: saved, then checked
+    task_tags = identity.language_tags(getattr(task, "args", None))
+    saved_tags = getattr(args, "taskmoe_language_tags", None)
+    if saved_tags is None:
+        args.taskmoe_language_tags = task_tags
+    elif task_tags is not None:
+        identity.check_language_tags(saved_tags, task_tags)
 
 
 def expert_parameter_count(model) -> Tuple[int, int]:
