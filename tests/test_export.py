@@ -250,3 +250,22 @@ def test_merged_ffn_equals_the_weighted_sum_of_experts():
     assert kept == 2 and w1.shape == (2 * ffn, dim) and w2.shape == (dim, 2 * ffn)
     merged = torch.relu(x @ w1.T + b1) @ w2.T + b2
     torch.testing.assert_close(merged, weights[0] * expert(0) + weights[1] * expert(1), rtol=1e-5, atol=1e-5)
+
+
+def test_an_expert_parallel_file_is_refused_with_the_way_to_export_it(trained, tmp_path):
+    """A -shared.pt holds no experts: the export named its layers as routing per token (a false
+    reason, a tester's finding); it now says to consolidate first."""
+    from taskmoe_fairseq import sharded_checkpoint
+    from taskmoe_fairseq.compat import safe_torch_load
+
+    full = safe_torch_load(trained.get("target", "target", TRAIN_UPDATES))
+    stem = str(tmp_path / "checkpoint_last")
+    sharded_checkpoint.save_sharded(full["model"], full["cfg"]["model"], stem, 2)
+    for path in (sharded_checkpoint.shared_path(stem), sharded_checkpoint.shard_path(stem, 1)):
+        result = run_main("taskmoe_fairseq.export.cli", "--checkpoint", path, "--lang-pair", "en-de",
+                          "--output-dir", str(tmp_path / "ct2"), check=False)
+        assert result.returncode == 2 and result.stderr.splitlines() == [
+            f"taskmoe_fairseq.export: error: {path} is one file of an expert-parallel checkpoint (its experts are in the "
+            "-rank-N.pt shards): consolidate it first (python -m taskmoe_fairseq.consolidate --checkpoint-dir DIR "
+            "--output full.pt) and export full.pt"]
+    assert not os.path.exists(tmp_path / "ct2")

@@ -45,6 +45,12 @@ def load(path: str) -> LoadedCheckpoint:
     checkpoint = compat.safe_torch_load(path)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise usage_error(f"{path}: not a fairseq checkpoint (no 'model' entry)")
+    if checkpoint.get("expert_parallel"):  # a -shared.pt or -rank-N.pt file: its experts are spread over the shards
+        raise usage_error(
+            f"{path} is one file of an expert-parallel checkpoint (its experts are in the -rank-N.pt shards): "
+            "consolidate it first (python -m taskmoe_fairseq.consolidate --checkpoint-dir DIR --output full.pt) "
+            "and export full.pt"
+        )
     cfg = checkpoint.get("cfg") or {}
     args = (cfg.get("model") if isinstance(cfg, dict) else None) or checkpoint.get("args")
     arch = str(getattr(args, "arch", None) or getattr(args, "_name", None))
