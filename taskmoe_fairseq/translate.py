@@ -271,6 +271,8 @@ def load_translator(model: str, lang_pair: str, data_dir: Optional[str] = None, 
         return load_ct2(model, lang_pair, spm_model=spm_model, data_dir=data_dir, device=device, device_index=device_index)
     if not os.path.exists(model):
         raise usage_error(f"{model}: no such checkpoint file or CTranslate2 folder")
+    if not os.path.isfile(model):  # a pipe would block the read forever
+        raise usage_error(f"{model} is neither a checkpoint file nor a CTranslate2 folder (a pipe or device); pass one")
     return load_fairseq(model, lang_pair, data_dir=data_dir, spm_model=spm_model, device=device, device_index=device_index)
 
 

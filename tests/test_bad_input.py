@@ -257,3 +257,24 @@ def test_the_task_with_fairseqs_transformer_is_one_line(train):
     assert_one_line_error(result, "taskmoe-fairseq: error: --arch transformer takes no language ids, which every batch "
                                   "of --task multilingual_translation_taskmoe carries: use --arch taskmoe_transformer")
     assert result.returncode == 1 and not os.path.exists(train[train.index("--save-dir") + 1] + "/checkpoint_last.pt")
+
+
+def test_a_pipe_or_folder_given_as_a_checkpoint_is_one_line_not_a_hang(trained, tmp_path, capsys):
+    """A named pipe as --checkpoint / --model / --auth-token-file used to block its reader forever
+    (extract, translate, serve's token); the server called it missing (a tester's findings)."""
+    from taskmoe_fairseq import extract, translate
+    from taskmoe_fairseq.serving import cli as serve_cli
+
+    pipe = str(tmp_path / "model.pt")
+    os.mkfifo(pipe)
+    checkpoint = trained.get("token", "target")
+    for run, args, needle in (
+        (extract.main, ["--checkpoint", pipe, "--lang-pair", "en-de", "--output", str(tmp_path / "o.pt")], "is not a regular file"),
+        (translate.cli, ["--model", pipe, "--lang-pair", "en-de"], "is neither a checkpoint file nor a CTranslate2 folder"),
+        (serve_cli.cli, ["--checkpoint", pipe], "is not a regular file"),
+        (serve_cli.cli, ["--checkpoint", checkpoint, "--auth-token-file", pipe], "is not a regular file"),
+        (serve_cli.cli, ["--checkpoint", checkpoint, "--lang-pairs", ",,"], "names no pair"),
+    ):
+        assert run(args) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], lines

@@ -235,6 +235,8 @@ def safe_torch_load(path: str, mmap: bool = False):
     Raises:
         TaskMoeError: missing, truncated (also one tensor record cut short), corrupt or unsafe file.
     """
+    if os.path.exists(path) and not os.path.isfile(path):  # a pipe would block the read forever
+        raise usage_error(f"{path} is not a regular file (a folder, pipe or device); pass a checkpoint file")
     if os.path.isfile(path):
         check_tensor_records(path)
     try:

@@ -110,6 +110,8 @@ def read_token(path: str) -> str:
     Raises:
         TaskMoeError: unreadable, empty, or not printable ASCII without spaces (an HTTP header value).
     """
+    if os.path.exists(path) and not os.path.isfile(path):  # a pipe would block the read forever
+        raise usage_error(f"--auth-token-file {path} is not a regular file; write the token in a file")
     try:
         with open(path, encoding="utf-8") as stream:
             token = stream.read().strip()
@@ -131,6 +133,8 @@ def build_service(options):
     device = resolve_device(options.device, options.device_index)
     weights = SharedWeights(options.checkpoint, data_dir=options.data_dir, spm_model=options.spm_model, device=device)
     pairs = [pair.strip() for pair in options.lang_pairs.split(",") if pair.strip()] if options.lang_pairs else None
+    if options.lang_pairs is not None and not pairs:
+        raise usage_error(f"--lang-pairs {options.lang_pairs!r} names no pair; give e.g. --lang-pairs en-de,de-en, or leave it out")
     return TranslationService(weights, pairs, max_expert_sets=options.max_expert_sets, max_len_b=options.max_len_b,
                               max_beam=options.max_beam, max_texts=options.max_texts, batch_size=options.batch_size)
 

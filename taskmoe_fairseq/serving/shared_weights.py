@@ -100,8 +100,10 @@ class SharedWeights:
 
         self.path = os.path.abspath(checkpoint)
         self.device = device
-        if not os.path.isfile(self.path):
+        if not os.path.exists(self.path):
             raise usage_error(f"{checkpoint}: no such checkpoint file")
+        if not os.path.isfile(self.path):  # a pipe would block the read forever
+            raise usage_error(f"{checkpoint} is not a regular file (a folder, pipe or device); pass a checkpoint file")
         self._lock = threading.Lock()
         self._stamp, self._changed_stamp = self._file_stamp(), None
         self._digest = self._content_digest()
