@@ -159,3 +159,16 @@ def test_model_languages_and_lookup_order(tmp_path):
         (beside / f"dict.{lang}.txt").write_text("x 1\n")
     assert assets.data_dir_for(checkpoint, str(recorded), ["de", "fr"]) == str(beside)
     assert assets.data_dir_for(checkpoint, str(recorded), ["de", "fr"], data_dir=str(given)) == str(given)
+
+
+def test_training_records_the_data_folder_as_an_absolute_path(data_dir, tmp_path, monkeypatch):
+    """A relative data folder was recorded as given: translate, serve and extract run from another
+    folder then found nothing there, or another dataset of the same name (a tester's finding)."""
+    from cli_helpers import train_command, train_in_process
+    from taskmoe_fairseq.compat import safe_torch_load
+
+    monkeypatch.chdir(os.path.dirname(data_dir))
+    save_dir = str(tmp_path / "ckpt")
+    train_in_process(train_command(os.path.basename(data_dir), save_dir, "target", "target", 1))
+    recorded = assets.recorded_data_dir(safe_torch_load(os.path.join(save_dir, "checkpoint_last.pt")))
+    assert recorded == os.path.abspath(data_dir)

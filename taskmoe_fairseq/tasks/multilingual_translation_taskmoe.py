@@ -15,6 +15,7 @@ what task-level MoE needs:
 
 import inspect
 import logging
+import os
 
 import torch
 from fairseq.tasks import register_task
@@ -92,6 +93,11 @@ class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
     @classmethod
     def setup_task(cls, args, **kwargs):
         _check_language_options(args)
+        data = getattr(args, "data", None)
+        if isinstance(data, str) and data:
+            # absolute, as the checkpoint records it: translate, serve and extract read the data folder
+            # from there, whatever folder they run in (a relative one found nothing, or another dataset)
+            args.data = os.pathsep.join(os.path.abspath(part) for part in data.split(os.pathsep))
         return super().setup_task(args, **kwargs)
 
     def __init__(self, args, langs, dicts, training):
