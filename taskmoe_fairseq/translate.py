@@ -250,6 +250,11 @@ def load_fairseq(checkpoint: str, pair: str, data_dir: Optional[str] = None, spm
         )
     except FileNotFoundError as error:
         raise usage_error(f"cannot load {checkpoint} with the data in {data_dir} ({error}); pass the --data-dir the model was trained on") from None
+    except RuntimeError as error:
+        if "size mismatch" not in str(error):
+            raise
+        raise usage_error(f"{checkpoint} does not fit the dictionaries in {data_dir} (its embeddings have another "
+                          "vocabulary size); pass the --data-dir the model was trained on") from None
     hub.to(on).eval()  # fairseq's hub runs its batches on its parameters' device
     with open_dict(hub.cfg):
         hub.cfg.dataset.max_tokens = None  # our batches are the batches (the hub would re-split by the training --max-tokens)

@@ -172,3 +172,20 @@ def test_training_records_the_data_folder_as_an_absolute_path(data_dir, tmp_path
     train_in_process(train_command(os.path.basename(data_dir), save_dir, "target", "target", 1))
     recorded = assets.recorded_data_dir(safe_torch_load(os.path.join(save_dir, "checkpoint_last.pt")))
     assert recorded == os.path.abspath(data_dir)
+
+
+def test_dictionaries_that_do_not_fit_the_checkpoint_are_one_line(gone, tmp_path):
+    """Another model's dictionaries beside an extracted checkpoint: translate printed a size-mismatch
+    traceback, the server started, said ok and answered 500 to every request (a tester's finding)."""
+    _, folder, _, _ = gone
+    wrong = tmp_path / "wrong"
+    shutil.copytree(folder, wrong)
+    for name in os.listdir(wrong):
+        if name.startswith("dict."):
+            lines = (wrong / name).read_text(encoding="utf-8").splitlines()
+            (wrong / name).write_text("\n".join(lines[: len(lines) // 2]) + "\n", encoding="utf-8")
+    checkpoint = str(wrong / "en-de.pt")
+    with pytest.raises(TaskMoeError, match="does not fit the dictionaries in .*; pass the --data-dir the model was trained on"):
+        translate.load_translator(checkpoint, "en-de")
+    with pytest.raises(TaskMoeError, match="does not fit the dictionaries in .*: .* in the checkpoint"):
+        SharedWeights(checkpoint)

@@ -127,6 +127,14 @@ class SharedWeights:
         self._skeleton = full
         model_state = state["model"]
         full.upgrade_state_dict(model_state)
+        expected = full.state_dict()  # the shapes this data folder's dictionaries give the model
+        for key, tensor in model_state.items():
+            if key in expected and tuple(expected[key].shape) != tuple(tensor.shape):
+                raise usage_error(
+                    f"{checkpoint} does not fit the dictionaries in {self.data_dir}: {key} is {tuple(tensor.shape)} in the "
+                    f"checkpoint, {tuple(expected[key].shape)} with those dictionaries; pass the --data-dir the model "
+                    "was trained on"
+                )
         replaced = extraction.replaced_prefixes(self.layers)
         parameter_names = {name for name, _ in full.named_parameters()}
         self.shared: Dict[str, torch.Tensor] = {}
