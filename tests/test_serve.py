@@ -452,7 +452,9 @@ def test_json_is_utf8_and_client_input_is_never_a_500(guarded):
                         (b'{"lang_pair": "en-de", "texts": ["ok", "a\\udfffb"]}', "texts[1] is not valid Unicode"),
                         (b'{"lang_pair": "\\ud800", "texts": ["x"]}', "unknown lang_pair '\\ud800'"),
                         (b'{"\\ud800": 1}', "unknown field '\\ud800'"),
-                        (json.dumps({"lang_pair": "x" * 100000, "texts": ["a"]}).encode(), "unknown lang_pair 'xxx")]:
+                        (json.dumps({"lang_pair": "x" * 100000, "texts": ["a"]}).encode(), "unknown lang_pair 'xxx"),
+                        (b'{"lang_pair": "en-de", "lang_pair": "de-en", "texts": ["a"]}', "the field 'lang_pair' appears more than once"),
+                        (b'{"lang_pair": "en-de", "texts": ["a"], "beam": ' + b"9" * 5000 + b"}", "(a number with too many digits)")]:
         status, headers, body = guarded.raw_request("/translate", raw)
         assert (status, headers["Content-Type"]) == (400, "application/json; charset=utf-8"), body[:200]
         error = json.loads(body)["error"]

@@ -156,6 +156,15 @@ async def bearer_auth(request, handler):
     return await handler(request)
 
 
+def _object_without_repeats(pairs):
+    """A JSON object whose keys are all different (json keeps the last of a repeated key silently)."""
+    keys = [key for key, _ in pairs]
+    repeated = next((key for key in keys if keys.count(key) > 1), None)
+    if repeated is not None:
+        raise ValueError(f"the field {repeated!r:.60} appears more than once")
+    return dict(pairs)
+
+
 def prepare(service, limits: Limits, raw: bytes):
     """Parse and check a ``/translate`` body (on a preparation thread).
 
@@ -164,12 +173,13 @@ def prepare(service, limits: Limits, raw: bytes):
         TaskMoeError: (one line, 400) malformed, too deeply nested or non-object JSON, an unknown field, a bad value.
     """
     try:
-        body = json.loads(raw.decode("utf-8"))
+        body = json.loads(raw.decode("utf-8"), object_pairs_hook=_object_without_repeats)
     except RecursionError:
         raise usage_error("malformed JSON body (nested too deeply); send "
                           '{"lang_pair": "en-de", "texts": ["..."]}') from None
     except (UnicodeDecodeError, ValueError) as error:
-        raise usage_error(f"malformed JSON body ({error}); send {{\"lang_pair\": \"en-de\", \"texts\": [\"...\"]}}") from None
+        reason = "a number with too many digits" if "int_max_str_digits" in str(error) else str(error)
+        raise usage_error(f"malformed JSON body ({reason}); send {{\"lang_pair\": \"en-de\", \"texts\": [\"...\"]}}") from None
     if not isinstance(body, dict):
         raise usage_error('the body must be a JSON object: {"lang_pair": "en-de", "texts": ["..."], "beam": 4}')
     unknown = sorted(set(body) - set(FIELDS))
