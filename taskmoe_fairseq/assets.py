@@ -98,8 +98,9 @@ def plan_copies(data_dir: str, out_dir: str, langs: Iterable[str], optional_lang
                 raise usage_error(f"{destination} exists and is not a regular file; remove it or choose another output folder")
             if filecmp.cmp(source, destination, shallow=False):
                 continue
-            if not force:
-                raise usage_error(f"{destination} exists with other content; pass --force to overwrite it")
+            # not the model's file (another data folder's, the user's): never replaced, --force or not
+            raise usage_error(f"{destination} exists with other content than the model's {name}; extract never replaces "
+                              "a file it did not write, even with --force: choose another output folder or remove it")
         copies[destination] = source
     return copies
 

@@ -230,6 +230,19 @@ def input_files(checkpoint: str) -> set:
     return inputs
 
 
+def refuse_data_folder_outputs(paths, data_dir):
+    """The data folder the dictionaries are read from is an input too: no output (a checkpoint or its
+    report) may be one of its files, --force or not."""
+    if not data_dir or not os.path.isdir(data_dir):
+        return
+    inputs = {os.path.realpath(os.path.join(data_dir, name)) for name in os.listdir(data_dir)}
+    for path in paths:
+        for written in (path, report_path(path)) if path else ():
+            if os.path.realpath(written) in inputs:
+                raise usage_error(f"{written} is a file of the data folder {data_dir}, which extract reads and never "
+                                  "modifies; choose another output")
+
+
 def run(options) -> List[dict]:
     checkpoint = compat.safe_torch_load(options.checkpoint, mmap=True)
     args = model_args(checkpoint, options.checkpoint)
@@ -240,6 +253,7 @@ def run(options) -> List[dict]:
         if pair not in pairs_known:
             zero_shot_note(args, pair, layers, pairs_known)
     paths = output_paths(options, pairs)
+    refuse_data_folder_outputs(paths, options.data_dir or assets.recorded_data_dir(checkpoint))
     data_files = assets.plan_beside_outputs(checkpoint, args, paths, options.data_dir, options.force)
 
     if not layers:

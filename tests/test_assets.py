@@ -120,16 +120,21 @@ def test_a_full_checkpoint_without_its_data_folder_is_one_line(gone, data_dir, t
     assert translate.translate_lines(translator, lines["en-de"], beam=BEAM, max_len_b=MAX_LEN) == want["en-de"]
 
 
-def test_a_different_data_file_beside_the_output_is_refused_without_force(gone, tmp_path):
+def test_a_different_data_file_beside_the_output_is_never_replaced(gone, tmp_path):
+    """A dictionary or spm.model of other content beside the output (the user's, another data
+    folder's) is refused, --force or not: --force replaced them silently (a tester's finding). An
+    output that is a file of the data folder extract reads is refused too."""
     full, moved, _, _ = gone
     out = tmp_path / "out"
     shutil.copytree(moved, out)
     dictionary = out / "dict.en.txt"
     dictionary.write_text("mine 1\n", encoding="utf-8")
-    result = extract("--checkpoint", full, "--lang-pair", "en-fr", "--output-dir", str(out), "--data-dir", moved)
-    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
-    assert "dict.en.txt exists with other content; pass --force" in result.stderr
-    assert not (out / "en-fr.pt").exists() and dictionary.read_text(encoding="utf-8") == "mine 1\n"
+    for force in ((), ("--force",)):
+        result = extract("--checkpoint", full, "--lang-pair", "en-fr", "--output-dir", str(out), "--data-dir", moved, *force)
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert "dict.en.txt exists with other content than the model's dict.en.txt; extract never replaces" in result.stderr
+        assert not (out / "en-fr.pt").exists() and dictionary.read_text(encoding="utf-8") == "mine 1\n"
+    dictionary.unlink()
     (out / "dict.de.txt").unlink()
     os.makedirs(out / "dict.de.txt")  # not a file: refused even with --force
     result = extract("--checkpoint", full, "--lang-pair", "en-fr", "--output-dir", str(out), "--data-dir", moved, "--force")
@@ -139,7 +144,14 @@ def test_a_different_data_file_beside_the_output_is_refused_without_force(gone, 
     result = extract("--checkpoint", full, "--lang-pair", "en-fr", "--output-dir", str(out), "--data-dir", moved, "--force")
     assert result.returncode == 0, result.stderr
     assert dictionary.read_bytes() == open(os.path.join(moved, "dict.en.txt"), "rb").read()
-    assert (out / "dict.de.txt").read_bytes() == open(os.path.join(moved, "dict.de.txt"), "rb").read()
+    data = tmp_path / "data"  # the data folder's own files are inputs
+    shutil.copytree(moved, data)
+    before = {name: (data / name).read_bytes() for name in os.listdir(data)}
+    for name in ("dict.en.txt", "spm.model"):
+        result = extract("--checkpoint", full, "--lang-pair", "en-de", "--data-dir", str(data),
+                         "--output", str(data / name), "--force")
+        assert result.returncode == 2 and "is a file of the data folder" in result.stderr, result.stderr
+    assert {name: (data / name).read_bytes() for name in os.listdir(data)} == before
 
 
 def test_model_languages_and_lookup_order(tmp_path):
