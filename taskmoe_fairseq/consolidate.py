@@ -42,6 +42,10 @@ def run(options) -> str:
     metas = sharded_checkpoint.check_set(stem)
     if os.path.realpath(options.output) in {os.path.realpath(path) for path in metas}:
         raise usage_error(f"--output {options.output} is one of the input files, which are never modified; choose another output")
+    if os.path.isfile(options.output) and sharded_checkpoint.stem_of(options.output) is not None:
+        # another set's -shared.pt or -rank-N.pt: a checkpoint consolidate did not write
+        raise usage_error(f"--output {options.output} is a file of an expert-parallel checkpoint, which consolidate never "
+                          "replaces, even with --force; choose another output")
     state = sharded_checkpoint.consolidate(stem)
     sharded_checkpoint.save(state, options.output)
     meta = metas[sharded_checkpoint.shared_path(stem)]

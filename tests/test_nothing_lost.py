@@ -202,6 +202,14 @@ def test_consolidate_never_writes_over_its_input_or_a_link(sharded, tmp_path):
     result = run_main("taskmoe_fairseq.consolidate", "--checkpoint-dir", folder, "--output", str(tmp_path / "link.pt"),
                       "--force", check=False)
     one_line(result, "taskmoe_fairseq.consolidate", "is a symbolic link; the --output must be a regular file")
+    # another set's files in the folder (checkpoint_best's): not inputs, but not consolidate's either
+    other = os.path.join(folder, "checkpoint_best")
+    for path in (sharded_checkpoint.shared_path(sharded), sharded_checkpoint.shard_path(sharded, 0)):
+        shutil.copyfile(path, path.replace(sharded, other))
+    before = tree(tmp_path)
+    for output in (sharded_checkpoint.shared_path(other), sharded_checkpoint.shard_path(other, 0)):
+        result = run_main("taskmoe_fairseq.consolidate", "--checkpoint-dir", folder, "--output", output, "--force", check=False)
+        one_line(result, "taskmoe_fairseq.consolidate", "is a file of an expert-parallel checkpoint, which consolidate never replaces")
     assert tree(tmp_path) == before
 
 
