@@ -274,3 +274,26 @@ def test_binarize_write_error_is_one_line_and_leaves_nothing(raw_en_de, tmp_path
     line = one_line(result, None, f"cannot write {out}{os.sep}", ": File too large (EFBIG)")
     assert "Traceback" not in result.stderr and line
     assert os.listdir(out) == []
+
+
+def test_binarize_never_leaves_two_runs_mixed(data_dir, tmp_path):
+    """An --out holding a run with other settings: without --force binarize.py redid part of it and
+    left the previous run's other outputs (another pair, binarized with the old dictionary) beside the
+    new dictionary (a tester's finding). Now it refuses; with --force the old outputs go."""
+    source = os.path.join(os.path.dirname(data_dir), "raw")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in os.listdir(source):
+        if ".en-de." in name or ".en-fr." in name:
+            shutil.copy(os.path.join(source, name), raw / name)
+    out = tmp_path / "bin"
+    result = binarize("--raw", str(raw), "--out", str(out), "--vocab-size", "300", "--workers", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    before = tree(tmp_path)
+    result = binarize("--raw", str(raw), "--out", str(out), "--langs", "de", "--vocab-size", "290", "--workers", "1")
+    one_line(result, None, f"{out} holds a previous run with other settings (langs, vocab_size); pass --force")
+    assert tree(tmp_path) == before
+    result = binarize("--raw", str(raw), "--out", str(out), "--langs", "de", "--vocab-size", "290", "--workers", "1",
+                      "--force")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not [name for name in os.listdir(out) if ".en-fr." in name]  # the previous run's other pair is gone

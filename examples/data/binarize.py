@@ -109,6 +109,14 @@ TEXT_NAMES = {"raw": re.compile(r"(valid|test)\.[A-Za-z_]+-[A-Za-z_]+\.[A-Za-z_]
               "spm": re.compile(r"(train|valid|test)\.[A-Za-z_]+-[A-Za-z_]+\.[A-Za-z_]+|\..*\.tmp")}
 
 
+def remove_previous_outputs(out):
+    """Remove a previous run's binarized outputs (binarize.py's own names) from ``out``, so that a run with
+    other settings never leaves them beside its new dictionary."""
+    for name in sorted(os.listdir(out)):
+        if OUTPUT_NAMES.fullmatch(name) and name != "binarize.json" and os.path.isfile(os.path.join(out, name)):
+            os.unlink(os.path.join(out, name))
+
+
 def check_force(raw, out):
     """With --force, refuse (one line) an --out that holds the --raw input or anything binarize.py does
     not write: --force rewrites its own outputs, never someone else's files of the same names."""
@@ -224,9 +232,13 @@ def main(argv=None):
     settings = {"raw": os.path.abspath(args.raw), **selection,
                 "vocab_size": args.vocab_size, "character_coverage": args.character_coverage,
                 "max_train_per_pair": args.max_train_per_pair, "spm_sentences": args.spm_sentences}
-    force = bool(args.force or (old and old.get("settings") != settings))
-    if force and old and not args.force:
-        warn("settings differ from the previous run in %s; redoing every stage" % args.out)
+    if old and old.get("settings") != settings:
+        if not args.force:  # redoing part of it would leave the previous run's other outputs beside the new ones
+            changed = sorted(key for key in settings if (old.get("settings") or {}).get(key) != settings[key])
+            raise UserError("%s holds a previous run with other settings (%s); pass --force to replace its outputs, "
+                            "or choose another --out" % (args.out, ", ".join(changed)))
+        remove_previous_outputs(args.out)  # --force, checked by check_force: only binarize.py's own files are there
+    force = bool(args.force)
 
     # ---- 1. SentencePiece model on all training text
     model_path = os.path.join(args.out, "spm.model")
