@@ -18,7 +18,7 @@ tensors *are* the given ones, no copy).
 
 import copy
 import types
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -38,11 +38,14 @@ def extractable_layers(args) -> List[Tuple[str, int, str]]:
     ]
 
 
-def extracted_args(args, lang_pair: str, merge: bool = False):
-    """A copy of the full model's args recording the sub-network of ``lang_pair``."""
+def extracted_args(args, lang_pair: str, merge: bool = False, pruned_token_experts: Optional[int] = None):
+    """A copy of the full model's args recording the sub-network of ``lang_pair`` (and, when its
+    token-routed layers were pruned to K experts, ``moe_pruned_token_experts = K``: the model
+    approximates the full one)."""
     new_args = copy.deepcopy(args)
     new_args.moe_extracted_lang_pair = lang_pair
     new_args.moe_merged_experts = bool(merge)
+    new_args.moe_pruned_token_experts = pruned_token_experts
     return new_args
 
 
@@ -114,13 +117,21 @@ def assemble(model_class, args, task, state: Dict[str, torch.Tensor], share: boo
     return model
 
 
-def extract_model(model, lang_pair: str, merge: bool = False):
-    """See :meth:`TaskMoeTransformerModel.extract`; returns ``(model, report rows)``."""
+def extract_model(model, lang_pair: str, merge: bool = False, token_experts=None, token_rows=None):
+    """See :meth:`TaskMoeTransformerModel.extract`; returns ``(model, report rows)``.
+
+    ``token_experts`` (``{(side, index): kept expert ids}``, the same number K in every
+    token-routed layer; :meth:`TaskMoeTransformerModel.prune_token_experts`): those layers keep
+    only these experts (:func:`~taskmoe_fairseq.models.pruning.pruned_layer_state`) and the
+    model records K; ``token_rows``: their report rows, by the same keys."""
+    from taskmoe_fairseq.models.pruning import pruned_layer_state
+
     args = model.args
     if getattr(args, "moe_extracted_lang_pair", None):
         raise usage_error(f"already extracted for {args.moe_extracted_lang_pair}; extract from the full checkpoint")
     layers = extractable_layers(args)
-    if not layers:
+    token_experts = dict(token_experts or {})
+    if not layers and not token_experts:
         raise usage_error(
             f"nothing to strip: no MoE layer is task-routed or static (encoder/decoder routing "
             f"{args.encoder_moe_routing}/{args.decoder_moe_routing}, every token may use every expert)"
@@ -146,9 +157,26 @@ def extract_model(model, lang_pair: str, merge: bool = False):
                 "params_after": sum(t.numel() for t in extracted.state_dict().values()),
             }
         )
-    replaced = replaced_prefixes(layers)
+    kept_counts = {len(kept) for kept in token_experts.values()}
+    if len(kept_counts) > 1:
+        raise ValueError(f"every token-routed layer must keep the same number of experts, got {sorted(kept_counts)}")
+    for (side, index), kept in token_experts.items():
+        moe = getattr(model, side).layers[index].moe
+        pruned = pruned_layer_state(moe, kept)
+        prefix = moe_prefix(side, index)
+        for key, tensor in pruned.items():
+            state[prefix + key] = tensor
+        row = dict((token_rows or {}).get((side, index)) or {"layer": routing_kinds.layer_name(side, index),
+                                                              "routing": routing_kinds.TOKEN,
+                                                              "experts_before": args.moe_expert_count,
+                                                              "experts_kept": list(kept)})
+        row["params_before"] = sum(p.numel() for p in moe.parameters())
+        row["params_after"] = sum(t.numel() for t in pruned.values())
+        rows.append(row)
+    replaced = replaced_prefixes(layers) + tuple(moe_prefix(side, index) for side, index in token_experts)
     for key, tensor in model.state_dict().items():
         if not key.startswith(replaced):
             state[key] = tensor
-    new_model = assemble(type(model), extracted_args(args, lang_pair, merge), task, state)
+    pruned_k = kept_counts.pop() if kept_counts else None
+    new_model = assemble(type(model), extracted_args(args, lang_pair, merge, pruned_k), task, state)
     return new_model.to(next(model.parameters()).device), rows

@@ -62,6 +62,9 @@ def add_moe_args(parser):
                         help="set by taskmoe_fairseq.extract: the pair whose sub-network this is")
     parser.add_argument("--moe-merged-experts", action="store_true",
                         help="set by taskmoe_fairseq.extract --merge-experts")
+    parser.add_argument("--moe-pruned-token-experts", type=int, metavar="K",
+                        help="set by taskmoe_fairseq.extract --prune-token-experts: each token-routed layer keeps "
+                             "K experts (K = 1: a dense FFN); the model approximates the full one")
     # fmt: on
 
 
@@ -86,6 +89,7 @@ def set_moe_defaults(args, num_experts: int = 32):
     _default(args, "moe_expert_parallel_size", 1)
     _default(args, "moe_extracted_lang_pair", None)
     _default(args, "moe_merged_experts", False)
+    _default(args, "moe_pruned_token_experts", None)
 
 
 def is_moe_layer(cfg, side: str, index: int) -> bool:
@@ -108,6 +112,13 @@ def is_extracted(cfg, side: str) -> bool:
     return bool(getattr(cfg, "moe_extracted_lang_pair", None)) and routing_kinds.is_extractable(
         getattr(cfg, f"{side}_moe_routing")
     )
+
+
+def pruned_token_experts(cfg, side: str):
+    """K when ``side``'s token-routed MoE layers were pruned to K experts per layer
+    (``extract --prune-token-experts K``), else None."""
+    k = getattr(cfg, "moe_pruned_token_experts", None)
+    return int(k) if k and getattr(cfg, f"{side}_moe_routing") == routing_kinds.TOKEN else None
 
 
 def routed_layers(cfg, side: str) -> List[Tuple[int, str]]:
@@ -208,26 +219,32 @@ def check_training_backend(args):
 
 def build_moe_ffn(cfg, side: str) -> nn.Module:
     """The FFN of an MoE layer on ``side``: experts (with a token gate for token routing),
-    or, in a checkpoint written by extraction, the kept experts."""
+    or, in a checkpoint written by extraction, the kept experts; a token-routed layer pruned to
+    K experts (``moe_pruned_token_experts``) has K experts and a gate over them, or for K = 1
+    one expert of weight 1."""
     routing = getattr(cfg, f"{side}_moe_routing")
     block = getattr(cfg, side)
     activation_dropout = cfg.activation_dropout or getattr(cfg, "relu_dropout", 0.0) or 0.0
     if is_extracted(cfg, side):
         k, width = (1, cfg.moe_top_k * block.ffn_embed_dim) if cfg.moe_merged_experts else (cfg.moe_top_k, block.ffn_embed_dim)
         return ExtractedFeedForward(block.embed_dim, width, k, cfg.activation_fn, activation_dropout)
+    pruned = pruned_token_experts(cfg, side)
+    if pruned == 1:  # one expert kept, gate weight 1: a dense FFN
+        return ExtractedFeedForward(block.embed_dim, block.ffn_embed_dim, 1, cfg.activation_fn, activation_dropout)
+    num_experts = pruned or cfg.moe_expert_count
     token_gate = None
     if routing == routing_kinds.TOKEN:
         token_gate = TokenTopKGate(
             block.embed_dim,
-            cfg.moe_expert_count,
-            cfg.moe_top_k,
+            num_experts,
+            min(cfg.moe_top_k, num_experts),
             cfg.moe_capacity_factor,
             cfg.moe_eval_capacity_factor,
             cfg.moe_second_expert_policy,
         )
     parallel = expert_parallel.setup(getattr(cfg, "moe_expert_parallel_size", 1) or 1, cfg.moe_expert_count)
     return MoeFeedForward(
-        block.embed_dim, block.ffn_embed_dim, cfg.moe_expert_count, token_gate, cfg.activation_fn, activation_dropout,
+        block.embed_dim, block.ffn_embed_dim, num_experts, token_gate, cfg.activation_fn, activation_dropout,
         expert_parallel=parallel,
     )
 

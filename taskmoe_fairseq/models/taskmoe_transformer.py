@@ -11,6 +11,7 @@ import logging
 import re
 from typing import Iterator, Optional, Tuple
 
+import torch
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerModel, base_architecture
 from torch import Tensor
@@ -177,6 +178,57 @@ class TaskMoeTransformerModel(TransformerModel):
         from taskmoe_fairseq.models.extraction import extract_model
 
         return extract_model(self, lang_pair, merge)
+
+    def prune_token_experts(self, lang_pair: str, batches, keep: int, metric: str = "load", merge: bool = False):
+        """The sub-network of ``lang_pair`` with every token-routed layer pruned to the ``keep``
+        experts the pair's tokens use most (:mod:`taskmoe_fairseq.models.pruning`), measured by
+        running this model (teacher-forced, no gradient) on ``batches``; task-routed and static
+        layers extracted exactly as by :meth:`extract`.
+
+        Args:
+            batches: iterable of fairseq ``net_input`` dicts of the pair (``src_tokens`` ``[B, S]``,
+                ``src_lengths`` ``[B]``, ``src_lang_id``/``tgt_lang_id`` ``[B]``, and
+                ``prev_output_tokens`` ``[B, T]``; without it only the encoder runs, which
+                needs every token-routed layer to be in the encoder).
+            keep: K, experts kept per token-routed layer (1: a dense FFN; E: the full layer).
+            metric: ``load`` (share of top-k assignments) or ``importance`` (summed gate probability).
+        Returns:
+            ``(model, rows)``: the pruned :class:`TaskMoeTransformerModel` (its args record the
+            pair and ``moe_pruned_token_experts = K``) and one report row per pruned or
+            extracted layer (pruned rows: kept experts most used first, their share of the
+            pair's top-k assignments).
+        Raises:
+            TaskMoeError: K out of range, no token-routed layer, already extracted, a sample
+                without tokens, or decoder token routing without target tokens.
+        """
+        from taskmoe_fairseq.models.extraction import extract_model
+        from taskmoe_fairseq.models.pruning import (
+            ExpertUsage, check_prune_request, choose_experts, token_routed_layers, usage_rows,
+        )
+
+        if getattr(self.args, "moe_extracted_lang_pair", None):
+            raise usage_error(f"already extracted for {self.args.moe_extracted_lang_pair}; prune the full checkpoint")
+        check_prune_request(self.args, keep)
+        layers = token_routed_layers(self.args)
+        was_training = self.training
+        self.eval()
+        try:
+            with ExpertUsage(self, layers) as usage, torch.no_grad():
+                for net_input in batches:
+                    if "prev_output_tokens" in net_input:
+                        self(**net_input)
+                    elif any(side == "decoder" for side, _ in layers):
+                        raise usage_error(
+                            "the decoder routes per token, so pruning needs the pair's target text: "
+                            "pass a split of the binarized data (--pruning-data valid), not source text"
+                        )
+                    else:
+                        self.encoder(**net_input)
+        finally:
+            self.train(was_training)
+        kept = choose_experts(usage, metric, keep)
+        rows = usage_rows(usage, kept, metric, int(self.args.moe_expert_count))
+        return extract_model(self, lang_pair, merge, token_experts=kept, token_rows=rows)
 
     def upgrade_state_dict_named(self, state_dict, name):
         """Checkpoints from before the router kept per-sentence gates in their layers
