@@ -19,6 +19,13 @@ Examples::
     python -m taskmoe_fairseq.extract --checkpoint ckpt/checkpoint_best.pt --lang-pair en-de --output en-de.pt
     python -m taskmoe_fairseq.extract --checkpoint ckpt/checkpoint_best.pt --all-lang-pairs --output-dir serve/ --merge-experts
     python -m taskmoe_fairseq.extract --checkpoint ckpt/checkpoint_best.pt --all-lang-pairs --report-only
+    python -m taskmoe_fairseq.extract --checkpoint ckpt/checkpoint_best.pt --lang-pair de-en --output de-en-k2.pt \
+        --prune-token-experts 2 [--pruning-data valid|FILE] [--pruning-metric load|importance] [--pruning-sentences N]
+
+``--prune-token-experts K`` also prunes every token-routed layer to the K experts the pair's
+tokens use most on a sample of its own data (:mod:`taskmoe_fairseq.models.pruning`,
+:mod:`taskmoe_fairseq.pruning_data`): the result approximates the full model, and its
+checkpoint (``moe_pruned_token_experts``) and report say so. See docs/pruning.md.
 """
 
 import argparse
@@ -37,6 +44,7 @@ from taskmoe_fairseq import assets, compat, sharded_checkpoint, sharded_extracti
 from taskmoe_fairseq.errors import run_cli, usage_error
 from taskmoe_fairseq.files import atomic_write, check_replaceable
 from taskmoe_fairseq.models.extraction import extractable_layers
+from taskmoe_fairseq.models.pruning import METRICS, check_prune_request, token_routed_layers
 from taskmoe_fairseq.modules import routing_kinds
 
 
@@ -68,7 +76,7 @@ def known_pairs(args) -> List[str]:
 def zero_shot_note(args, pair: str, layers, pairs_known: List[str]):
     """A pair outside the training pairs: allowed where its task ids exist (source / target /
     static-source / static-target routing: each task was trained through other pairs); refused
-    for pair routing, whose gate never saw the pair. Raises TaskMoeError; prints a note otherwise."""
+    for pair routing, whose gate never saw the pair. Raises TaskMoeError; returns the note to print otherwise."""
     langs = list(args.taskmoe_langs)
     parts = pair.split("-")
     if len(parts) != 2 or not all(lang in langs for lang in parts) or parts[0] == parts[1]:
@@ -82,10 +90,9 @@ def zero_shot_note(args, pair: str, layers, pairs_known: List[str]):
             f"{pair} is not a training pair and layers {','.join(by_pair)} route by language pair: their gate "
             f"never saw {pair}, so it has no sub-network; extract one of {','.join(pairs_known)}"
         )
-    print(
+    return (
         f"taskmoe_fairseq.extract: note: {pair} is zero-shot (not among the training pairs); its experts are "
-        "those its source and target tasks were trained with",
-        file=sys.stderr,
+        "those its source and target tasks were trained with"
     )
 
 
@@ -142,9 +149,19 @@ def print_report(report: dict, stream=None):
     if report.get("file_bytes_after"):
         stream.write(f", file {report['file_bytes_before'] / 2**20:.1f} MiB -> {report['file_bytes_after'] / 2**20:.1f} MiB")
     stream.write("\n")
-    stream.write(f"  {'layer':<12}{'routing':<16}{'experts':>10}  {'kept (gate weight)':<40}{'params':>24}\n")
+    if report.get("approximate"):
+        pruning = report["pruning"]
+        stream.write(
+            f"  APPROXIMATES the full model: token-routed layers keep {report['pruned_token_experts']} experts each, "
+            f"chosen by {pruning['metric']} on {pruning['sentences']} sentences of {pruning['data']}\n"
+        )
+    stream.write(f"  {'layer':<12}{'routing':<16}{'experts':>10}  {'kept (gate weight | share of tokens)':<40}{'params':>24}\n")
     for row in report["layers"]:
-        kept = ", ".join(f"{e} ({w:.3f})" for e, w in zip(row["experts_kept"], row["gate_weights"]))
+        if "token_share" in row:  # pruned: each kept expert's share of the pair's top-k assignments
+            kept = ", ".join(f"{e} ({w:.1%})" for e, w in zip(row["experts_kept"], row["token_share"]))
+            kept += f" = {row['kept_share']:.1%}"
+        else:
+            kept = ", ".join(f"{e} ({w:.3f})" for e, w in zip(row["experts_kept"], row["gate_weights"]))
         stream.write(
             f"  {row['layer']:<12}{row['routing']:<16}{row['experts_before']:>4} -> {len(row['experts_kept']):<3}"
             f"  {kept:<40}{row['params_before']:>11,} -> {row['params_after']:<11,}\n"
@@ -173,7 +190,25 @@ def parse_args(argv=None):
                         "are copied beside the output (default: the folder the checkpoint records)")
     parser.add_argument("--plain-copy", action="store_true",
                         help="for a model with no task-routed or static layer, write an unchanged copy instead of failing")
-    return parser.parse_args(argv)
+    prune = parser.add_argument_group("pruning token-routed layers (approximate; see docs/pruning.md)")
+    prune.add_argument("--prune-token-experts", type=int, metavar="K",
+                       help="keep in every token-routed layer the K experts the pair's tokens use most, the gate "
+                            "renormalised over them (1: a dense FFN); the result approximates the full model")
+    prune.add_argument("--pruning-data", metavar="SPLIT_OR_FILE",
+                       help="the pair's sample: a split of the data folder (default valid) or a text file of source "
+                            "sentences (encoder token routing only)")
+    prune.add_argument("--pruning-metric", choices=METRICS,
+                       help="load: share of the gate's top-k assignments (default); importance: summed gate probability")
+    prune.add_argument("--pruning-sentences", type=int, metavar="N", help="sentences of the sample (default 1000)")
+    options = parser.parse_args(argv)
+    if options.prune_token_experts is None:
+        given = [name for name in ("pruning_data", "pruning_metric", "pruning_sentences") if getattr(options, name) is not None]
+        if given:
+            raise usage_error(f"--{given[0].replace('_', '-')} needs --prune-token-experts K (the experts to keep per token-routed layer)")
+    options.pruning_data = options.pruning_data or "valid"
+    options.pruning_metric = options.pruning_metric or "load"
+    options.pruning_sentences = 1000 if options.pruning_sentences is None else options.pruning_sentences
+    return options
 
 
 def output_paths(options, pairs: List[str]) -> List[str]:
@@ -243,20 +278,42 @@ def refuse_data_folder_outputs(paths, data_dir):
                                   "modifies; choose another output")
 
 
+def pruning_samples(options, checkpoint: dict, args, pairs: List[str]) -> dict:
+    """pair -> ``(batches, description)`` of each pair's pruning sample
+    (:func:`taskmoe_fairseq.pruning_data.pair_sample`), all read before anything is written."""
+    from taskmoe_fairseq import pruning_data
+
+    data_dir = options.data_dir or assets.recorded_data_dir(checkpoint)
+    if not data_dir or not os.path.isdir(data_dir):
+        raise usage_error(
+            f"--prune-token-experts needs the pair's data, but the data folder {data_dir!r} is not there; pass --data-dir"
+        )
+    return {
+        pair: pruning_data.pair_sample(checkpoint, pair, os.path.abspath(data_dir), options.pruning_data, options.pruning_sentences)
+        for pair in pairs
+    }
+
+
 def run(options) -> List[dict]:
     checkpoint = compat.safe_torch_load(options.checkpoint, mmap=True)
     args = model_args(checkpoint, options.checkpoint)
     pairs_known = known_pairs(args)
     pairs = pairs_known if options.all_lang_pairs else (options.lang_pair or options.lang_pairs.split(","))
     layers = extractable_layers(args)
-    for pair in pairs:
-        if pair not in pairs_known:
-            zero_shot_note(args, pair, layers, pairs_known)
+    prune = options.prune_token_experts
+    if prune is not None:
+        check_prune_request(args, prune)
+        if options.pruning_sentences < 1:
+            raise usage_error(f"--pruning-sentences must be at least 1, got {options.pruning_sentences}")
+    notes = [zero_shot_note(args, pair, layers, pairs_known) for pair in pairs if pair not in pairs_known]
     paths = output_paths(options, pairs)
     refuse_data_folder_outputs(paths, options.data_dir or assets.recorded_data_dir(checkpoint))
     data_files = assets.plan_beside_outputs(checkpoint, args, paths, options.data_dir, options.force)
+    samples = pruning_samples(options, checkpoint, args, pairs) if prune is not None else {}
+    for note in notes:  # after every check that can refuse the request: an error stays one line
+        print(note, file=sys.stderr)
 
-    if not layers:
+    if not layers and prune is None:
         routings = f"{args.encoder_moe_routing}/{args.decoder_moe_routing}"
         message = (
             f"{options.checkpoint}: nothing to strip: no MoE layer is task-routed or static "
@@ -275,7 +332,10 @@ def run(options) -> List[dict]:
     params_before = sum(p.numel() for p in model.state_dict().values())
     reports = []
     for pair, path in zip(pairs, paths):
-        if layers:
+        if prune is not None:
+            batches, sample = samples[pair]
+            extracted, rows = model.prune_token_experts(pair, batches, prune, options.pruning_metric, merge=options.merge_experts)
+        elif layers:
             extracted, rows = model.extract(pair, merge=options.merge_experts)
         else:
             extracted, rows = model, []
@@ -287,8 +347,12 @@ def run(options) -> List[dict]:
             "params_after": sum(p.numel() for p in extracted.state_dict().values()),
             "file_bytes_before": file_bytes,
             "expert_shards_read": shards,
+            "approximate": prune is not None,
+            "pruned_token_experts": prune,
             "layers": rows,
         }
+        if prune is not None:
+            report["pruning"] = dict(samples[pair][1], metric=options.pruning_metric)
         if path is not None:
             save_checkpoint(extracted_checkpoint(checkpoint, extracted), path)
             report["output"] = os.path.abspath(path)

@@ -5,11 +5,12 @@ A full TaskMoE checkpoint is turned into one merged sub-network per pair by the 
 internals are not part of the contract); an extracted checkpoint is used as it is.
 """
 
+import copy
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 from taskmoe_fairseq import compat
 from taskmoe_fairseq.errors import usage_error
@@ -81,18 +82,40 @@ def choose_pairs(loaded: LoadedCheckpoint, requested: List[str], all_pairs: bool
     return list(dict.fromkeys(pairs))
 
 
-def refuse_routed_layers(loaded: LoadedCheckpoint):
-    """Stop (one line) before any work if some MoE layer routes per token or sentence."""
-    routed = routed_layers(loaded.state, loaded.args)
+def refuse_routed_layers(loaded: LoadedCheckpoint, prune_token_experts=None):
+    """Stop (one line) before any work if some MoE layer routes per token or sentence (token-routed
+    layers of a full checkpoint count as dense when ``prune_token_experts`` is 1: extraction
+    prunes them to one expert)."""
+    args = loaded.args
+    if prune_token_experts is not None:
+        if prune_token_experts != 1:
+            raise usage_error(
+                f"--prune-token-experts {prune_token_experts}: a CTranslate2 Transformer needs dense layers, and only "
+                "K = 1 makes a token-routed layer dense; pass --prune-token-experts 1"
+            )
+        if loaded.extracted_pair:
+            raise usage_error(
+                f"{loaded.path} is already the {loaded.extracted_pair} sub-network; --prune-token-experts works on "
+                "the full checkpoint (or export a checkpoint extract pruned with --prune-token-experts 1, without the option)"
+            )
+        if not any(getattr(args, f"{side}_moe_routing", None) == "token" and moe_layer_names(loaded.state, side) for side in SIDES):
+            raise usage_error(
+                f"--prune-token-experts: {loaded.path} has no token-routed MoE layer "
+                f"(routing {args.encoder_moe_routing}/{args.decoder_moe_routing}); drop the option"
+            )
+        args = copy.copy(args)
+        args.moe_pruned_token_experts = 1
+    routed = routed_layers(loaded.state, args)
     if routed:
         raise not_dense_error(loaded.path, routed)
 
 
-def extract_subnetworks(loaded: LoadedCheckpoint, pairs: List[str], folder: str) -> Dict[str, str]:
-    """``{pair: path}`` of merged sub-networks written into ``folder`` by the extract CLI."""
+def extract_subnetworks(loaded: LoadedCheckpoint, pairs: List[str], folder: str, pruning: Sequence[str] = ()) -> Dict[str, str]:
+    """``{pair: path}`` of merged sub-networks written into ``folder`` by the extract CLI;
+    ``pruning``: its ``--prune-token-experts 1 --data-dir ...`` options (token-routed layers pruned)."""
     command = [
         sys.executable, "-m", "taskmoe_fairseq.extract", "--checkpoint", loaded.path,
-        "--lang-pairs", ",".join(pairs), "--output-dir", folder, "--merge-experts", "--force",
+        "--lang-pairs", ",".join(pairs), "--output-dir", folder, "--merge-experts", "--force", *pruning,
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:

@@ -47,7 +47,32 @@ def parse_args(argv=None):
                         "folder when extract put them there, else the one recorded in the checkpoint)")
     parser.add_argument("--spm-model", help="SentencePiece model to ship (default: DATA_DIR/spm.model)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output-dir")
-    return parser.parse_args(argv)
+    prune = parser.add_argument_group("approximate export of token-routed models (see docs/pruning.md)")
+    prune.add_argument("--prune-token-experts", type=int, metavar="1",
+                       help="prune every token-routed layer to the one expert the pair's tokens use most (extract "
+                            "--prune-token-experts 1): a dense Transformer that approximates the full model")
+    prune.add_argument("--pruning-data", metavar="SPLIT_OR_FILE", help="as extract's (default valid)")
+    prune.add_argument("--pruning-metric", choices=("load", "importance"), help="as extract's (default load)")
+    prune.add_argument("--pruning-sentences", type=int, metavar="N", help="as extract's (default 1000)")
+    options = parser.parse_args(argv)
+    if options.prune_token_experts is None:
+        given = [name for name in ("pruning_data", "pruning_metric", "pruning_sentences") if getattr(options, name) is not None]
+        if given:
+            raise usage_error(f"--{given[0].replace('_', '-')} needs --prune-token-experts 1")
+    return options
+
+
+def pruning_options(options, data_dir: str) -> List[str]:
+    """The extract CLI's options that prune token-routed layers to one expert (none without
+    ``--prune-token-experts``)."""
+    if options.prune_token_experts is None:
+        return []
+    out = ["--prune-token-experts", str(options.prune_token_experts), "--data-dir", data_dir]
+    for name in ("pruning_data", "pruning_metric", "pruning_sentences"):
+        value = getattr(options, name)
+        if value is not None:
+            out += [f"--{name.replace('_', '-')}", str(value)]
+    return out
 
 
 def resolve_inputs(options, loaded):
@@ -136,7 +161,7 @@ def write_pair(state, args, task_args, pair: str, data_dir: str, spm: str, folde
 
     from taskmoe_fairseq.export.conventions import CONVENTIONS_FILE, SPM_FILE, conventions, task_dictionaries
     from taskmoe_fairseq.export.ct2_spec import TaskMoeCt2Converter, layer_summary
-    from taskmoe_fairseq.export.subnetwork import build_subnetwork
+    from taskmoe_fairseq.export.subnetwork import build_subnetwork, is_exact
 
     network = build_subnetwork(state, args, source)
     source_symbols, target_symbols = task_dictionaries(task_args, data_dir, pair)
@@ -155,6 +180,8 @@ def write_pair(state, args, task_args, pair: str, data_dir: str, spm: str, folde
         quantization=quantization or "float32",
         source_checkpoint=os.path.abspath(source),
         extracted=bool(getattr(args, "moe_extracted_lang_pair", None)),
+        exact=is_exact(args),
+        pruned_token_experts=getattr(args, "moe_pruned_token_experts", None),
         routing={"encoder": getattr(args, "encoder_moe_routing", None), "decoder": getattr(args, "decoder_moe_routing", None)},
         layers=layer_summary(network),
     )
@@ -172,12 +199,12 @@ def run(options) -> List[str]:
     output = check_output(options.output_dir, options.force, options.checkpoint)
     loaded = checkpoints.load(options.checkpoint)
     pairs = checkpoints.choose_pairs(loaded, options.lang_pair, options.all_lang_pairs)
-    checkpoints.refuse_routed_layers(loaded)
+    checkpoints.refuse_routed_layers(loaded, options.prune_token_experts)
     data_dir, spm = resolve_inputs(options, loaded)
     check_inputs_outside(output, {"--checkpoint": options.checkpoint, "--data-dir": data_dir, "--spm-model": spm})
 
     try:
-        return build(options, loaded, pairs, data_dir, spm, output)
+        return build(options, loaded, pairs, data_dir, spm, output, pruning_options(options, data_dir))
     except OSError as error:
         # CTranslate2 writes model.bin and its vocabularies with open(); the folders are made here
         written = os.path.abspath(error.filename) if isinstance(error.filename, str) else None
@@ -190,7 +217,7 @@ def run(options) -> List[str]:
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
 
 
-def build(options, loaded, pairs, data_dir, spm, output) -> List[str]:
+def build(options, loaded, pairs, data_dir, spm, output, pruning=()) -> List[str]:
     """Convert ``pairs`` in a temporary folder beside ``output`` and rename it into place."""
     from taskmoe_fairseq.export import checkpoints
 
@@ -207,15 +234,19 @@ def build(options, loaded, pairs, data_dir, spm, output) -> List[str]:
             sources = {pair: loaded for pair in pairs}  # already a sub-network, or dense: no extraction
         else:
             print(f"extracting {','.join(pairs)} (merged experts) ...", file=sys.stderr, flush=True)
-            paths = checkpoints.extract_subnetworks(loaded, pairs, scratch)
+            paths = checkpoints.extract_subnetworks(loaded, pairs, scratch, pruning)
             sources = {pair: path for pair, path in paths.items()}
         written = []
         for pair in pairs:
             source = sources[pair]
             sub = source if not isinstance(source, str) else checkpoints.load(source)
             folder = os.path.join(building, pair) if several else os.path.join(building, "model")
-            write_pair(sub.state, sub.args, loaded.task_args, pair, data_dir, spm, folder, options.quantization, loaded.path)
+            conv = write_pair(sub.state, sub.args, loaded.task_args, pair, data_dir, spm, folder, options.quantization, loaded.path)
             written.append(pair)
+            if not conv["exact"]:
+                print(f"{pair}: note: the export is not exact: its token-routed layers were pruned to "
+                      f"{conv['pruned_token_experts']} expert chosen on the pair's data, so it approximates the full model",
+                      file=sys.stderr, flush=True)
             sub = None
             print(f"{pair}: converted", file=sys.stderr, flush=True)
         final_tree = building if several else os.path.join(building, "model")

@@ -11,7 +11,10 @@ task-routed layer uses the same k experts for every token of a task):
   ``--merge-experts`` checkpoint already holds that FFN (``k = 1``, ``w = [1.0]``).
 
 A layer that still has a gate (``moe.gate.*``: token or sentence routing) picks experts per
-token or per sentence and has no dense equivalent.
+token or per sentence and has no dense equivalent. A token-routed layer pruned to one expert
+(``extract --prune-token-experts 1``: ``moe_pruned_token_experts = 1``) is ``experts.0`` with
+weight 1 and no gate, a dense FFN; the sub-network then only approximates the full model
+(:func:`is_exact`).
 """
 
 import re
@@ -108,6 +111,17 @@ def moe_layer_names(state: Dict[str, torch.Tensor], side: str) -> List[str]:
     ]
 
 
+def pruned_to_dense(args, side: str) -> bool:
+    """Whether ``side`` routes per token and its layers were pruned to one expert (a dense FFN)."""
+    return routing_of(args, side) == TOKEN and int(getattr(args, "moe_pruned_token_experts", None) or 0) == 1
+
+
+def is_exact(args) -> bool:
+    """Whether the sub-network computes exactly what the full model does for its pair (no
+    token-routed layer was pruned)."""
+    return not getattr(args, "moe_pruned_token_experts", None)
+
+
 def routed_layers(state: Dict[str, torch.Tensor], args) -> List[str]:
     """``["encoder.1 (token)", ...]``: MoE layers that route per token or sentence (no dense form).
 
@@ -116,7 +130,7 @@ def routed_layers(state: Dict[str, torch.Tensor], args) -> List[str]:
     found = []
     for side in SIDES:
         routing = routing_of(args, side)
-        if routing in ROUTED_KINDS:
+        if routing in ROUTED_KINDS and not pruned_to_dense(args, side):
             found += [f"{name} ({routing})" for name in moe_layer_names(state, side)]
     return found
 
@@ -144,6 +158,8 @@ def dense_layer(state: Dict[str, torch.Tensor], args, side: str, index: int) -> 
     moe = prefix + ".moe."
     if moe + "expert_weights" in state and not any(key.startswith(moe + "gate.") for key in state):
         ffn, kept = merged_ffn(state, moe)
+        if pruned_to_dense(args, side):
+            return DenseLayer(name, prefix, ffn, "token-routed MoE pruned to 1 expert (approximate)")
         top_k = int(getattr(args, "moe_top_k", kept) or kept)
         width = "merged" if kept == 1 else f"{kept} merged here"
         return DenseLayer(name, prefix, ffn, f"{routing_of(args, side)}-routed MoE, {top_k} kept experts ({width})")
@@ -174,5 +190,6 @@ def not_dense_error(source: str, layers: List[str]):
         f"{source}: cannot export to a dense Transformer: {', '.join(layers)} "
         f"{'routes' if len(layers) == 1 else 'route'} per token or sentence, so the sub-network still needs "
         "every expert; export works when every MoE layer is task-routed or static "
-        "(source, target, pair, static-*) or the side is dense (--encoder-moe-freq 0)"
+        "(source, target, pair, static-*) or the side is dense (--encoder-moe-freq 0), or, approximately, "
+        "with token-routed layers pruned to one expert (--prune-token-experts 1)"
     )
