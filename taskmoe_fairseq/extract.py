@@ -328,7 +328,8 @@ def run(options) -> List[dict]:
         checkpoint, shards, file_bytes = sharded_extraction.read(options.checkpoint, checkpoint, args, pairs, layers)
         args = model_args(checkpoint, options.checkpoint)
         print(f"taskmoe_fairseq.extract: read expert shards {shards} of {options.checkpoint}", file=sys.stderr)
-    model = load_model(checkpoint, args, partial=shards is not None)
+    # pruning runs the model on data: every expert is needed (a token-routed layer made every shard read)
+    model = load_model(checkpoint, args, partial=shards is not None and prune is None)
     params_before = sum(p.numel() for p in model.state_dict().values())
     reports = []
     for pair, path in zip(pairs, paths):

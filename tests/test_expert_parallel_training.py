@@ -141,6 +141,21 @@ def test_extraction_from_the_shards_equals_extraction_from_the_consolidated_file
     assert len(hypotheses) == TEST_LINES
 
 
+def test_pruning_from_the_shards_equals_pruning_the_consolidated_file(ep_run, consolidated, data_dir, tmp_path):
+    """extract --prune-token-experts runs the model on the pair's data, so it needs every expert:
+    from the shards (all read, the model built whole, not on the meta device) it gives the
+    consolidated file's pruned sub-network, tensor for tensor."""
+    shared = os.path.join(ep_run[0], "checkpoint_last-shared.pt")
+    from_shards, from_full = str(tmp_path / "shards" / "de-en.pt"), str(tmp_path / "full" / "de-en.pt")
+    prune = ("--prune-token-experts", "2", "--data-dir", data_dir)
+    result = extract("--checkpoint", shared, "--lang-pair", "de-en", "--output", from_shards, *prune)
+    extract("--checkpoint", consolidated[0], "--lang-pair", "de-en", "--output", from_full, *prune)
+    assert "read expert shards [0, 1]" in result.stderr
+    a, b = safe_torch_load(from_shards)["model"], safe_torch_load(from_full)["model"]
+    assert sorted(a) == sorted(b) and all(torch.equal(a[key], b[key]) for key in a)
+    assert a["encoder.layers.1.moe.gate.wg.weight"].shape[0] == 2
+
+
 def test_single_process_run_on_an_expert_parallel_save_dir_is_refused(ep_run, data_dir):
     """Without --moe-expert-parallel-size, fairseq would look for checkpoint_last.pt, find none and
     silently start afresh beside the shards: one line instead."""
