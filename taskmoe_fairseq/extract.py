@@ -152,7 +152,8 @@ def print_report(report: dict, stream=None):
     if report.get("approximate"):
         pruning = report["pruning"]
         stream.write(
-            f"  APPROXIMATES the full model: token-routed layers keep {report['pruned_token_experts']} experts each, "
+            f"  APPROXIMATES the full model: token-routed layers keep {report['pruned_token_experts']} "
+            f"expert{'s' if report['pruned_token_experts'] != 1 else ''} each, "
             f"chosen by {pruning['metric']} on {pruning['sentences']} sentences of {pruning['data']}\n"
         )
     stream.write(f"  {'layer':<12}{'routing':<16}{'experts':>10}  {'kept (gate weight | share of tokens)':<40}{'params':>24}\n")
