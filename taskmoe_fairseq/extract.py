@@ -44,7 +44,7 @@ from taskmoe_fairseq import assets, compat, sharded_checkpoint, sharded_extracti
 from taskmoe_fairseq.errors import run_cli, usage_error
 from taskmoe_fairseq.files import atomic_write, check_replaceable
 from taskmoe_fairseq.models.extraction import extractable_layers
-from taskmoe_fairseq.models.pruning import METRICS, check_prune_request, token_routed_layers
+from taskmoe_fairseq.models.pruning import METRICS, check_prune_request
 from taskmoe_fairseq.modules import routing_kinds
 
 

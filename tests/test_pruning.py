@@ -12,7 +12,7 @@ from model_helpers import build_model, fake_task, tiny_dictionary
 from taskmoe_fairseq.errors import TaskMoeError
 from taskmoe_fairseq.modules.extracted_feed_forward import ExtractedFeedForward
 from taskmoe_fairseq.modules.moe_feed_forward import MoeFeedForward
-from test_extraction import PAIR, SRC, TGT, hypotheses, mixed_length_batch
+from test_extraction import PAIR, hypotheses, mixed_length_batch
 
 DICTIONARY = tiny_dictionary(40)
 
