@@ -12,7 +12,7 @@ Usage::
 
 Decoding follows the quickstart (fairseq-generate, beam 4, ``--lenpen 2``, ``--max-len-a 1.2
 --max-len-b 10``, batch 64, one thread per run); the full model and each pruned one translate the
-same test sets (``<data>/test.*``). The exact sub-network (``extract`` without pruning) is listed
+same test sets (``<data>/test.*``), ``--jobs`` runs at a time. The exact sub-network (``extract`` without pruning) is listed
 for its size only: it translates exactly as the full model (tests/test_extract.py). Nothing is
 written outside ``--workdir`` and the two output files; the checkpoint and data are only read.
 """
@@ -25,6 +25,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -127,12 +128,26 @@ def measure(options):
 
     extract = [sys.executable, "-m", "taskmoe_fairseq.extract", "--checkpoint", checkpoint, "--lang-pairs", ",".join(pairs),
                "--data-dir", data, "--force"]
-    print("exact sub-networks ...", flush=True)
-    run(extract + ["--output-dir", os.path.join(work, "exact")])
-    for k in ks:
-        print(f"K = {k}: extract --prune-token-experts {k} ...", flush=True)
-        run(extract + ["--output-dir", os.path.join(work, f"k{k}"), "--prune-token-experts", str(k),
-                       "--pruning-sentences", str(options.pruning_sentences)])
+    commands = [extract + ["--output-dir", os.path.join(work, "exact")]] + [
+        extract + ["--output-dir", os.path.join(work, f"k{k}"), "--prune-token-experts", str(k),
+                   "--pruning-sentences", str(options.pruning_sentences)] for k in ks]
+    print(f"extract: exact and K = {options.ks} ({options.jobs} at a time) ...", flush=True)
+    with ThreadPoolExecutor(max_workers=options.jobs) as pool:
+        list(pool.map(run, commands))
+
+    # every translation: (pair, "full" or K) -> (hypotheses, tokens/s), options.jobs runs at a time
+    jobs = [(pair, "full", checkpoint) for pair in pairs] + [
+        (pair, str(k), os.path.join(work, f"k{k}", f"{pair}.pt")) for pair in pairs for k in ks]
+    print(f"fairseq-generate: {len(jobs)} runs ({options.jobs} at a time) ...", flush=True)
+
+    def translate(job):
+        pair, system, path = job
+        out = generate(data, task, path, pair, os.path.join(work, "generate", pair, system))
+        print(f"    {pair} {system}: {out[1]} tokens/s", flush=True)
+        return job[:2], out
+
+    with ThreadPoolExecutor(max_workers=options.jobs) as pool:
+        outputs = dict(pool.map(translate, jobs))
 
     rng = np.random.default_rng(options.seed)
     rows = []
@@ -140,8 +155,7 @@ def measure(options):
         target = pair.split("-")[1]
         references = raw_test(data, pair, target)
         resamples = rng.integers(0, len(references), size=(options.resamples, len(references)))
-        print(f"{pair}: fairseq-generate full + {len(ks)} pruned ...", flush=True)
-        full_hyps, full_speed = generate(data, task, checkpoint, pair, os.path.join(work, "generate", pair, "full"))
+        full_hyps, full_speed = outputs[(pair, "full")]
         full_scores = scoring.score(full_hyps, references, target)
         exact_report = json.load(open(os.path.join(work, "exact", f"{pair}.report.json"), encoding="utf-8"))
         row = {
@@ -152,9 +166,8 @@ def measure(options):
             "pruned": {},
         }
         for k in ks:
-            path = os.path.join(work, f"k{k}", f"{pair}.pt")
             report = json.load(open(os.path.join(work, f"k{k}", f"{pair}.report.json"), encoding="utf-8"))
-            hyps, speed = generate(data, task, path, pair, os.path.join(work, "generate", pair, f"k{k}"))
+            hyps, speed = outputs[(pair, str(k))]
             entry = {"params": report["params_after"], "file_bytes": report["file_bytes_after"], "tokens_per_s": speed,
                      "identical_hypotheses": sum(a == b for a, b in zip(hyps, full_hyps)),
                      "kept": {r["layer"]: {"experts": r["experts_kept"], "token_share": r["kept_share"]}
@@ -165,7 +178,7 @@ def measure(options):
                 entry[f"{name}_delta"], entry[f"{name}_delta_95"] = delta, [low, high]
             row["pruned"][str(k)] = entry
             low, high = entry["chrf_delta_95"]
-            print(f"    K = {k}: chrF {entry['chrf']:.1f} ({entry['chrf_delta']:+.2f} [{low:+.2f}, {high:+.2f}]), "
+            print(f"{pair} K = {k}: chrF {entry['chrf']:.1f} ({entry['chrf_delta']:+.2f} [{low:+.2f}, {high:+.2f}]), "
                   f"params {entry['params']:,}", flush=True)
         rows.append(row)
 
@@ -180,7 +193,8 @@ def measure(options):
         "software": {"python": platform.python_version(), "torch": torch.__version__},
         "checkpoint": checkpoint, "data": data, "experts": experts, "top_k": int(args.moe_top_k),
         "routing": {"encoder": args.encoder_moe_routing, "decoder": args.decoder_moe_routing},
-        "decoding": {"beam": BEAM, "lenpen": LENPEN, "max_len_a": 1.2, "max_len_b": 10, "batch_size": BATCH, "threads": 1},
+        "decoding": {"beam": BEAM, "lenpen": LENPEN, "max_len_a": 1.2, "max_len_b": 10, "batch_size": BATCH, "threads": 1,
+                     "runs_at_a_time": options.jobs},
         "pruning": {"data": "valid", "metric": "load", "sentences": options.pruning_sentences},
         "bootstrap": {"resamples": options.resamples, "seed": options.seed, "interval": 0.95},
         "full_weights_bytes": full_bytes,
@@ -233,8 +247,8 @@ def markdown(record):
     lines.append("| **average delta** | | " + " | ".join(f"{record['average_delta'][str(k)]['bleu']:+.2f}" for k in ks) + " |")
     lines += ["", "## Kept experts' share of the pair's routing (valid sample), and decoding speed", "",
               "Share: the kept experts' share of the pair's top-k assignments in the encoder's token-routed layers, "
-              "on the valid sample. Speed: fairseq-generate's target tokens/s, one thread, "
-              "runs one after another on a shared machine (indicative only).", "",
+              "on the valid sample. Speed: fairseq-generate's target tokens/s, one thread per run, "
+              f"{record['decoding']['runs_at_a_time']} runs at a time on a shared machine (indicative only).", "",
               "| pair | full tok/s | " + " | ".join(f"K = {k}: share, tok/s, same hyps" for k in ks) + " |",
               "|---|---:|" + "---:|" * len(ks)]
     for row in rows:
@@ -262,6 +276,7 @@ def main(argv=None):
     parser.add_argument("--pruning-sentences", type=int, default=1000)
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--jobs", type=int, default=2, help="commands run at a time, one thread each (default 2)")
     parser.add_argument("--out-json", required=True)
     parser.add_argument("--out-md", required=True)
     options = parser.parse_args(argv)
