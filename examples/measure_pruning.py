@@ -124,6 +124,7 @@ def measure(options):
     pairs = options.pairs.split(",") if options.pairs else known_pairs(args)
     experts = int(args.moe_expert_count)
     ks = [int(k) for k in options.ks.split(",")]
+    updates = (state.get("optimizer_history") or [{}])[-1].get("num_updates")
     state = None
 
     extract = [sys.executable, "-m", "taskmoe_fairseq.extract", "--checkpoint", checkpoint, "--lang-pairs", ",".join(pairs),
@@ -136,8 +137,9 @@ def measure(options):
         list(pool.map(run, commands))
 
     # every translation: (pair, "full" or K) -> (hypotheses, tokens/s), options.jobs runs at a time
-    jobs = [(pair, "full", checkpoint) for pair in pairs] + [
-        (pair, str(k), os.path.join(work, f"k{k}", f"{pair}.pt")) for pair in pairs for k in ks]
+    # pair by pair, the full model beside the pruned ones: they run under the same load
+    jobs = [job for pair in pairs for job in [(pair, "full", checkpoint)] + [
+        (pair, str(k), os.path.join(work, f"k{k}", f"{pair}.pt")) for k in ks]]
     print(f"fairseq-generate: {len(jobs)} runs ({options.jobs} at a time) ...", flush=True)
 
     def translate(job):
@@ -191,7 +193,7 @@ def measure(options):
         "wall_seconds": round(time.time() - started, 1),
         "hardware": {**lscpu(), "note": "shared 2-core machine (other jobs ran): tokens/s are indicative, not a speed claim"},
         "software": {"python": platform.python_version(), "torch": torch.__version__},
-        "checkpoint": checkpoint, "data": data, "experts": experts, "top_k": int(args.moe_top_k),
+        "checkpoint": checkpoint, "updates": updates, "data": data, "experts": experts, "top_k": int(args.moe_top_k),
         "routing": {"encoder": args.encoder_moe_routing, "decoder": args.decoder_moe_routing},
         "decoding": {"beam": BEAM, "lenpen": LENPEN, "max_len_a": 1.2, "max_len_b": 10, "batch_size": BATCH, "threads": 1,
                      "runs_at_a_time": options.jobs},
@@ -200,7 +202,7 @@ def measure(options):
         "full_weights_bytes": full_bytes,
         "ks": ks, "rows": rows, "average_delta": averages,
         "goal": {"k": GOAL_K, "max_chrf_loss": GOAL_CHRF,
-                 "met": str(GOAL_K) in averages and averages[str(GOAL_K)]["chrf"] >= -GOAL_CHRF},
+                 "met": averages[str(GOAL_K)]["chrf"] >= -GOAL_CHRF if str(GOAL_K) in averages else None},
     }
 
 
@@ -210,7 +212,8 @@ def markdown(record):
     first = rows[0]
     lines = [
         f"# Pruning token-routed layers per pair: measured ({record['date_utc']} UTC)", "",
-        f"Model: `{record['checkpoint']}` ({record['routing']['encoder']}/{record['routing']['decoder']} routing, "
+        f"Model: `{record['checkpoint']}` ({record['updates']} updates, "
+        f"{record['routing']['encoder']}/{record['routing']['decoder']} routing, "
         f"E = {experts}, top-{record['top_k']}). Experts chosen per pair by `{record['pruning']['metric']}` on its valid split "
         f"(up to {record['pruning']['sentences']} sentences). Decoding: fairseq-generate, beam {record['decoding']['beam']}, "
         f"lenpen {record['decoding']['lenpen']}, one thread. Intervals: paired bootstrap, {record['bootstrap']['resamples']} "
@@ -258,6 +261,8 @@ def markdown(record):
             share = min(v["token_share"] for v in entry["kept"].values()) if entry["kept"] else 1.0
             cells.append(f"{share:.0%}, {entry['tokens_per_s'] or 0:.0f}, {entry['identical_hypotheses']}/{row['sentences']}")
         lines.append(f"| {row['pair']} | {row['full']['tokens_per_s'] or 0:.0f} | " + " | ".join(cells) + " |")
+    lines += ["", "sacrebleu signatures (SentencePiece-decoded output, one reference):"]
+    lines += [f"* {line}" for line in scoring.signature_lines(row["pair"].split("-")[1] for row in rows)]
     goal = record["goal"]
     if str(goal["k"]) in record["average_delta"]:
         lines += ["", f"Goal (issue 32): at K = {goal['k']} of {experts}, within {goal['max_chrf_loss']} chrF of the full model "
@@ -268,18 +273,26 @@ def markdown(record):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="full token-routed TaskMoE checkpoint (read only)")
-    parser.add_argument("--data", required=True, help="its binarized data folder with raw/ test sets (read only)")
-    parser.add_argument("--workdir", required=True, help="where the sub-networks and translations go")
+    parser.add_argument("--checkpoint", help="full token-routed TaskMoE checkpoint (read only)")
+    parser.add_argument("--data", help="its binarized data folder with raw/ test sets (read only)")
+    parser.add_argument("--workdir", help="where the sub-networks and translations go")
     parser.add_argument("--ks", default="1,2,4,8", help="experts kept per token-routed layer (comma-separated)")
     parser.add_argument("--pairs", help="comma-separated pairs (default: the model's)")
     parser.add_argument("--pruning-sentences", type=int, default=1000)
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--jobs", type=int, default=2, help="commands run at a time, one thread each (default 2)")
-    parser.add_argument("--out-json", required=True)
+    parser.add_argument("--out-json")
     parser.add_argument("--out-md", required=True)
+    parser.add_argument("--render", metavar="JSON", help="only write --out-md again from a record this script wrote")
     options = parser.parse_args(argv)
+    if not options.out_md or (not options.render and not (options.checkpoint and options.data and options.workdir and options.out_json)):
+        parser.error("pass --checkpoint, --data, --workdir, --out-json and --out-md (or --render JSON --out-md)")
+    if options.render:
+        with open(options.render, encoding="utf-8") as stream:
+            record = json.load(stream)
+        atomic_write_text(options.out_md, markdown(record))
+        return 0
     record = measure(options)
     os.makedirs(os.path.dirname(os.path.abspath(options.out_json)), exist_ok=True)
     os.makedirs(os.path.dirname(os.path.abspath(options.out_md)), exist_ok=True)

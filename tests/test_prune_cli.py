@@ -12,7 +12,7 @@ import re
 import pytest
 import sentencepiece
 
-from cli_helpers import NO_LOADER_WORKERS, TASK_ARGS, TEST_LINES, python_module, raw_lines, run, run_in_process, run_main, run_warm
+from cli_helpers import REPO, NO_LOADER_WORKERS, TASK_ARGS, TEST_LINES, python_module, raw_lines, run, run_in_process, run_main, run_warm
 from taskmoe_fairseq import translate
 from taskmoe_fairseq.compat import safe_torch_load
 from taskmoe_fairseq.serving.service import TranslationService
@@ -178,3 +178,27 @@ def test_export_pruning_requests_are_one_line(dense, trained, data_dir, tmp_path
     fails("has no token-routed MoE layer", "--checkpoint", trained.get("pair", "pair", 2), "--lang-pair", PAIR,
           "--prune-token-experts", "1")
     fails("--pruning-data needs --prune-token-experts 1", "--checkpoint", full, "--lang-pair", PAIR, "--pruning-data", "valid")
+
+
+def test_measure_pruning_script_records_the_full_model_and_each_k(trained, data_dir, tmp_path):
+    """examples/measure_pruning.py on the tiny model, one pair: K = E is the full model (same
+    hypotheses, zero difference), sizes shrink with K, the markdown is rendered from the record."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("measure_pruning", os.path.join(REPO, "examples", "measure_pruning.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out_json, out_md = str(tmp_path / "r.json"), str(tmp_path / "r.md")
+    assert script.main(["--checkpoint", trained.get("token", "target"), "--data", data_dir, "--workdir", str(tmp_path / "work"),
+                        "--ks", "1,4", "--pairs", PAIR, "--resamples", "20", "--jobs", "1",
+                        "--out-json", out_json, "--out-md", out_md]) == 0
+    record = read_report(out_json)
+    (row,) = record["rows"]
+    assert row["pair"] == PAIR and row["sentences"] == TEST_LINES and record["experts"] == 4
+    same = row["pruned"]["4"]
+    assert same["identical_hypotheses"] == TEST_LINES and same["chrf_delta"] == 0 and same["chrf_delta_95"] == [0, 0]
+    assert same["params"] == row["exact"]["params"] and row["pruned"]["1"]["params"] < same["params"] < row["full"]["params"]
+    assert record["goal"]["met"] is None  # the goal is about K = 2, not measured here
+    with open(out_md, encoding="utf-8") as stream:
+        text = stream.read()
+    assert f"| {PAIR} | {row['full']['chrf']:.1f} |" in text and "pruned, K = 1 of 4" in text
