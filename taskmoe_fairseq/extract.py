@@ -169,6 +169,22 @@ def print_report(report: dict, stream=None):
         )
 
 
+#: the options that tune --prune-token-experts (extract's and export's)
+PRUNING_OPTIONS = ("pruning_data", "pruning_metric", "pruning_sentences")
+
+
+def refuse_pruning_options_alone(options, needed: str) -> None:
+    """One line for a ``--pruning-*`` option given without ``--prune-token-experts``.
+
+    Raises:
+        TaskMoeError: naming the first such option and ``--prune-token-experts NEEDED``.
+    """
+    if options.prune_token_experts is None:
+        given = [name for name in PRUNING_OPTIONS if getattr(options, name) is not None]
+        if given:
+            raise usage_error(f"--{given[0].replace('_', '-')} needs --prune-token-experts {needed}")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m taskmoe_fairseq.extract",
@@ -202,10 +218,7 @@ def parse_args(argv=None):
                        help="load: share of the gate's top-k assignments (default); importance: summed gate probability")
     prune.add_argument("--pruning-sentences", type=int, metavar="N", help="sentences of the sample (default 1000)")
     options = parser.parse_args(argv)
-    if options.prune_token_experts is None:
-        given = [name for name in ("pruning_data", "pruning_metric", "pruning_sentences") if getattr(options, name) is not None]
-        if given:
-            raise usage_error(f"--{given[0].replace('_', '-')} needs --prune-token-experts K (the experts to keep per token-routed layer)")
+    refuse_pruning_options_alone(options, "K (the experts to keep per token-routed layer)")
     options.pruning_data = options.pruning_data or "valid"
     options.pruning_metric = options.pruning_metric or "load"
     options.pruning_sentences = 1000 if options.pruning_sentences is None else options.pruning_sentences

@@ -24,6 +24,7 @@ import tempfile
 from typing import Dict, List
 
 from taskmoe_fairseq.errors import TaskMoeError, usage_error
+from taskmoe_fairseq.extract import PRUNING_OPTIONS, refuse_pruning_options_alone
 from taskmoe_fairseq.files import atomic_copy, atomic_move, atomic_write_text, write_error
 
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
@@ -55,10 +56,7 @@ def parse_args(argv=None):
     prune.add_argument("--pruning-metric", choices=("load", "importance"), help="as extract's (default load)")
     prune.add_argument("--pruning-sentences", type=int, metavar="N", help="as extract's (default 1000)")
     options = parser.parse_args(argv)
-    if options.prune_token_experts is None:
-        given = [name for name in ("pruning_data", "pruning_metric", "pruning_sentences") if getattr(options, name) is not None]
-        if given:
-            raise usage_error(f"--{given[0].replace('_', '-')} needs --prune-token-experts 1")
+    refuse_pruning_options_alone(options, "1")
     return options
 
 
@@ -68,7 +66,7 @@ def pruning_options(options, data_dir: str) -> List[str]:
     if options.prune_token_experts is None:
         return []
     out = ["--prune-token-experts", str(options.prune_token_experts), "--data-dir", data_dir]
-    for name in ("pruning_data", "pruning_metric", "pruning_sentences"):
+    for name in PRUNING_OPTIONS:
         value = getattr(options, name)
         if value is not None:
             out += [f"--{name.replace('_', '-')}", str(value)]
