@@ -28,7 +28,7 @@ setup(
         # progress of python -m taskmoe_fairseq.translate on large inputs (fairseq needs it too)
         "tqdm",
     ],
-    package_data={"taskmoe_fairseq.serving": ["page.html"]},
+    package_data={"taskmoe_fairseq.serve": ["page.html"]},
     extras_require={
         # pytest-xdist runs the suite on both cores (-n 2; 3.8 for pytest.ini's --no-loadscope-reorder);
         # filelock lets its workers share one trained model per routing instead of training it once

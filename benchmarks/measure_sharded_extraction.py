@@ -7,7 +7,7 @@ against the consolidated file").
 The model: benchmarks/models.py's shape (6+6 layers, d 256, FFN 1024, MoE in every second
 layer), target/target routing, E experts (``--experts``, default 32), untrained; written once as
 one ordinary checkpoint and as the files of expert-parallel training with P = each of
-``--shards`` (:func:`taskmoe_fairseq.sharded_checkpoint.save_sharded`). Each extraction of en-de
+``--shards`` (:func:`taskmoe_fairseq.expert_parallel.sharded_checkpoint.save_sharded`). Each extraction of en-de
 runs in a fresh interpreter; peak = that process's ``VmHWM`` read at exit (``/proc/self/status``).
 Memory is not time: a loaded machine gives the same figures. ``report_sharded_extraction.py``
 writes the markdown.
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     shard_counts = [int(p) for p in options.shards.split(",")]
     import torch
 
-    from taskmoe_fairseq import sharded_checkpoint
+    from taskmoe_fairseq.expert_parallel import sharded_checkpoint
 
     config = {"shape": bench.SHAPE, "experts": options.experts, "routing": "target/target", "shards": shard_counts,
               "pair": bench.SERVE_PAIR}
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
             entry = {k: v for k, v in entry.items() if k != "checkpoint"}
             results[name] = {**entry, **measured, "extracted_bytes": out_bytes}
             run.log(f"  peak {measured['peak_rss_mib']:.0f} MiB; {measured['shards_read_line'] or 'one file'}")
-        from taskmoe_fairseq.compat import safe_torch_load
+        from taskmoe_fairseq.safe_loading import safe_torch_load
 
         reference = safe_torch_load(os.path.join(folder, "consolidated.en-de.pt"))["model"]
         for name in results:

@@ -27,7 +27,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from taskmoe_fairseq.compat import safe_torch_load  # noqa: E402
+from taskmoe_fairseq.safe_loading import safe_torch_load  # noqa: E402
 from taskmoe_fairseq.errors import TaskMoeError, run_cli  # noqa: E402
 from taskmoe_fairseq.extract import known_pairs, model_args  # noqa: E402
 from taskmoe_fairseq.files import atomic_write_text  # noqa: E402

@@ -33,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "examples"))
 import scoring  # noqa: E402
-from taskmoe_fairseq.compat import safe_torch_load  # noqa: E402
+from taskmoe_fairseq.safe_loading import safe_torch_load  # noqa: E402
 from taskmoe_fairseq.extract import known_pairs, model_args  # noqa: E402
 from taskmoe_fairseq.files import atomic_write_text  # noqa: E402
 

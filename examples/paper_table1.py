@@ -177,7 +177,7 @@ def interval(values):
 
 def parameter_counts(checkpoint):
     """Total parameters, and parameters one token uses (k of the E experts of each MoE layer)."""
-    from taskmoe_fairseq.compat import safe_torch_load
+    from taskmoe_fairseq.safe_loading import safe_torch_load
 
     state = safe_torch_load(checkpoint)
     args = state["cfg"]["model"]
@@ -203,7 +203,7 @@ def routing_heatmap(checkpoint, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from taskmoe_fairseq.compat import safe_torch_load
+    from taskmoe_fairseq.safe_loading import safe_torch_load
 
     state = safe_torch_load(checkpoint)
     args, model = state["cfg"]["model"], state["model"]

@@ -111,7 +111,7 @@ def updates_done(save_dir):
     checkpoint = os.path.join(save_dir, "checkpoint_last.pt")
     if not os.path.isfile(checkpoint):
         return 0
-    from taskmoe_fairseq.compat import safe_torch_load
+    from taskmoe_fairseq.safe_loading import safe_torch_load
 
     return int(safe_torch_load(checkpoint)["optimizer_history"][-1]["num_updates"])
 

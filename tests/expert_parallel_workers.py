@@ -46,7 +46,7 @@ def forward_backward(layer, rank, routing):
 def exactness_worker(rank, world_size, init_file, routings, failures):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        from taskmoe_fairseq.modules import expert_parallel
+        from taskmoe_fairseq.expert_parallel import dispatch as expert_parallel
 
         ep = expert_parallel.setup(world_size, EXPERTS)
         for routing in routings:
@@ -96,8 +96,8 @@ def groups_worker(rank, world_size, size, init_file, reports):
     rank-dependent expert gradients (one of them missing on rank 0), put on ``reports``."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        from taskmoe_fairseq.compat.expert_parallel import clip_grad_norm, reduce_expert_gradients
-        from taskmoe_fairseq.modules import expert_parallel
+        from taskmoe_fairseq.expert_parallel.training import clip_grad_norm, reduce_expert_gradients
+        from taskmoe_fairseq.expert_parallel import dispatch as expert_parallel
 
         ep = expert_parallel.setup(size, EXPERTS)
         again = expert_parallel.setup(size, EXPERTS)  # a second MoE layer of the same model: the same groups

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from cli_helpers import raw_lines, run_main
-from taskmoe_fairseq import assets, translate
+from taskmoe_fairseq import translate
+from taskmoe_fairseq.extract import assets
 from taskmoe_fairseq.errors import TaskMoeError
 from taskmoe_fairseq.models.taskmoe_transformer import TaskMoeTransformerModel
-from taskmoe_fairseq.serving.service import TranslationService
-from taskmoe_fairseq.serving.shared_weights import SharedWeights
+from taskmoe_fairseq.serve.service import TranslationService
+from taskmoe_fairseq.serve.shared_weights import SharedWeights
 
 UPDATES = 300
 BEAM, MAX_LEN = 4, 30
@@ -177,7 +178,7 @@ def test_training_records_the_data_folder_as_an_absolute_path(data_dir, tmp_path
     """A relative data folder was recorded as given: translate, serve and extract run from another
     folder then found nothing there, or another dataset of the same name (a tester's finding)."""
     from cli_helpers import train_command, train_in_process
-    from taskmoe_fairseq.compat import safe_torch_load
+    from taskmoe_fairseq.safe_loading import safe_torch_load
 
     monkeypatch.chdir(os.path.dirname(data_dir))
     save_dir = str(tmp_path / "ckpt")

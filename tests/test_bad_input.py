@@ -13,7 +13,7 @@ import torch
 
 from cli_helpers import generate_command, mask_times, python_module, run, run_warm, train_command
 from taskmoe_fairseq import extract
-from taskmoe_fairseq.compat import safe_torch_load
+from taskmoe_fairseq.safe_loading import safe_torch_load
 
 
 def assert_one_line_error(result, expected):
@@ -219,7 +219,7 @@ def test_extract_syncs_the_file_before_renaming_it(capsys, trained, tmp_path, mo
     status, _, _ = run_extract(capsys, "--checkpoint", trained.get("token", "target"), "--lang-pair", "en-de", "--output", str(tmp_path / "en-de.pt"))
     assert status == 0
     assert events[:2] == ["fsync", "replace"]  # the checkpoint, then its report
-    assert events.count("replace") == 2 + 5  # and the 4 dictionaries and spm.model beside it (assets.py)
+    assert events.count("replace") == 2 + 5  # and the 4 dictionaries and spm.model beside it (extract/assets.py)
 
 
 def test_extract_maps_the_checkpoint_instead_of_reading_it(capsys, trained, tmp_path, monkeypatch):
@@ -263,14 +263,14 @@ def test_a_pipe_or_folder_given_as_a_checkpoint_is_one_line_not_a_hang(trained, 
     """A named pipe as --checkpoint / --model / --auth-token-file used to block its reader forever
     (extract, translate, serve's token); the server called it missing (a tester's findings)."""
     from taskmoe_fairseq import extract, translate
-    from taskmoe_fairseq.serving import cli as serve_cli
+    from taskmoe_fairseq.serve import cli as serve_cli
 
     pipe = str(tmp_path / "model.pt")
     os.mkfifo(pipe)
     checkpoint = trained.get("token", "target")
     for run, args, needle in (
         (extract.main, ["--checkpoint", pipe, "--lang-pair", "en-de", "--output", str(tmp_path / "o.pt")], "is not a regular file"),
-        (translate.cli, ["--model", pipe, "--lang-pair", "en-de"], "is neither a checkpoint file nor a CTranslate2 folder"),
+        (translate.main, ["--model", pipe, "--lang-pair", "en-de"], "is neither a checkpoint file nor a CTranslate2 folder"),
         (serve_cli.cli, ["--checkpoint", pipe], "is not a regular file"),
         (serve_cli.cli, ["--checkpoint", checkpoint, "--auth-token-file", pipe], "is not a regular file"),
         (serve_cli.cli, ["--checkpoint", checkpoint, "--lang-pairs", ",,"], "names no pair"),

@@ -9,7 +9,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 from cli_helpers import LANG_PAIRS, TEST_LINES, generate_command, parse_generation, run, run_warm, train_command
-from taskmoe_fairseq.compat import safe_torch_load
+from taskmoe_fairseq.safe_loading import safe_torch_load
 
 
 def updates_in(log: str) -> int:

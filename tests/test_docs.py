@@ -261,11 +261,10 @@ def _fairseq_parse(tool, args):
 
 
 def _plugin_parser(tool):
-    if tool == "taskmoe_fairseq.serve":
-        tool = "taskmoe_fairseq.serving.cli"
-    elif tool == "taskmoe_fairseq.export":
-        tool = "taskmoe_fairseq.export.cli"
     module = importlib.import_module(tool)
+    if hasattr(module, "__path__"):  # a command's package: its options are in its cli.py
+        tool = tool + ".cli"
+        module = importlib.import_module(tool)
     if hasattr(module, "parse_args"):
         return module.parse_args
     if hasattr(module, "build_parser"):

@@ -10,10 +10,10 @@ import torch.multiprocessing as mp
 
 from expert_parallel_workers import exactness_worker
 from model_helpers import build_model
-from taskmoe_fairseq import consolidate, sharded_checkpoint
-from taskmoe_fairseq.compat import safe_torch_load
+from taskmoe_fairseq.expert_parallel import consolidate, sharded_checkpoint
+from taskmoe_fairseq.safe_loading import safe_torch_load
 from taskmoe_fairseq.errors import TaskMoeError
-from taskmoe_fairseq.modules import expert_parallel
+from taskmoe_fairseq.expert_parallel import dispatch as expert_parallel
 
 
 def test_two_ranks_match_one_process_forward_and_backward(tmp_path):

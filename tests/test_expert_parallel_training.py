@@ -18,8 +18,8 @@ import torch
 from cli_helpers import TEST_LINES, assert_same_metrics, generate_command, parse_generation, python_module, run_warm, train_command, train_metrics
 from conftest import DDP_EXTRA
 from rank_runs import assert_ranks, launcher, layout_args, log_of, one_process_curve, shared_runs, torchrun
-from taskmoe_fairseq.compat import safe_torch_load
-from taskmoe_fairseq.sharded_checkpoint import read_meta
+from taskmoe_fairseq.safe_loading import safe_torch_load
+from taskmoe_fairseq.expert_parallel.sharded_checkpoint import read_meta
 
 
 def ep_command(data_dir, save_dir, max_update):

@@ -255,8 +255,8 @@ def test_merged_ffn_equals_the_weighted_sum_of_experts():
 def test_an_expert_parallel_file_is_refused_with_the_way_to_export_it(trained, tmp_path):
     """A -shared.pt holds no experts: the export named its layers as routing per token (a false
     reason, a tester's finding); it now says to consolidate first."""
-    from taskmoe_fairseq import sharded_checkpoint
-    from taskmoe_fairseq.compat import safe_torch_load
+    from taskmoe_fairseq.expert_parallel import sharded_checkpoint
+    from taskmoe_fairseq.safe_loading import safe_torch_load
 
     full = safe_torch_load(trained.get("target", "target", TRAIN_UPDATES))
     stem = str(tmp_path / "checkpoint_last")

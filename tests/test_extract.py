@@ -22,7 +22,7 @@ from cli_helpers import (
     run_main,
     run_warm,
 )
-from taskmoe_fairseq.compat import safe_torch_load
+from taskmoe_fairseq.safe_loading import safe_torch_load
 
 SCORE_TOLERANCE = 1e-4
 # fairseq-generate prints positional scores rounded to 4 decimals: two values within 1e-4

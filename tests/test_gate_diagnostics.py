@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cli_helpers import run_warm
-from taskmoe_fairseq.compat import safe_torch_load
+from taskmoe_fairseq.safe_loading import safe_torch_load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "examples"))

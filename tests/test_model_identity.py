@@ -123,7 +123,7 @@ def test_an_expert_shard_is_checked_against_its_shared_file(tmp_path):
     """Expert-parallel resumes load ``<name>-rank-N.pt``: the config is in ``<name>-shared.pt``."""
     from model_helpers import build_model
     from taskmoe_fairseq.compat.model_identity import check_checkpoint_fits
-    from taskmoe_fairseq.sharded_checkpoint import save_sharded
+    from taskmoe_fairseq.expert_parallel.sharded_checkpoint import save_sharded
 
     saved, _ = build_model(arch="taskmoe_transformer_tiny")
     stem = str(tmp_path / "checkpoint_last")

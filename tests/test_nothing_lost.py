@@ -17,8 +17,8 @@ import pytest
 
 from cli_helpers import ENV, REPO, python_module, run_main
 from test_files import private_null_device
-from taskmoe_fairseq import sharded_checkpoint
-from taskmoe_fairseq.compat import safe_torch_load
+from taskmoe_fairseq.expert_parallel import sharded_checkpoint
+from taskmoe_fairseq.safe_loading import safe_torch_load
 
 FILE_SIZE_LIMIT = 1 << 20  # bytes: below every checkpoint or model.bin written here (>= 5 MB)
 

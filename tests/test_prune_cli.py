@@ -14,9 +14,9 @@ import sentencepiece
 
 from cli_helpers import REPO, NO_LOADER_WORKERS, TASK_ARGS, TEST_LINES, python_module, raw_lines, run, run_in_process, run_main, run_warm
 from taskmoe_fairseq import translate
-from taskmoe_fairseq.compat import safe_torch_load
-from taskmoe_fairseq.serving.service import TranslationService
-from taskmoe_fairseq.serving.shared_weights import SharedWeights
+from taskmoe_fairseq.safe_loading import safe_torch_load
+from taskmoe_fairseq.serve.service import TranslationService
+from taskmoe_fairseq.serve.shared_weights import SharedWeights
 from test_extract import assert_same_translations
 
 PAIR = "ru-en"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cli_helpers import ENV, TASK_ARGS, generate_command, run_warm, train_command
-from taskmoe_fairseq import compat
+from taskmoe_fairseq.compat import distributed
 from taskmoe_fairseq.errors import usage_error
 
 UNSAFE_ENV = dict(ENV, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
@@ -108,7 +108,7 @@ def test_rank_zeros_broadcast_copy_of_a_checkpoint_passes_the_safe_loader(tmp_pa
         "extra_state": {"train_iterator": {"epoch": 1}},
     }
     tensors = []
-    sent = compat._plain(distributed_utils._split_tensors_from_obj(state, tensors))
+    sent = distributed._plain(distributed_utils._split_tensors_from_obj(state, tensors))
     buffer = io.BytesIO()
     torch.save(sent, buffer)
     received = distributed_utils.torch.load(io.BytesIO(buffer.getvalue()), map_location="cpu")

@@ -43,9 +43,9 @@ import torch
 from cli_helpers import ENV, LANG_PAIRS, NO_LOADER_WORKERS, REPO, TASK_ARGS, TEST_LINES, raw_lines, run_warm
 from taskmoe_fairseq import extract, translate
 from taskmoe_fairseq.errors import TaskMoeError
-from taskmoe_fairseq.serving import cli as serve_cli
-from taskmoe_fairseq.serving.service import TranslationService
-from taskmoe_fairseq.serving.shared_weights import SharedWeights
+from taskmoe_fairseq.serve import cli as serve_cli
+from taskmoe_fairseq.serve.service import TranslationService
+from taskmoe_fairseq.serve.shared_weights import SharedWeights
 
 MAX_LEN = 30
 BEAM = 4
@@ -111,7 +111,7 @@ def test_the_worker_drops_unwanted_jobs_before_and_between_batches():
     """BatchingWorker with a stand-in translate (two "batches", ``on_batch`` between them, each waiting for the
     test): a job abandoned or past its deadline is never decoded; a group abandoned while decoding stops after
     the batch it is in; stop() refuses the queue."""
-    from taskmoe_fairseq.serving.batching import Abandoned, BatchingWorker, Job, ServerStopping
+    from taskmoe_fairseq.serve.batching import Abandoned, BatchingWorker, Job, ServerStopping
 
     entered, proceed, batches = threading.Semaphore(0), threading.Semaphore(0), []
 

@@ -176,7 +176,7 @@ def test_bad_input_is_one_line(trained, data_dir, ct2_export, tmp_path, capsys):
 
     # the same entry point in this process (no interpreter start-up per case)
     def cli(*args):
-        status = translate.cli(list(args))
+        status = translate.main(list(args))
         return status, capsys.readouterr().err
 
     assert_one_line_error(*cli("--model", str(tmp_path / "none.pt"), "--lang-pair", "en-de"),
@@ -215,7 +215,7 @@ def test_checkpoint_and_ctranslate2_paths_refuse_the_same_long_lines(ct2_export,
         lines = "Click the button.\n" + " ".join(["the"] * pieces) + "\n"
         monkeypatch.setattr("sys.stdin", io.StringIO(lines))
         extra = ("--data-dir", data_dir) if model == extracted else ()
-        status = translate.cli(["--model", model, "--lang-pair", "en-de", "--beam", "1", "--max-len-b", "5", *extra])
+        status = translate.main(["--model", model, "--lang-pair", "en-de", "--beam", "1", "--max-len-b", "5", *extra])
         captured = capsys.readouterr()
         return status, captured.out, captured.err
 
@@ -252,9 +252,9 @@ def test_device_choice(trained, data_dir, ct2_export, capsys):
                 assert (translator.translator.device, translator.translator.device_index) == ("cuda", [index])
             assert len(translate.translate_lines(translator, lines, beam=1, max_len_b=MAX_LEN)) == len(lines)
         if not cuda_devices:
-            status = translate.cli(["--model", model, "--lang-pair", "en-de", "--device", "cuda"])
+            status = translate.main(["--model", model, "--lang-pair", "en-de", "--device", "cuda"])
             assert_one_line_error(status, capsys.readouterr().err, "--device cuda: no CUDA device is visible")
-        status = translate.cli(["--model", model, "--lang-pair", "en-de", "--device", "cpu", "--device-index", "1"])
+        status = translate.main(["--model", model, "--lang-pair", "en-de", "--device", "cpu", "--device-index", "1"])
         assert_one_line_error(status, capsys.readouterr().err, "--device-index 1 numbers CUDA devices")
     # the real command: the option parses and the model runs on the CPU
     result = run_warm(translate_command("--model", folder, "--lang-pair", "en-de", "--beam", "1", "--max-len-b", str(MAX_LEN),

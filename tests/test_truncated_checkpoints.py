@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from cli_helpers import TASK_ARGS, generate_command, python_module, run_main, run_warm, train_command
-from taskmoe_fairseq import compat, sharded_checkpoint
+from taskmoe_fairseq import safe_loading
+from taskmoe_fairseq.expert_parallel import sharded_checkpoint
 from taskmoe_fairseq.errors import TaskMoeError
 
 MESSAGE = "the checkpoint is truncated or corrupt: tensor record"
@@ -63,7 +64,7 @@ def test_the_safe_loader_names_the_record_mapped_or_not(truncated):
     _, path, record = truncated
     for mmap in (True, False):
         with pytest.raises(TaskMoeError, match=f"^{path}: {MESSAGE} {record} holds [0-9,]+ bytes, its storage needs"):
-            compat.safe_torch_load(path, mmap=mmap)
+            safe_loading.safe_torch_load(path, mmap=mmap)
 
 
 def test_extract_and_export_refuse_it_and_write_nothing(truncated, tmp_path):
@@ -80,7 +81,7 @@ def test_extract_and_export_refuse_it_and_write_nothing(truncated, tmp_path):
 def test_translate_serve_and_the_hub_refuse_it(truncated, data_dir):
     from fairseq import hub_utils
 
-    from taskmoe_fairseq.serving.shared_weights import SharedWeights
+    from taskmoe_fairseq.serve.shared_weights import SharedWeights
     from taskmoe_fairseq.translate import load_translator
 
     _, path, _ = truncated
@@ -122,7 +123,7 @@ def test_a_received_checkpoint_is_checked_too(truncated):
 
 def test_expert_parallel_files_are_checked_on_consolidate_and_extract(truncated, tmp_path):
     full, _, _ = truncated
-    state = compat.safe_torch_load(full)
+    state = safe_loading.safe_torch_load(full)
     stem = str(tmp_path / "ckpt" / "checkpoint_last")
     sharded_checkpoint.save_sharded(state["model"], state["cfg"]["model"], stem, 2)
     for broken in (sharded_checkpoint.shard_path(stem, 1), sharded_checkpoint.shared_path(stem)):
@@ -155,13 +156,13 @@ CORRUPT = "the checkpoint is corrupt: record"
 def test_a_copy_damaged_in_place_is_refused_on_every_path(trained, data_dir, tmp_path, start_share):
     """Sizes intact, bytes zeroed: the records' CRC-32 (torch writes one each) tells. Before, extract
     exited 0 writing the damaged weights and the server answered garbage with 200."""
-    from taskmoe_fairseq.serving.shared_weights import SharedWeights
+    from taskmoe_fairseq.serve.shared_weights import SharedWeights
     from taskmoe_fairseq.translate import load_translator
 
     full = trained.get("token", "target")
     path = str(tmp_path / "checkpoint_last.pt")
     zeroed_copy(full, path, start_share)
-    compat.safe_torch_load(full, mmap=True)  # the intact file passes
+    safe_loading.safe_torch_load(full, mmap=True)  # the intact file passes
     result = run_main("taskmoe_fairseq.extract", "--checkpoint", path, "--lang-pair", "en-de",
                       "--output", str(tmp_path / "out" / "en-de.pt"), check=False)
     assert result.returncode == 2 and result.stderr.startswith(f"taskmoe_fairseq.extract: error: {path}: {CORRUPT}")

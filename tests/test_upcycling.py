@@ -10,7 +10,7 @@ import torch
 
 from cli_helpers import run_warm, train_command
 from model_helpers import build_model, random_batch
-from taskmoe_fairseq.compat import safe_torch_load
+from taskmoe_fairseq.safe_loading import safe_torch_load
 from taskmoe_fairseq.errors import TaskMoeError
 
 DENSE = {"encoder_moe_freq": 0, "decoder_moe_freq": 0}

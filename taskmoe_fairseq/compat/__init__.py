@@ -1,7 +1,7 @@
-"""Compatibility shims for fairseq on current torch, each applied once per process and only
-where it is needed (docs/design.md, "What the plugin changes in fairseq"):
+"""What the plugin changes in fairseq, each change applied once per process and only where it is
+needed (docs/design.md, "What the plugin changes in fairseq"):
 
-* on plugin import (every path reads checkpoints): :mod:`.safe_loading`, torch's safe loader
+* on plugin import (every path reads checkpoints): :mod:`taskmoe_fairseq.safe_loading`, torch's safe loader
   plus an explicit allow-list on every fairseq load path, whatever
   ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says; one-line refusals; and rank 0's broadcast copy of
   a checkpoint as plain containers (:mod:`.distributed`), which that loader accepts. In a
@@ -15,9 +15,9 @@ where it is needed (docs/design.md, "What the plugin changes in fairseq"):
     MoE and size options) or a folder of expert shards with one line;
   - with several data-parallel ranks, :mod:`.distributed`: every DDP backend trains a model with
     experts (``find_unused_parameters``, DDP on CPU);
-  - with ``--moe-expert-parallel-size`` > 1, :mod:`.expert_parallel` (expert parameters out of
-    DDP, their gradients normalised, one gradient norm) and
-    :mod:`.expert_parallel_checkpoints` (sharded save, resume, checks);
+  - with ``--moe-expert-parallel-size`` > 1, :mod:`taskmoe_fairseq.expert_parallel.training` (expert
+    parameters out of DDP, their gradients normalised, one gradient norm) and
+    :mod:`taskmoe_fairseq.expert_parallel.fairseq_checkpoints` (sharded save, resume, checks);
 * fairseq is imported quietly (below).
 
 Raises nothing itself; each shim's errors are one-line :class:`~taskmoe_fairseq.errors.TaskMoeError`.
@@ -26,14 +26,8 @@ Raises nothing itself; each shim's errors are one-line :class:`~taskmoe_fairseq.
 import logging
 import warnings
 
-from taskmoe_fairseq.compat import distributed, expert_parallel, expert_parallel_checkpoints, model_identity, safe_loading
-from taskmoe_fairseq.compat.distributed import _plain, has_experts  # noqa: F401
-from taskmoe_fairseq.compat.safe_loading import (  # noqa: F401
-    SAFE_GLOBALS,
-    SAFE_LOAD_MODULES,
-    describe_load_failure,
-    safe_torch_load,
-)
+from taskmoe_fairseq import safe_loading
+from taskmoe_fairseq.compat import distributed, model_identity
 
 
 def _import_fairseq_quietly():
@@ -112,7 +106,8 @@ def apply_for_training(args) -> None:
 
     * the resume checks (:mod:`.model_identity`): every training run;
     * the DDP settings (:mod:`.distributed`): when this process is one of several ranks;
-    * expert parallelism (:mod:`.expert_parallel`, :mod:`.expert_parallel_checkpoints`): when
+    * expert parallelism (:mod:`taskmoe_fairseq.expert_parallel.training`,
+      :mod:`taskmoe_fairseq.expert_parallel.fairseq_checkpoints`): when
       ``args.moe_expert_parallel_size`` > 1 (which needs several ranks).
     """
     expert_parallel_size = getattr(args, "moe_expert_parallel_size", 1) or 1
@@ -123,17 +118,21 @@ def apply_for_training(args) -> None:
             "distributed_fairseq_model.DistributedDataParallel (no device_ids on CPU)",
         )
     if expert_parallel_size > 1:
+        from taskmoe_fairseq.expert_parallel import training
+
         _apply_once(
-            "expert parallelism", expert_parallel.apply,
+            "expert parallelism", training.apply,
             "fairseq.models.DistributedFairseqModel (expert parameters left out of DDP), "
             "FairseqOptimizer.all_reduce_grads, Trainer.clip_grad_norm",
         )
-    # the resume checks go inside expert_parallel_checkpoints' Trainer.load_checkpoint: its checks of a
+    # the resume checks go inside fairseq_checkpoints' Trainer.load_checkpoint: its checks of a
     # shard set come first
     _apply_once("resume checks", model_identity.apply, "fairseq.trainer.Trainer.load_checkpoint")
     if expert_parallel_size > 1:
+        from taskmoe_fairseq.expert_parallel import fairseq_checkpoints
+
         _apply_once(
-            "expert-parallel checkpoints", expert_parallel_checkpoints.apply,
+            "expert-parallel checkpoints", fairseq_checkpoints.apply,
             "Trainer.checkpoint_suffix, should_save_checkpoint_on_current_rank, save_checkpoint, load_checkpoint, "
             "fairseq.checkpoint_utils.PathManager, load_checkpoint_to_cpu (shards)",
         )

@@ -15,9 +15,9 @@ Applied when the plugin's task trains (:func:`taskmoe_fairseq.compat.apply_for_t
 import functools
 import os
 
-from taskmoe_fairseq import sharded_checkpoint
-from taskmoe_fairseq.compat.expert_parallel import expert_parallel_of
-from taskmoe_fairseq.compat.safe_loading import safe_torch_load
+from taskmoe_fairseq.expert_parallel import sharded_checkpoint
+from taskmoe_fairseq.expert_parallel.training import expert_parallel_of
+from taskmoe_fairseq.safe_loading import safe_torch_load
 from taskmoe_fairseq.errors import usage_error
 
 

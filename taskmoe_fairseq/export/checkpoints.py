@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
-from taskmoe_fairseq import compat
+from taskmoe_fairseq import safe_loading
 from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.export.subnetwork import SIDES, moe_layer_names, not_dense_error, routed_layers
 
@@ -43,7 +43,7 @@ class LoadedCheckpoint:
 
 def load(path: str) -> LoadedCheckpoint:
     """Safe-load ``path``; one-line errors for anything that is not a TaskMoE checkpoint."""
-    checkpoint = compat.safe_torch_load(path)
+    checkpoint = safe_loading.safe_torch_load(path)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise usage_error(f"{path}: not a fairseq checkpoint (no 'model' entry)")
     if checkpoint.get("expert_parallel"):  # a -shared.pt or -rank-N.pt file: its experts are spread over the shards

@@ -74,7 +74,7 @@ def pruning_options(options, data_dir: str) -> List[str]:
 
 
 def resolve_inputs(options, loaded):
-    from taskmoe_fairseq import assets
+    from taskmoe_fairseq.extract import assets
 
     # --data-dir, else the dictionaries beside the checkpoint (an extracted one), else the training data folder
     recorded = getattr(loaded.task_args, "data", None)

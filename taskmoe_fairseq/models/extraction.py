@@ -10,7 +10,7 @@ result is a model of the same class whose args record the pair
 and translates exactly as the full model does.
 
 The steps are separate functions so that a server holding one model's shared
-weights (``taskmoe_fairseq.serving``) assembles each pair's sub-network the same
+weights (``taskmoe_fairseq.serve``) assembles each pair's sub-network the same
 way: :func:`pair_decisions` (the router's ``decide_pair``), :func:`extracted_args`,
 :func:`replaced_prefixes` and :func:`assemble` (``share=True``: the new model's
 tensors *are* the given ones, no copy).

@@ -10,7 +10,8 @@ from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 
 from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.models.moe_scope import attach_moe_hooks
-from taskmoe_fairseq.modules import expert_parallel, routing_kinds
+from taskmoe_fairseq.expert_parallel import dispatch as expert_parallel
+from taskmoe_fairseq.modules import routing_kinds
 from taskmoe_fairseq.modules.extracted_feed_forward import ExtractedFeedForward
 from taskmoe_fairseq.modules.moe_feed_forward import MoeFeedForward
 from taskmoe_fairseq.modules.moe_transformer_layer import MoeDecoderLayer, MoeEncoderLayer

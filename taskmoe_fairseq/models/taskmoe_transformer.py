@@ -100,7 +100,7 @@ class TaskMoeTransformerModel(TransformerModel):
 
         from fairseq import hub_utils
 
-        from taskmoe_fairseq.assets import SPM_MODEL
+        from taskmoe_fairseq.extract.assets import SPM_MODEL
         from taskmoe_fairseq.models.hub_interface import TaskMoeHubInterface
 
         if kwargs.get("bpe") == "sentencepiece" and "sentencepiece_model" not in kwargs:

@@ -15,7 +15,7 @@ dispatches with dense ``[tokens, E, capacity]`` one-hot einsums, and its gates
 only see the token tensor, never the task.
 
 With expert parallelism (``expert_parallel``, see
-:mod:`taskmoe_fairseq.modules.expert_parallel`) the layer holds only this
+:mod:`taskmoe_fairseq.expert_parallel.dispatch`) the layer holds only this
 rank's E / P experts (``experts[j]`` is global expert ``expert_offset + j``).
 Both routings then dispatch the same way: the kept (token, expert) assignments
 of the non-pad tokens, sorted by expert, go to the rank holding their expert by
@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from taskmoe_fairseq.errors import usage_error
-from taskmoe_fairseq.modules import expert_parallel as ep_dispatch
+from taskmoe_fairseq.expert_parallel import dispatch as ep_dispatch
 from taskmoe_fairseq.modules.expert_feed_forward import ExpertFeedForward, combine_experts
 from taskmoe_fairseq.modules.extracted_feed_forward import ExtractedFeedForward
 from taskmoe_fairseq.modules.routing_decision import ExpertSets, RoutingDecision
@@ -43,7 +43,7 @@ class MoeFeedForward(nn.Module):
 
     ``token_gate``: a :class:`TokenTopKGate` for token routing, ``None`` for a
     layer routed per sentence (task, static, sentence); ``expert_parallel``:
-    this rank's :class:`~taskmoe_fairseq.modules.expert_parallel.ExpertParallel`
+    this rank's :class:`~taskmoe_fairseq.expert_parallel.dispatch.ExpertParallel`
     (None: every expert here). Input and output ``[T, B, C]``.
     """
 

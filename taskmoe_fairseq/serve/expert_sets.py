@@ -1,6 +1,6 @@
 """The loaded expert sets: at most ``max_sets`` pair sub-networks, least recently used evicted.
 
-An entry is one :func:`~taskmoe_fairseq.serving.pair_model.build_pair_model` result (the
+An entry is one :func:`~taskmoe_fairseq.serve.pair_model.build_pair_model` result (the
 model for one :data:`ExpertSetKey`, i.e. one set of tasks in the extracted layers) and a
 translator per pair it has served (fairseq's hub interface around the shared model, one task per
 pair). Evicting an entry drops its experts; the shared tensors stay, since ``SharedWeights`` owns

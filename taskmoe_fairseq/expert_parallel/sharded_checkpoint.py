@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from taskmoe_fairseq.compat.safe_loading import safe_torch_load
+from taskmoe_fairseq.safe_loading import safe_torch_load
 from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.files import atomic_write
 

@@ -9,7 +9,7 @@ Examples::
 
 It reads the checkpoint's shared weights once (:class:`SharedWeights`), loads each pair's experts
 on first use and keeps at most ``--max-expert-sets`` expert sets (least recently used evicted),
-and serves the API of :mod:`taskmoe_fairseq.serving.app` until SIGINT or SIGTERM. Once it
+and serves the API of :mod:`taskmoe_fairseq.serve.app` until SIGINT or SIGTERM. Once it
 listens it prints one line, ``taskmoe_fairseq.serve: serving N pairs on http://HOST:PORT``
 (``--port 0``: a free port, the line tells which). Bad options or checkpoints: one line
 ``taskmoe_fairseq.serve: error: ...`` and exit status 2; so is a ``--host`` that is not a loopback
@@ -127,8 +127,8 @@ def read_token(path: str) -> str:
 
 def build_service(options):
     """The checkpoint's :class:`TranslationService` (raises TaskMoeError on bad input)."""
-    from taskmoe_fairseq.serving.service import TranslationService
-    from taskmoe_fairseq.serving.shared_weights import SharedWeights
+    from taskmoe_fairseq.serve.service import TranslationService
+    from taskmoe_fairseq.serve.shared_weights import SharedWeights
 
     device = resolve_device(options.device, options.device_index)
     weights = SharedWeights(options.checkpoint, data_dir=options.data_dir, spm_model=options.spm_model, device=device)
@@ -172,8 +172,8 @@ def main(argv=None) -> int:
         raise usage_error("aiohttp is not installed: pip install 'taskmoe-fairseq[serve]'") from None
     import torch
 
-    from taskmoe_fairseq.serving.app import Limits, build_app
-    from taskmoe_fairseq.serving.batching import BatchingWorker
+    from taskmoe_fairseq.serve.app import Limits, build_app
+    from taskmoe_fairseq.serve.batching import BatchingWorker
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if options.threads:

@@ -42,8 +42,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from taskmoe_fairseq.errors import TaskMoeError, usage_error
-from taskmoe_fairseq.serving.batching import Abandoned, BatchingWorker, Job, ServerStopping
-from taskmoe_fairseq.serving.shared_weights import CheckpointChanged
+from taskmoe_fairseq.serve.batching import Abandoned, BatchingWorker, Job, ServerStopping
+from taskmoe_fairseq.serve.shared_weights import CheckpointChanged
 
 logger = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def page(request: web.Request) -> web.Response:
-    html = importlib.resources.files("taskmoe_fairseq.serving").joinpath("page.html").read_text(encoding="utf-8")
+    html = importlib.resources.files("taskmoe_fairseq.serve").joinpath("page.html").read_text(encoding="utf-8")
     return web.Response(text=html, content_type="text/html", charset="utf-8")
 
 

@@ -11,7 +11,7 @@ an ordinary fairseq checkpoint for ``fairseq-generate``/``fairseq-interactive``
 Beside its output it writes the model's ``dict.<lang>.txt`` and ``spm.model``, copied from the
 data folder the checkpoint records (or ``--data-dir``): fairseq's hub-archive layout, so
 ``taskmoe_fairseq.translate``/``serve`` and the hub work from that folder alone
-(:mod:`taskmoe_fairseq.assets`). The same file already there is kept; another one is refused
+(:mod:`taskmoe_fairseq.extract.assets`). The same file already there is kept; another one is refused
 without ``--force``.
 
 Examples::
@@ -24,7 +24,7 @@ Examples::
 
 ``--prune-token-experts K`` also prunes every token-routed layer to the K experts the pair's
 tokens use most on a sample of its own data (:mod:`taskmoe_fairseq.models.pruning`,
-:mod:`taskmoe_fairseq.pruning_data`): the result approximates the full model, and its
+:mod:`taskmoe_fairseq.extract.pruning_data`): the result approximates the full model, and its
 checkpoint (``moe_pruned_token_experts``) and report say so. See docs/pruning.md.
 """
 
@@ -40,7 +40,9 @@ from typing import List
 import torch
 from fairseq.data import Dictionary
 
-from taskmoe_fairseq import assets, compat, sharded_checkpoint, sharded_extraction
+from taskmoe_fairseq import safe_loading
+from taskmoe_fairseq.expert_parallel import sharded_checkpoint, sharded_extraction
+from taskmoe_fairseq.extract import assets
 from taskmoe_fairseq.errors import run_cli, usage_error
 from taskmoe_fairseq.files import atomic_write, check_replaceable
 from taskmoe_fairseq.models.extraction import extractable_layers
@@ -294,8 +296,8 @@ def refuse_data_folder_outputs(paths, data_dir):
 
 def pruning_samples(options, checkpoint: dict, args, pairs: List[str]) -> dict:
     """pair -> ``(batches, description)`` of each pair's pruning sample
-    (:func:`taskmoe_fairseq.pruning_data.pair_sample`), all read before anything is written."""
-    from taskmoe_fairseq import pruning_data
+    (:func:`taskmoe_fairseq.extract.pruning_data.pair_sample`), all read before anything is written."""
+    from taskmoe_fairseq.extract import pruning_data
 
     data_dir = options.data_dir or assets.recorded_data_dir(checkpoint)
     if not data_dir or not os.path.isdir(data_dir):
@@ -309,7 +311,7 @@ def pruning_samples(options, checkpoint: dict, args, pairs: List[str]) -> dict:
 
 
 def run(options) -> List[dict]:
-    checkpoint = compat.safe_torch_load(options.checkpoint, mmap=True)
+    checkpoint = safe_loading.safe_torch_load(options.checkpoint, mmap=True)
     args = model_args(checkpoint, options.checkpoint)
     pairs_known = known_pairs(args)
     pairs = pairs_known if options.all_lang_pairs else (options.lang_pair or options.lang_pairs.split(","))

@@ -15,7 +15,7 @@ from typing import List, Tuple
 
 import torch
 
-from taskmoe_fairseq import sharded_checkpoint
+from taskmoe_fairseq.expert_parallel import sharded_checkpoint
 from taskmoe_fairseq.models.moe_options import SIDES, moe_layer_indices
 from taskmoe_fairseq.models.router import ROUTER_PREFIX, MoeRouter
 from taskmoe_fairseq.modules import routing_kinds

@@ -63,7 +63,7 @@ def describe_load_failure(path: str, error: BaseException) -> str:
         )
         return (
             f"{path}: refused by torch's safe loader: it holds {unsupported.group(1)}, which is not on "
-            "taskmoe_fairseq.compat.SAFE_GLOBALS (unpickling it could run code); re-save it without "
+            "taskmoe_fairseq.safe_loading.SAFE_GLOBALS (unpickling it could run code); re-save it without "
             "that object, or, only if you made or trust the file, allow the type with "
             f"torch.serialization.add_safe_globals{ignored}"
         )

@@ -2,7 +2,7 @@
 
 Kudugunta et al. (2021), section 4: at inference a task needs only its k experts per
 task-routed layer. :class:`SharedWeights` reads the checkpoint once, memory-mapped through the
-safe loader (:func:`taskmoe_fairseq.compat.safe_torch_load`, ``mmap=True``: a tensor is read
+safe loader (:func:`taskmoe_fairseq.safe_loading.safe_torch_load`, ``mmap=True``: a tensor is read
 from disk only when touched, so the optimizer state and the experts are never read here), and
 keeps in memory:
 
@@ -94,7 +94,8 @@ class SharedWeights:
 
     def __init__(self, checkpoint: str, data_dir: str = None, spm_model: str = None,
                  device: torch.device = torch.device("cpu")):
-        from taskmoe_fairseq import assets, compat
+        from taskmoe_fairseq import safe_loading
+        from taskmoe_fairseq.extract import assets
         from taskmoe_fairseq.models.taskmoe_transformer import TaskMoeTransformerModel
         from taskmoe_fairseq.translate import load_spm
 
@@ -107,7 +108,7 @@ class SharedWeights:
         self._lock = threading.Lock()
         self._stamp, self._changed_stamp = self._file_stamp(), None
         self._digest = self._content_digest()
-        state = compat.safe_torch_load(self.path, mmap=True)
+        state = safe_loading.safe_torch_load(self.path, mmap=True)
         languages = assets.model_languages(model_args_of(state, checkpoint))[0]
         self.data_dir = assets.data_dir_for(self.path, assets.recorded_data_dir(state), languages, data_dir)  # --data-dir, beside, recorded
         self.spm_model = os.path.abspath(spm_model or os.path.join(self.data_dir, "spm.model"))
@@ -213,10 +214,10 @@ class SharedWeights:
         Raises:
             CheckpointChanged: the file's content changed since the server started (:meth:`check_unchanged`).
         """
-        from taskmoe_fairseq import compat
+        from taskmoe_fairseq import safe_loading
 
         self.check_unchanged()
-        state = compat.safe_torch_load(self.path, mmap=True)
+        state = safe_loading.safe_torch_load(self.path, mmap=True)
         model_state = state["model"]
         self._skeleton.upgrade_state_dict(model_state)
         out = {key: model_state[key].to(self.device, copy=True) for key in keys}

@@ -17,9 +17,9 @@ from fairseq.dataclass.utils import open_dict
 
 from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.models.taskmoe_transformer import TaskMoeTransformerModel  # noqa: F401  (registers the model)
-from taskmoe_fairseq.serving.expert_sets import ExpertSetStore
-from taskmoe_fairseq.serving.pair_model import build_pair_model, expert_set_key
-from taskmoe_fairseq.serving.shared_weights import SharedWeights
+from taskmoe_fairseq.serve.expert_sets import ExpertSetStore
+from taskmoe_fairseq.serve.pair_model import build_pair_model, expert_set_key
+from taskmoe_fairseq.serve.shared_weights import SharedWeights
 
 PAIR_PATTERN = re.compile(r"[^\s-]+-[^\s-]+")
 

@@ -1,6 +1,6 @@
 """fairseq's trainer with expert parallelism (``--moe-expert-parallel-size P > 1``).
 
-Expert parameters (``param.expert``, see :mod:`taskmoe_fairseq.modules.expert_parallel`)
+Expert parameters (``param.expert``, see :mod:`taskmoe_fairseq.expert_parallel.dispatch`)
 differ per rank, so:
 
 * DDP leaves them alone: ``pytorch_ddp`` is told to ignore them

@@ -1,5 +1,5 @@
 """Sharded checkpoints in fairseq's trainer with expert parallelism
-(:mod:`taskmoe_fairseq.sharded_checkpoint` has the layout).
+(:mod:`taskmoe_fairseq.expert_parallel.sharded_checkpoint` has the layout).
 
 * fairseq's checkpoint suffix becomes ``-rank-<l>`` and ranks ``0 .. P-1`` save: each its
   shard, rank 0 also the ``-shared.pt`` file (copied with shard 0 when fairseq copies
@@ -20,8 +20,8 @@ import uuid
 
 import torch.distributed as dist
 
-from taskmoe_fairseq import sharded_checkpoint
-from taskmoe_fairseq.compat.expert_parallel import expert_parallel_of, expert_parameter_names
+from taskmoe_fairseq.expert_parallel import sharded_checkpoint
+from taskmoe_fairseq.expert_parallel.training import expert_parallel_of, expert_parameter_names
 from taskmoe_fairseq.errors import usage_error
 
 logger = logging.getLogger("taskmoe_fairseq.compat")

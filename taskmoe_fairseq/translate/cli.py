@@ -223,12 +223,13 @@ def load_fairseq(checkpoint: str, pair: str, data_dir: Optional[str] = None, spm
                  device: str = "auto", device_index: Optional[int] = None) -> FairseqTranslator:
     from fairseq.dataclass.utils import open_dict
 
-    from taskmoe_fairseq import assets, compat
+    from taskmoe_fairseq import safe_loading
+    from taskmoe_fairseq.extract import assets
     from taskmoe_fairseq.models.taskmoe_transformer import TaskMoeTransformerModel
 
     source, target = split_pair(pair)
     on = resolve_device(device, device_index)
-    state = compat.safe_torch_load(checkpoint, mmap=True)  # one-line errors for unreadable files
+    state = safe_loading.safe_torch_load(checkpoint, mmap=True)  # one-line errors for unreadable files
     cfg = state.get("cfg") if isinstance(state, dict) else None
     cfg = cfg if isinstance(cfg, dict) else {}
     model_args = cfg.get("model") or (state.get("args") if isinstance(state, dict) else None)
@@ -354,7 +355,7 @@ def write_output(text: str) -> None:
         data = data[written:]
 
 
-def main(argv=None) -> int:
+def run(argv=None) -> int:
     options = parse_args(argv)
     translator = load_translator(options.model, options.lang_pair, options.data_dir, options.spm_model,
                                  options.device, options.device_index)
@@ -379,10 +380,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def cli(argv=None) -> int:
-    """The command's entry point: ``main`` with one-line errors (exit status 2)."""
-    return run_cli(PROG, main, argv)
+def main(argv=None) -> int:
+    """The command's entry point: :func:`run` with one-line errors (exit status 2)."""
+    return run_cli(PROG, run, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(main())
