@@ -3,19 +3,29 @@ auxiliary outputs come back, without copying fairseq's encoder/decoder forward.
 
 fairseq's ``TransformerEncoderBase.forward_scriptable`` and
 ``TransformerDecoderBase.extract_features_scriptable`` call every layer with
-fixed arguments and keep only the outputs they know. The plugin's encoder and
-decoder run those functions unchanged inside a :class:`MoeForwardScope` that
-holds this forward's routing (layer name -> ``(expert_index, expert_weight,
-expert_sets)``: ``[B, K]`` each and their :class:`ExpertSets`) and collects its :class:`MoeAux` list. Two hooks registered
-once on every MoE layer connect the scope to the call:
+fixed arguments and keep only the outputs they know (LayerDrop, activation
+checkpointing and FSDP wrapping stay fairseq's). The plugin's encoder and
+decoder run those functions unchanged inside a :class:`MoeForwardScope`, the one
+channel between a forward and its MoE layers: it holds this forward's routing
+(layer name -> ``(expert_index, expert_weight, expert_sets)``: ``[B, K]`` each
+and their :class:`ExpertSets`) and collects its :class:`MoeAux` list. Two hooks
+registered once on every MoE layer connect the scope to the layer's explicit
+forward (:mod:`taskmoe_fairseq.modules.moe_transformer_layer`):
 
 * a forward pre-hook adds ``moe_expert_index`` / ``moe_expert_weight`` /
-  ``moe_expert_sets`` to the
-  layer's keyword arguments, so they are ordinary forward inputs (activation
-  checkpointing saves and replays them; FSDP sees them as arguments);
-* a forward hook removes the three aux tensors a token-routed layer appends to
-  its output (see :mod:`taskmoe_fairseq.modules.moe_transformer_layer`) and
-  records them in the scope, so fairseq's loop gets the output it expects.
+  ``moe_expert_sets`` to the layer's keyword arguments, so they are ordinary
+  forward inputs (activation checkpointing saves and replays them; FSDP sees
+  them as arguments);
+* a forward hook takes the three aux tensors a token-routed layer returns after
+  fairseq's outputs, records them in the scope, and hands fairseq's loop the
+  output it expects.
+
+Why hooks rather than the layer reading the scope itself: fairseq's
+``checkpoint_wrapper`` replaces the layer's ``forward``, runs it first without
+gradient and again in backward, outside the scope. Module hooks run around the
+wrapped forward, inside the scope, exactly once per call: the routing goes in as
+saved arguments and the aux comes out as the checkpointed function's outputs, so
+the gate loss keeps its gradient.
 
 A layer that LayerDrop skips is not called, so it reports nothing: no stale
 value can be added twice. The scope is a context variable: concurrent forwards
