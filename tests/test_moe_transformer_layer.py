@@ -8,12 +8,21 @@ encoder attention and its weights, incremental decoding, the ``--scale-*`` optio
 cross-self-attention, and dropout in training (the same random draws in the same order).
 """
 
+import argparse
+import os
+
 import pytest
 import torch
+from fairseq import checkpoint_utils, options
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.models.transformer import TransformerConfig
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
+from fairseq_cli import train
 
+from cli_helpers import run_warm, train_command
 from model_helpers import build_model, model_args
+from taskmoe_fairseq.errors import TaskMoeError
+from taskmoe_fairseq.models.moe_options import check_quant_noise
 from taskmoe_fairseq.modules.extracted_feed_forward import ExtractedFeedForward
 from taskmoe_fairseq.modules.moe_feed_forward import MoeFeedForward
 from taskmoe_fairseq.modules.moe_transformer_layer import AUX_OUTPUTS, MoeDecoderLayer, MoeEncoderLayer
@@ -200,3 +209,41 @@ def test_moe_layers_have_no_dense_ffn():
     for layer in (model.encoder.layers[1], model.decoder.layers[1]):
         assert not any(hasattr(layer, name) for name in ("fc1", "fc2", "activation_fn", "activation_dropout_module"))
         assert all(key.startswith("moe.") for key in layer.state_dict() if "fc1" in key or "fc2" in key)
+
+
+QUANT_NOISE_REFUSAL = "--quant-noise-pq 0.1 is not supported with MoE layers"
+
+
+@pytest.mark.parametrize("routing", [("token", "target"), ("target", "token")])
+def test_quant_noise_is_refused_when_training_starts(data_dir, tmp_path, routing):
+    """Was silently dropped for the experts (``build_fc1`` ignored it): fairseq-train's ``main``
+    stops with one line when the task builds the model, before anything is written."""
+    save_dir = tmp_path / "ckpt"
+    moe_side = "encoder" if routing[0] == "token" else "decoder"  # the other side dense: one MoE side is enough
+    dense_side = "decoder" if moe_side == "encoder" else "encoder"
+    command = train_command(data_dir, str(save_dir), *routing, 1, ("--quant-noise-pq", "0.1", f"--{dense_side}-moe-freq", "0"))
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), command[1:]))
+    with pytest.raises(TaskMoeError) as refused:
+        train.main(cfg)
+    message = str(refused.value)
+    assert message.startswith(QUANT_NOISE_REFUSAL) and "drop --quant-noise-pq" in message and "\n" not in message
+    assert not save_dir.exists() or os.listdir(save_dir) == []
+
+
+def test_quant_noise_refusal_is_one_line_from_the_command(data_dir, tmp_path):
+    command = train_command(data_dir, str(tmp_path / "ckpt"), "token", "target", 1, ("--quant-noise-pq", "0.1"))
+    result = run_warm(command, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"taskmoe-fairseq: error: {QUANT_NOISE_REFUSAL}")
+
+
+def test_quant_noise_stays_for_dense_models_and_checkpoints_still_load(trained, data_dir):
+    check_quant_noise(model_args(quant_noise_pq=0.1, encoder_moe_freq=0, decoder_moe_freq=0))  # fairseq's transformer
+    check_quant_noise(argparse.Namespace(quant_noise_pq=0.1))  # --arch transformer: no MoE options at all
+    # the noise acts only in training: a model built from a checkpoint whose args carry it is not refused
+    _, cfg, task = checkpoint_utils.load_model_ensemble_and_task([trained.get("token", "target")], arg_overrides={"data": data_dir})
+    cfg.model.quant_noise_pq = 0.1
+    model = task.build_model(cfg.model, from_checkpoint=True)  # as fairseq's load_model_ensemble builds it
+    assert isinstance(model.encoder.layers[1], MoeEncoderLayer)
+    with pytest.raises(TaskMoeError, match=QUANT_NOISE_REFUSAL):
+        task.build_model(cfg.model)  # as fairseq-train builds it

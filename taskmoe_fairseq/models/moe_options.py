@@ -218,6 +218,31 @@ def check_training_backend(args):
             "(the default) or legacy_ddp, with --fp16, --bf16 or --amp if you want half precision"
         )
 
+def check_quant_noise(args):
+    """Refuse ``--quant-noise-pq`` > 0 for training a model with MoE layers (one line).
+
+    fairseq applies quantization noise (Fan et al., 2020) to a dense layer's ``fc1``/``fc2``
+    through ``build_fc1``/``build_fc2``; an MoE layer has no ``fc1``/``fc2`` and its experts
+    take no noise, so the option would act on the attention only: refused rather than silently
+    half-applied. A dense model (``--encoder-moe-freq 0 --decoder-moe-freq 0``) is fairseq's
+    transformer and keeps it. Called by the task's ``build_model`` for a new model only, as
+    :func:`check_training_backend`: the noise acts only in training, so a checkpoint whose args
+    carry the option still loads for generation.
+
+    Raises:
+        TaskMoeError: ``args.quant_noise_pq > 0`` and a side has MoE layers.
+    """
+    pq = getattr(args, "quant_noise_pq", 0) or 0
+    has_moe_layers = any(
+        (getattr(args, f"{side}_moe_freq", 0) or 0) > 0 and moe_layer_indices(args, side) for side in SIDES
+    )  # (--arch transformer has no MoE options)
+    if pq > 0 and has_moe_layers:
+        raise usage_error(
+            f"--quant-noise-pq {pq} is not supported with MoE layers (the experts have no fc1/fc2 to add noise to); "
+            "drop --quant-noise-pq, or train a dense model (--encoder-moe-freq 0 --decoder-moe-freq 0)"
+        )
+
+
 def build_moe_ffn(cfg, side: str) -> nn.Module:
     """The FFN of an MoE layer on ``side``: experts (with a token gate for token routing),
     or, in a checkpoint written by extraction, the kept experts; a token-routed layer pruned to

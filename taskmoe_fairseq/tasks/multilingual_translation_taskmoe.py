@@ -23,7 +23,7 @@ from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleE
 
 from taskmoe_fairseq import compat
 from taskmoe_fairseq.errors import usage_error
-from taskmoe_fairseq.models.moe_options import check_training_backend
+from taskmoe_fairseq.models.moe_options import check_quant_noise, check_training_backend
 from taskmoe_fairseq.modules import routing_kinds
 from taskmoe_fairseq.tasks.language_id_dataset import LanguageIdDataset
 from taskmoe_fairseq.tasks.taskmoe_dataset_manager import TaskMoeDatasetManager
@@ -131,6 +131,7 @@ class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
                 model = super().build_model(args, from_checkpoint)
         else:  # training (fairseq-train builds the model, then FSDP or DDP wraps it)
             check_training_backend(args)
+            check_quant_noise(args)
             model = super().build_model(args, from_checkpoint)
             # the trainer's shims this run needs, before fairseq-train builds its Trainer
             compat.apply_for_training(args)
