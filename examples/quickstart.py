@@ -11,11 +11,15 @@ Steps (each a real CLI, its progress streamed; re-running reuses finished steps)
    language routing in the decoder, the paper's best) for a fixed number of updates
    (``--updates``), seeded, so the table is the same on every machine; the recipe
    (:data:`RECIPE`) and what else was tried are in docs/quickstart/recipe.md;
-4. ``python -m taskmoe_fairseq.extract --all-lang-pairs``;
+4. ``python -m taskmoe_fairseq.extract --all-lang-pairs``: the exact sub-networks; and again with
+   ``--prune-token-experts 2`` (:data:`PRUNE_K`): the encoder's token-routed layers cut to the 2 experts
+   each pair's valid text uses most, an approximation (docs/pruning.md) that shows what a pair's
+   deployment costs when its encoder is token-routed;
 5. ``fairseq-generate`` (beam 4, ``--lenpen 2``; its own ``--results-path`` files, SentencePiece-decoded by
-   ``--bpe sentencepiece``) on every test set from the full and from each extracted checkpoint;
+   ``--bpe sentencepiece``) on every test set from the full, each extracted and each pruned checkpoint;
 6. sacrebleu (BLEU and chrF, signatures printed, see examples/scoring.py) and one table: pair,
-   BLEU full, BLEU extracted, chrF, parameters full vs extracted, decoding speed extracted / full;
+   BLEU full, BLEU extracted, chrF, parameters full vs extracted, decoding speed extracted / full,
+   and the pruned sub-network's chrF, parameters and decoding speed / full;
    a warning when the output is degenerate (chrF < 10, most hypotheses identical or repeating).
 
 Usage::
@@ -83,6 +87,9 @@ TRAINING_SHARE = 13.2 / 15.4
 MEASURED = "15.4 min measured on 2 AVX-512 cores, 27-29 min on 2 AVX2 cores"
 CHRF_FLOOR = 10  # below this average (or per-direction) chrF the output is not translation
 VOCAB_SIZE = 4000
+# experts kept per token-routed layer in the pruned sub-networks: K = 2 of 8 kept chrF within 0.1 of the
+# full model on this model (docs/pruning.md: K = 4, 2, 1 measured; 1 loses 0.25 chrF)
+PRUNE_K = 2
 
 
 def task_args():
@@ -315,25 +322,32 @@ def main(argv=None):
     step(3, f"fairseq-train: token/target TaskMoE, {options.updates} updates (seed 1)")
     checkpoint = train(data, os.path.join(options.workdir, "checkpoints"), updates=options.updates, estimate=True)
 
-    step(4, "python -m taskmoe_fairseq.extract --all-lang-pairs")
+    step(4, f"python -m taskmoe_fairseq.extract --all-lang-pairs, exact and pruned (--prune-token-experts {PRUNE_K})")
     extracted = os.path.join(options.workdir, "extracted")
     run([sys.executable, "-m", "taskmoe_fairseq.extract", "--checkpoint", checkpoint, "--all-lang-pairs",
          "--output-dir", extracted, "--force"],  # --force replaces only extract's own <pair>.pt and reports
         os.path.join(options.workdir, "extract.log"), show=r"parameters")
+    pruned = os.path.join(options.workdir, f"pruned-k{PRUNE_K}")
+    run([sys.executable, "-m", "taskmoe_fairseq.extract", "--checkpoint", checkpoint, "--all-lang-pairs",
+         "--output-dir", pruned, "--prune-token-experts", str(PRUNE_K), "--force"],
+        os.path.join(options.workdir, "extract-pruned.log"), show=r"parameters")
 
-    step(5, f"fairseq-generate (beam 4, lenpen {LENPEN}) on every test set, full and extracted: {2 * len(PAIRS)} runs")
+    step(5, f"fairseq-generate (beam 4, lenpen {LENPEN}) on every test set, full, extracted and pruned: {4 * len(PAIRS)} runs")
     rows, hypotheses, generate_started = [], {}, time.time()
     for index, pair in enumerate(PAIRS):
         outputs = os.path.join(options.workdir, "generate", pair)
         # full and extracted side by side, one thread each: the 2 cores are used and the two
         # speeds are measured under the same conditions
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            full, ext = pool.map(lambda args: generate(data, *args, env={"OMP_NUM_THREADS": "1"}, lenpen=LENPEN), [
-                (checkpoint, pair, os.path.join(outputs, "full")),
-                (os.path.join(extracted, f"{pair}.pt"), pair, os.path.join(outputs, "extracted"))])
-        (full_hyps, full_speed), (ext_hyps, ext_speed) = full, ext
+        # (then the pruned one beside a second run of the full model: each ratio from one side-by-side pair of runs)
+        def side_by_side(second, name):
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                return pool.map(lambda args: generate(data, *args, env={"OMP_NUM_THREADS": "1"}, lenpen=LENPEN), [
+                    (checkpoint, pair, os.path.join(outputs, "full")), (second, pair, os.path.join(outputs, name))])
+        (full_hyps, full_speed), (ext_hyps, ext_speed) = side_by_side(os.path.join(extracted, f"{pair}.pt"), "extracted")
+        (_, full_speed_2), (pruned_hyps, pruned_speed) = side_by_side(os.path.join(pruned, f"{pair}.pt"), "pruned")
         scores = scoring.score(full_hyps, test_references(data, pair), pair.split("-")[1])
         report = json.load(open(os.path.join(extracted, f"{pair}.report.json")))
+        pruned_report = json.load(open(os.path.join(pruned, f"{pair}.report.json")))
         row = {
             "pair": pair,
             "bleu_full": scores["bleu"],
@@ -345,26 +359,32 @@ def main(argv=None):
             "params_full": report["params_before"],
             "params_extracted": report["params_after"],
             "speed_ratio": ext_speed / full_speed,
+            "chrf_pruned": scoring.score(pruned_hyps, test_references(data, pair), pair.split("-")[1])["chrf"],
+            "params_pruned": pruned_report["params_after"],
+            "speed_ratio_pruned": pruned_speed / full_speed_2,
         }
         rows.append(row)
         hypotheses[pair] = full_hyps
         elapsed = time.time() - generate_started
         left = elapsed / (index + 1) * (len(PAIRS) - index - 1)
-        print(f"    [{2 * index + 2}/{2 * len(PAIRS)}] {pair}: BLEU {row['bleu_full']:.1f} (full) {row['bleu_extracted']:.1f} "
-              f"(extracted), chrF {row['chrf_full']:.1f}, same hypotheses: {row['identical_hypotheses']}; "
+        print(f"    [{4 * index + 4}/{4 * len(PAIRS)}] {pair}: BLEU {row['bleu_full']:.1f} (full) {row['bleu_extracted']:.1f} "
+              f"(extracted), chrF {row['chrf_full']:.1f} ({row['chrf_pruned']:.1f} pruned), same hypotheses: {row['identical_hypotheses']}; "
               f"elapsed {clock(elapsed)}, about {clock(left)} left", flush=True)
 
     step(6, "results")
-    header = "| pair | BLEU full | BLEU extracted | chrF | same output | params full | params extracted | decoding speed extracted / full |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    header = ("| pair | BLEU full | BLEU extracted | chrF | same output | params full | params extracted | decoding speed "
+              f"extracted / full | chrF pruned (K = {PRUNE_K}) | params pruned | decoding speed pruned / full |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(
             f"| {row['pair']} | {row['bleu_full']:.1f} | {row['bleu_extracted']:.1f} | {row['chrf_full']:.1f} | "
             f"{'yes' if row['identical_hypotheses'] else 'NO'} | {row['params_full']:,} | {row['params_extracted']:,} | "
-            f"{row['speed_ratio']:.2f}x |"
+            f"{row['speed_ratio']:.2f}x | {row['chrf_pruned']:.1f} | {row['params_pruned']:,} | {row['speed_ratio_pruned']:.2f}x |"
         )
-    average = {key: sum(row[key] for row in rows) / len(rows) for key in ("bleu_full", "bleu_extracted", "chrf_full")}
-    lines.append(f"| **average** | {average['bleu_full']:.1f} | {average['bleu_extracted']:.1f} | {average['chrf_full']:.1f} | | | | |")
+    average = {key: sum(row[key] for row in rows) / len(rows)
+               for key in ("bleu_full", "bleu_extracted", "chrf_full", "chrf_pruned", "speed_ratio", "speed_ratio_pruned")}
+    lines.append(f"| **average** | {average['bleu_full']:.1f} | {average['bleu_extracted']:.1f} | {average['chrf_full']:.1f} | | | | "
+                 f"{average['speed_ratio']:.2f}x | {average['chrf_pruned']:.1f} | | {average['speed_ratio_pruned']:.2f}x |")
     table = "\n".join(lines)
     print(table)
     elapsed = time.time() - started
@@ -374,7 +394,8 @@ def main(argv=None):
         *("* " + line for line in scoring.signature_lines(pair.split("-")[1] for pair in PAIRS)),
         "",
         f"Training: {options.updates} updates, seed 1. Speed: fairseq-generate's target tokens/s, full and extracted run side by side "
-        "(one thread each), one run each.",
+        "(one thread each), then full and pruned, one run each. Pruned: --prune-token-experts "
+        f"{PRUNE_K}, experts chosen on each pair's valid split (an approximation: docs/pruning.md).",
         f"Total wall time: {elapsed / 60:.1f} min.",
     ])
     print(summary)
