@@ -169,13 +169,6 @@ def merge_shard(state: dict, shard: dict) -> dict:
     return state
 
 
-def _model_args(state: dict):
-    cfg = state.get("cfg")
-    if isinstance(cfg, dict) and cfg.get("model") is not None:
-        return cfg["model"]
-    return state.get("args")
-
-
 def _set_arg(args, name, value):
     if isinstance(args, dict):
         args[name] = value
@@ -189,6 +182,8 @@ def consolidate(stem: str, shards: Optional[List[int]] = None) -> dict:
     ``shards``: only these shards' experts (extraction of a pair that needs no others); the
     default is every shard. Raises TaskMoeError on an incomplete or mixed set.
     """
+    from taskmoe_fairseq.models.checkpoint_config import saved_options  # not at import: compat imports this module first
+
     metas = check_set(stem)
     shared_meta = metas[shared_path(stem)]
     size, num_experts = int(shared_meta["size"]), int(shared_meta["num_experts"])
@@ -204,7 +199,7 @@ def consolidate(stem: str, shards: Optional[List[int]] = None) -> dict:
             model[f"{match.group('layer')}.{index}.{match.group('rest')}"] = tensor
     out = {key: value for key, value in state.items() if key not in ("model", "last_optimizer_state", META)}
     out["model"] = model
-    args = _model_args(out)
+    args = saved_options(out)[0]
     if args is not None:
         _set_arg(args, "moe_expert_parallel_size", 1)
     return out

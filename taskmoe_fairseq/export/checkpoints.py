@@ -14,6 +14,7 @@ from typing import Dict, List, Sequence
 
 from taskmoe_fairseq import safe_loading
 from taskmoe_fairseq.errors import usage_error
+from taskmoe_fairseq.models.checkpoint_config import read_config
 from taskmoe_fairseq.export.subnetwork import SIDES, moe_layer_names, not_dense_error, routed_layers
 
 
@@ -42,26 +43,11 @@ class LoadedCheckpoint:
 
 
 def load(path: str) -> LoadedCheckpoint:
-    """Safe-load ``path``; one-line errors for anything that is not a TaskMoE checkpoint."""
+    """Safe-load ``path``; the one-line errors of :func:`taskmoe_fairseq.models.checkpoint_config.read_config`
+    for anything that is not a TaskMoE checkpoint (or is one file of an expert-parallel one)."""
     checkpoint = safe_loading.safe_torch_load(path)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise usage_error(f"{path}: not a fairseq checkpoint (no 'model' entry)")
-    if checkpoint.get("expert_parallel"):  # a -shared.pt or -rank-N.pt file: its experts are spread over the shards
-        raise usage_error(
-            f"{path} is one file of an expert-parallel checkpoint (its experts are in the -rank-N.pt shards): "
-            "consolidate it first (python -m taskmoe_fairseq.consolidate --checkpoint-dir DIR --output full.pt) "
-            "and export full.pt"
-        )
-    cfg = checkpoint.get("cfg") or {}
-    args = (cfg.get("model") if isinstance(cfg, dict) else None) or checkpoint.get("args")
-    arch = str(getattr(args, "arch", None) or getattr(args, "_name", None))
-    if args is None or not arch.startswith("taskmoe_transformer"):
-        raise usage_error(
-            f"{path}: not a TaskMoE checkpoint (architecture {arch!r}); for a stock fairseq transformer use "
-            "ct2-fairseq-converter"
-        )
-    task_args = (cfg.get("task") if isinstance(cfg, dict) else None) or args
-    return LoadedCheckpoint(path, checkpoint["model"], args, task_args)
+    saved = read_config(checkpoint, path, "export", hint="for a stock fairseq transformer use ct2-fairseq-converter")
+    return LoadedCheckpoint(path, checkpoint["model"], saved.model, saved.task or saved.model)
 
 
 def choose_pairs(loaded: LoadedCheckpoint, requested: List[str], all_pairs: bool) -> List[str]:

@@ -23,6 +23,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.files import atomic_copy
+from taskmoe_fairseq.models.checkpoint_config import saved_options
 
 SPM_MODEL = "spm.model"
 
@@ -37,9 +38,8 @@ def dictionary_name(lang: str) -> str:
 def recorded_data_dir(state: dict) -> Optional[str]:
     """The data folder a checkpoint was trained on (``cfg.task.data``, or the legacy ``args.data``),
     first path only (fairseq's ``a:b:c`` sharded paths); None if it records none."""
-    cfg = state.get("cfg") if isinstance(state, dict) else None
-    cfg = cfg if isinstance(cfg, dict) else {}
-    for source in (cfg.get("task"), state.get("args") if isinstance(state, dict) else None, cfg.get("model")):
+    model, task = saved_options(state)  # cfg["model"], cfg["task"], each else the legacy args
+    for source in (task, model):
         data = source.get("data") if isinstance(source, dict) else getattr(source, "data", None)
         if isinstance(data, str) and data:
             return data if os.path.isdir(data) else data.split(os.pathsep)[0]

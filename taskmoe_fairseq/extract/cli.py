@@ -45,29 +45,17 @@ from taskmoe_fairseq.expert_parallel import sharded_checkpoint, sharded_extracti
 from taskmoe_fairseq.extract import assets
 from taskmoe_fairseq.errors import run_cli, usage_error
 from taskmoe_fairseq.files import atomic_write, check_replaceable
+from taskmoe_fairseq.models.checkpoint_config import read_config
 from taskmoe_fairseq.models.extraction import extractable_layers
 from taskmoe_fairseq.models.pruning import METRICS, check_prune_request
 from taskmoe_fairseq.modules import routing_kinds
 
 
 def model_args(state: dict, path: str) -> argparse.Namespace:
-    """The model's legacy config of a fairseq checkpoint, if it is a TaskMoE model."""
-    if not isinstance(state, dict) or "model" not in state:
-        raise usage_error(f"{path}: not a fairseq checkpoint (no 'model' entry)")
-    cfg = state.get("cfg") or {}
-    args = cfg.get("model") if isinstance(cfg, dict) else None
-    args = args if args is not None else state.get("args")
-    arch = getattr(args, "arch", None) or getattr(args, "_name", None)
-    if args is None or not str(arch).startswith("taskmoe_transformer"):
-        raise usage_error(
-            f"{path}: not a TaskMoE checkpoint (architecture {arch!r}); extract works on models "
-            "trained with --arch taskmoe_transformer"
-        )
-    if getattr(args, "moe_extracted_lang_pair", None):
-        raise usage_error(
-            f"{path}: already extracted for {args.moe_extracted_lang_pair}; extract from the full checkpoint"
-        )
-    return args
+    """The model's options of the full TaskMoE checkpoint ``state`` (or an expert-parallel ``-shared.pt``)
+    read from ``path``: :func:`taskmoe_fairseq.models.checkpoint_config.read_config`, whose one-line
+    errors it raises (not a fairseq or TaskMoE checkpoint, already extracted, an expert shard)."""
+    return read_config(state, path, "extract", full=True, shared_file=True).model
 
 
 def known_pairs(args) -> List[str]:

@@ -16,6 +16,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from taskmoe_fairseq.errors import usage_error
+from taskmoe_fairseq.models.checkpoint_config import saved_options
 
 BATCH_SENTENCES = 32
 
@@ -25,8 +26,7 @@ def task_for_pair(checkpoint: dict, pair: str, data_dir: str):
     on ``data_dir`` (fairseq's ``tasks.setup_task``, as ``fairseq-generate`` does)."""
     from fairseq import tasks
 
-    cfg = checkpoint.get("cfg") or {}
-    task_args = (cfg.get("task") if isinstance(cfg, dict) else None) or checkpoint.get("args")
+    task_args = saved_options(checkpoint)[1]
     if task_args is None:
         raise usage_error("the checkpoint records no task options, so its data cannot be read; pass --pruning-data FILE")
     task_args = copy.deepcopy(task_args)

@@ -92,22 +92,16 @@ def checkpoint_model_args(state: dict) -> Optional[argparse.Namespace]:
     """The model's legacy config in a loaded checkpoint ``state``, completed with the defaults
     ``TaskMoeTransformerModel.build_model`` fills in when it rebuilds the model (fairseq's
     ``load_model_ensemble``); None when ``state`` is not a ``taskmoe_transformer`` checkpoint."""
+    from taskmoe_fairseq.models.checkpoint_config import is_taskmoe, saved_options
     from taskmoe_fairseq.models.taskmoe_transformer import taskmoe_base_architecture
 
-    cfg = state.get("cfg") if isinstance(state, dict) else None
-    model = (cfg or {}).get("model") if isinstance(cfg, dict) else None
-    if model is None and isinstance(state, dict):
-        model = state.get("args")
+    model, task = saved_options(state)
     if isinstance(model, dict):
         model = argparse.Namespace(**model)
-    if not isinstance(model, argparse.Namespace):
-        return None
-    arch = str(getattr(model, "arch", None) or getattr(model, "_name", None) or "")
-    if not arch.startswith("taskmoe_transformer"):
+    if not isinstance(model, argparse.Namespace) or not is_taskmoe(model):
         return None
     model = argparse.Namespace(**vars(model))
     taskmoe_base_architecture(model)
-    task = (cfg or {}).get("task") if isinstance(cfg, dict) else None
     if not getattr(model, "taskmoe_langs", None):
         langs = task.get("langs") if isinstance(task, dict) else getattr(task, "langs", None)
         model.taskmoe_langs = list(langs) if langs else None

@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.models import extraction
+from taskmoe_fairseq.models.checkpoint_config import read_config
 from taskmoe_fairseq.models.router import ROUTER_PREFIX
 
 
@@ -44,8 +45,9 @@ class CheckpointChanged(Exception):
     for the server's log, never for a client)."""
 
 
-def _config(state: dict, path: str, overrides: dict):
-    """fairseq's config of a loaded checkpoint, as ``load_checkpoint_to_cpu`` + ``load_model_ensemble_and_task``
+def _config(state: dict, overrides: dict):
+    """fairseq's config of a loaded checkpoint (one :func:`~taskmoe_fairseq.models.checkpoint_config.read_config`
+    accepted, so it has ``cfg`` or ``args``), as ``load_checkpoint_to_cpu`` + ``load_model_ensemble_and_task``
     build it (legacy ``args`` converted, ``overrides`` applied by name)."""
     from fairseq import checkpoint_utils
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf, overwrite_args_by_name
@@ -60,22 +62,7 @@ def _config(state: dict, path: str, overrides: dict):
     state = checkpoint_utils._upgrade_state_dict(state)
     if state.get("args") is not None:
         return convert_namespace_to_omegaconf(state["args"])
-    if state.get("cfg") is None:
-        raise usage_error(f"{path}: not a fairseq checkpoint (neither cfg nor args)")
     return state["cfg"]
-
-
-def model_args_of(state, path: str):
-    """The legacy model namespace of a TaskMoE checkpoint (one-line error otherwise)."""
-    if not isinstance(state, dict) or "model" not in state:
-        raise usage_error(f"{path}: not a fairseq checkpoint (no 'model' entry)")
-    cfg = state.get("cfg")
-    args = cfg.get("model") if isinstance(cfg, dict) else None
-    args = args if args is not None else state.get("args")
-    arch = str(getattr(args, "arch", None) or getattr(args, "_name", None))
-    if args is None or not arch.startswith("taskmoe_transformer"):
-        raise usage_error(f"{path}: not a TaskMoE checkpoint (architecture {arch!r}); serve models trained with --arch taskmoe_transformer")
-    return args
 
 
 class SharedWeights:
@@ -109,13 +96,14 @@ class SharedWeights:
         self._stamp, self._changed_stamp = self._file_stamp(), None
         self._digest = self._content_digest()
         state = safe_loading.safe_torch_load(self.path, mmap=True)
-        languages = assets.model_languages(model_args_of(state, checkpoint))[0]
+        saved = read_config(state, checkpoint, "serve", hint="serve models trained with --arch taskmoe_transformer")
+        languages = assets.model_languages(saved.model)[0]
         self.data_dir = assets.data_dir_for(self.path, assets.recorded_data_dir(state), languages, data_dir)  # --data-dir, beside, recorded
         self.spm_model = os.path.abspath(spm_model or os.path.join(self.data_dir, "spm.model"))
         load_spm(self.spm_model)  # one clear line before fairseq opens it
         overrides = {"data": self.data_dir, "bpe": "sentencepiece", "sentencepiece_model": self.spm_model,
                      "cpu": device.type == "cpu"}
-        self.cfg = _config(state, checkpoint, overrides)
+        self.cfg = _config(state, overrides)
         self.model_class = TaskMoeTransformerModel
         self.args = copy.deepcopy(self.cfg.model)
         self.known_pairs = self._training_pairs()

@@ -225,20 +225,16 @@ def load_fairseq(checkpoint: str, pair: str, data_dir: Optional[str] = None, spm
 
     from taskmoe_fairseq import safe_loading
     from taskmoe_fairseq.extract import assets
+    from taskmoe_fairseq.models.checkpoint_config import read_config
     from taskmoe_fairseq.models.taskmoe_transformer import TaskMoeTransformerModel
 
     source, target = split_pair(pair)
     on = resolve_device(device, device_index)
     state = safe_loading.safe_torch_load(checkpoint, mmap=True)  # one-line errors for unreadable files
-    cfg = state.get("cfg") if isinstance(state, dict) else None
-    cfg = cfg if isinstance(cfg, dict) else {}
-    model_args = cfg.get("model") or (state.get("args") if isinstance(state, dict) else None)
-    arch = str(getattr(model_args, "arch", None) or getattr(model_args, "_name", None))
-    if not isinstance(state, dict) or "model" not in state or not arch.startswith("taskmoe_transformer"):
-        raise usage_error(f"{checkpoint}: not a TaskMoE checkpoint (architecture {arch!r})")
+    saved = read_config(state, checkpoint, "translate")
     # --data-dir, else the dictionaries beside the checkpoint (extract writes them), else the training data folder;
     # absolute: fairseq reads a path starting with "." relative to the model folder
-    data_dir = assets.data_dir_for(checkpoint, assets.recorded_data_dir(state), assets.model_languages(model_args)[0], data_dir)
+    data_dir = assets.data_dir_for(checkpoint, assets.recorded_data_dir(state), assets.model_languages(saved.model)[0], data_dir)
     state = None
     spm_model = os.path.abspath(spm_model or os.path.join(data_dir, "spm.model"))
     load_spm(spm_model)  # a clear error before fairseq opens it
