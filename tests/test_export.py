@@ -269,3 +269,34 @@ def test_an_expert_parallel_file_is_refused_with_the_way_to_export_it(trained, t
             "-rank-N.pt shards): consolidate it first (python -m taskmoe_fairseq.consolidate --checkpoint-dir DIR "
             "--output full.pt) and export full.pt"]
     assert not os.path.exists(tmp_path / "ct2")
+
+
+def files_of(folder):
+    """``{name: bytes}`` of an export's model folder, ``taskmoe_export.json`` without ``source_checkpoint``."""
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), "rb") as stream:
+            out[name] = stream.read()
+    conventions = json.loads(out.pop(CONVENTIONS_FILE))
+    conventions.pop("source_checkpoint")
+    return out, conventions
+
+
+def test_a_full_checkpoint_exports_as_its_extracted_checkpoint_with_its_data_folder_moved(exported, data_dir, tmp_path):
+    """The export extracts in its own process (model.extract(pair, merge=True)): the files equal those
+    of the checkpoint extract --merge-experts writes, byte for byte. It ran the extract command
+    before, which read the data folder recorded at training: moved, the export failed although
+    --data-dir named the folder ('extraction failed: ... data folder ... not found')."""
+    from taskmoe_fairseq.safe_loading import safe_torch_load
+
+    full, ct2, extracted = exported
+    state = safe_torch_load(full)
+    state["cfg"]["task"].data = state["cfg"]["model"].data = str(tmp_path / "moved-away")
+    moved = str(tmp_path / "moved.pt")
+    torch.save(state, moved)
+    from_full, from_extracted = str(tmp_path / "from-full"), str(tmp_path / "from-extracted")
+    result = export("--checkpoint", moved, "--lang-pair", "en-de", "--data-dir", data_dir, "--output-dir", from_full)
+    assert result.stdout.splitlines() == [from_full]
+    export("--checkpoint", os.path.join(extracted, "en-de.pt"), "--output-dir", from_extracted)
+    assert files_of(from_full) == files_of(from_extracted) == files_of(os.path.join(ct2, "en-de"))
+    assert files_of(from_full)[1]["extracted"] is True

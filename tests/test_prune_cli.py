@@ -178,6 +178,12 @@ def test_export_pruning_requests_are_one_line(dense, trained, data_dir, tmp_path
     fails("has no token-routed MoE layer", "--checkpoint", trained.get("pair", "pair", 2), "--lang-pair", PAIR,
           "--prune-token-experts", "1")
     fails("--pruning-data needs --prune-token-experts 1", "--checkpoint", full, "--lang-pair", PAIR, "--pruning-data", "valid")
+    # the sample's problems are export's own line (they were a progress line, then "extraction failed:
+    # taskmoe_fairseq.extract: error: ...") and leave no temporary folder
+    pruning = ("--checkpoint", full, "--lang-pair", PAIR, "--prune-token-experts", "1", "--data-dir", data_dir)
+    fails(f"error: --pruning-data nosuch: {data_dir} has no nosuch split for ru-en", *pruning, "--pruning-data", "nosuch")
+    fails("error: --pruning-sentences must be at least 1, got 0", *pruning, "--pruning-sentences", "0")
+    assert os.listdir(tmp_path) == []
 
 
 def test_measure_pruning_script_records_the_full_model_and_each_k(trained, data_dir, tmp_path):

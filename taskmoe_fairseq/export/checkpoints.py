@@ -1,16 +1,16 @@
 """Reading the checkpoint to export, and extracting sub-networks from a full one.
 
-A full TaskMoE checkpoint is turned into one merged sub-network per pair by the extract CLI
-(``python -m taskmoe_fairseq.extract ... --merge-experts``, run as a subprocess: its
-internals are not part of the contract); an extracted checkpoint is used as it is.
+A full TaskMoE checkpoint is turned into one merged sub-network per pair in this process, by
+the extract command's own steps (:func:`taskmoe_fairseq.extract.load_model`, then
+``model.extract(pair, merge=True)``, or ``model.prune_token_experts(pair, ..., 1, merge=True)``
+with ``--prune-token-experts 1``): the same sub-network ``python -m taskmoe_fairseq.extract
+--merge-experts`` writes, never written to disk here. An extracted checkpoint is used as it is.
 """
 
+import argparse
 import copy
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, Iterator, List, Tuple
 
 from taskmoe_fairseq import safe_loading
 from taskmoe_fairseq.errors import usage_error
@@ -20,13 +20,19 @@ from taskmoe_fairseq.export.subnetwork import SIDES, moe_layer_names, not_dense_
 
 @dataclass
 class LoadedCheckpoint:
-    """``state``: the model's state dict; ``args``: ``cfg["model"]`` (argparse.Namespace);
-    ``task_args``: ``cfg["task"]`` (or the model args of an old-style checkpoint)."""
+    """``checkpoint``: the safe-loaded checkpoint dict; ``args``: its model options
+    (``cfg["model"]``, argparse.Namespace); ``task_args``: ``cfg["task"]`` (or the model args of an
+    old-style checkpoint)."""
 
     path: str
-    state: Dict
+    checkpoint: Dict
     args: object
     task_args: object
+
+    @property
+    def state(self) -> Dict:
+        """The model's state dict (``checkpoint["model"]``)."""
+        return self.checkpoint["model"]
 
     @property
     def extracted_pair(self):
@@ -47,7 +53,7 @@ def load(path: str) -> LoadedCheckpoint:
     for anything that is not a TaskMoE checkpoint (or is one file of an expert-parallel one)."""
     checkpoint = safe_loading.safe_torch_load(path)
     saved = read_config(checkpoint, path, "export", hint="for a stock fairseq transformer use ct2-fairseq-converter")
-    return LoadedCheckpoint(path, checkpoint["model"], saved.model, saved.task or saved.model)
+    return LoadedCheckpoint(path, checkpoint, saved.model, saved.task or saved.model)
 
 
 def choose_pairs(loaded: LoadedCheckpoint, requested: List[str], all_pairs: bool) -> List[str]:
@@ -96,19 +102,28 @@ def refuse_routed_layers(loaded: LoadedCheckpoint, prune_token_experts=None):
         raise not_dense_error(loaded.path, routed)
 
 
-def extract_subnetworks(loaded: LoadedCheckpoint, pairs: List[str], folder: str, pruning: Sequence[str] = ()) -> Dict[str, str]:
-    """``{pair: path}`` of merged sub-networks written into ``folder`` by the extract CLI;
-    ``pruning``: its ``--prune-token-experts 1 --data-dir ...`` options (token-routed layers pruned)."""
-    command = [
-        sys.executable, "-m", "taskmoe_fairseq.extract", "--checkpoint", loaded.path,
-        "--lang-pairs", ",".join(pairs), "--output-dir", folder, "--merge-experts", "--force", *pruning,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-        raise usage_error(f"extraction failed: {lines[-1] if lines else 'exit status %d' % result.returncode}")
-    paths = {pair: os.path.join(folder, f"{pair}.pt") for pair in pairs}
-    missing = [pair for pair, path in paths.items() if not os.path.exists(path)]
-    if missing:
-        raise usage_error(f"extraction wrote no checkpoint for {','.join(missing)}")
-    return paths
+def merged_subnetworks(loaded: LoadedCheckpoint, pairs: List[str], pruning: argparse.Namespace = None
+                       ) -> Iterator[Tuple[str, Dict, argparse.Namespace]]:
+    """``(pair, state dict, model args)`` of each pair's merged sub-network, extracted in this process
+    from the full checkpoint ``loaded``, one pair at a time: what ``python -m taskmoe_fairseq.extract
+    --merge-experts`` saves (its ``load_model`` and :func:`~taskmoe_fairseq.extract.cli.extracted_models`).
+
+    ``pruning``: extract's ``--prune-token-experts`` / ``--pruning-*`` options and ``data_dir`` (the
+    folder whose splits the samples come from); token-routed layers are pruned to that many experts.
+
+    Raises:
+        TaskMoeError: a pruning sample that cannot be read (one line, at the call: the samples are
+            read before it returns, the sub-networks are extracted as they are iterated).
+    """
+    from taskmoe_fairseq.extract.cli import extracted_models, load_model, pruning_samples
+
+    prune = pruning.prune_token_experts if pruning is not None else None
+    samples = pruning_samples(pruning, loaded.checkpoint, loaded.args, pairs) if prune is not None else {}
+    metric = pruning.pruning_metric if prune is not None else "load"
+
+    def each():
+        model = load_model(loaded.checkpoint, loaded.args)
+        for pair, network, _ in extracted_models(model, pairs, True, prune, samples, metric):
+            yield pair, network.state_dict(), network.args
+
+    return each()

@@ -7,8 +7,8 @@ Examples::
     python -m taskmoe_fairseq.export --checkpoint ckpt/checkpoint_best.pt --all-lang-pairs \\
         --format ctranslate2 --quantization int8 --output-dir serve/ct2   # one folder per pair
 
-Given a full checkpoint it extracts and merges each pair's sub-network first (the extract
-CLI with ``--merge-experts``); given an extracted one it exports that pair. The output folder
+Given a full checkpoint it extracts and merges each pair's sub-network first, in this process
+(what the extract CLI writes with ``--merge-experts``); given an extracted one it exports that pair. The output folder
 holds CTranslate2's files (``model.bin``, ``config.json``, vocabularies), ``spm.model`` and
 ``taskmoe_export.json`` (tags, prefix, end token: see :mod:`.conventions`). It is built in a
 temporary folder beside ``--output-dir`` and renamed into place, so it is complete or absent.
@@ -24,7 +24,7 @@ import tempfile
 from typing import Dict, List
 
 from taskmoe_fairseq.errors import TaskMoeError, usage_error
-from taskmoe_fairseq.extract import PRUNING_OPTIONS, refuse_pruning_options_alone
+from taskmoe_fairseq.extract.cli import PRUNING_OPTIONS, pruning_defaults, refuse_pruning_options_alone
 from taskmoe_fairseq.files import atomic_copy, atomic_move, atomic_write_text, write_error
 
 QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", "float16", "bfloat16", "float32")
@@ -60,17 +60,13 @@ def parse_args(argv=None):
     return options
 
 
-def pruning_options(options, data_dir: str) -> List[str]:
-    """The extract CLI's options that prune token-routed layers to one expert (none without
-    ``--prune-token-experts``)."""
+def pruning_options(options, data_dir: str):
+    """Extract's pruning options for :func:`~taskmoe_fairseq.export.checkpoints.merged_subnetworks`
+    (its defaults where not given; the samples come from ``data_dir``); None without ``--prune-token-experts``."""
     if options.prune_token_experts is None:
-        return []
-    out = ["--prune-token-experts", str(options.prune_token_experts), "--data-dir", data_dir]
-    for name in PRUNING_OPTIONS:
-        value = getattr(options, name)
-        if value is not None:
-            out += [f"--{name.replace('_', '-')}", str(value)]
-    return out
+        return None
+    given = {name: getattr(options, name) for name in PRUNING_OPTIONS}
+    return pruning_defaults(argparse.Namespace(prune_token_experts=options.prune_token_experts, data_dir=data_dir, **given))
 
 
 def resolve_inputs(options, loaded):
@@ -215,43 +211,35 @@ def run(options) -> List[str]:
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS})
 
 
-def build(options, loaded, pairs, data_dir, spm, output, pruning=()) -> List[str]:
-    """Convert ``pairs`` in a temporary folder beside ``output`` and rename it into place."""
+def build(options, loaded, pairs, data_dir, spm, output, pruning=None) -> List[str]:
+    """Convert ``pairs`` in a temporary folder beside ``output`` and rename it into place; a full
+    checkpoint's merged sub-networks are extracted in this process (``pruning``: see
+    :func:`~taskmoe_fairseq.export.checkpoints.merged_subnetworks`)."""
     from taskmoe_fairseq.export import checkpoints
 
     several = len(pairs) > 1 or options.all_lang_pairs
-    parent = os.path.dirname(output)
-    building = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.building-", dir=parent)
-    try:
-        scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.extract-", dir=parent)
-    except OSError:
-        os.rmdir(building)
-        raise
+    building = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.building-", dir=os.path.dirname(output))
     try:
         if loaded.extracted_pair or not loaded.has_moe_layers():
-            sources = {pair: loaded for pair in pairs}  # already a sub-network, or dense: no extraction
+            networks = ((pair, loaded.state, loaded.args) for pair in pairs)  # already a sub-network, or dense
         else:
+            networks = checkpoints.merged_subnetworks(loaded, pairs, pruning)
             print(f"extracting {','.join(pairs)} (merged experts) ...", file=sys.stderr, flush=True)
-            paths = checkpoints.extract_subnetworks(loaded, pairs, scratch, pruning)
-            sources = {pair: path for pair, path in paths.items()}
         written = []
-        for pair in pairs:
-            source = sources[pair]
-            sub = source if not isinstance(source, str) else checkpoints.load(source)
+        for pair, state, args in networks:
             folder = os.path.join(building, pair) if several else os.path.join(building, "model")
-            conv = write_pair(sub.state, sub.args, loaded.task_args, pair, data_dir, spm, folder, options.quantization, loaded.path)
+            conv = write_pair(state, args, loaded.task_args, pair, data_dir, spm, folder, options.quantization, loaded.path)
             written.append(pair)
             if not conv["exact"]:
                 print(f"{pair}: note: the export is not exact: its token-routed layers were pruned to "
                       f"{conv['pruned_token_experts']} expert chosen on the pair's data, so it approximates the full model",
                       file=sys.stderr, flush=True)
-            sub = None
+            state = None
             print(f"{pair}: converted", file=sys.stderr, flush=True)
         final_tree = building if several else os.path.join(building, "model")
         replace_folder(final_tree, output)
     finally:
         shutil.rmtree(building, ignore_errors=True)
-        shutil.rmtree(scratch, ignore_errors=True)
     for pair in written:
         print(os.path.join(output, pair) if several else output)
     return written

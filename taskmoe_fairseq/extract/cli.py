@@ -209,6 +209,11 @@ def parse_args(argv=None):
     prune.add_argument("--pruning-sentences", type=int, metavar="N", help="sentences of the sample (default 1000)")
     options = parser.parse_args(argv)
     refuse_pruning_options_alone(options, "K (the experts to keep per token-routed layer)")
+    return pruning_defaults(options)
+
+
+def pruning_defaults(options):
+    """``options`` with the ``--pruning-*`` options not given set to their defaults (valid, load, 1000)."""
     options.pruning_data = options.pruning_data or "valid"
     options.pruning_metric = options.pruning_metric or "load"
     options.pruning_sentences = 1000 if options.pruning_sentences is None else options.pruning_sentences
@@ -298,6 +303,26 @@ def pruning_samples(options, checkpoint: dict, args, pairs: List[str]) -> dict:
     }
 
 
+def extracted_models(model, pairs: List[str], merge: bool, prune=None, samples=None, metric: str = "load"):
+    """``(pair, sub-network, report rows)`` for each of ``pairs`` in turn, from the full ``model``
+    (:func:`load_model`): ``model.prune_token_experts`` with ``prune`` (K) on each pair's sample
+    (``samples``: :func:`pruning_samples`), else ``model.extract`` where a layer is task-routed or
+    static, else ``model`` itself. A generator: one sub-network at a time is alive.
+
+    Raises:
+        TaskMoeError: as ``extract`` / ``prune_token_experts`` (e.g. a pair-routed layer and a zero-shot pair).
+    """
+    layers = extractable_layers(model.args)
+    for pair in pairs:
+        if prune is not None:
+            extracted, rows = model.prune_token_experts(pair, samples[pair][0], prune, metric, merge=merge)
+        elif layers:
+            extracted, rows = model.extract(pair, merge=merge)
+        else:
+            extracted, rows = model, []
+        yield pair, extracted, rows
+
+
 def run(options) -> List[dict]:
     checkpoint = safe_loading.safe_torch_load(options.checkpoint, mmap=True)
     args = model_args(checkpoint, options.checkpoint)
@@ -336,14 +361,8 @@ def run(options) -> List[dict]:
     model = load_model(checkpoint, args, partial=shards is not None and prune is None)
     params_before = sum(p.numel() for p in model.state_dict().values())
     reports = []
-    for pair, path in zip(pairs, paths):
-        if prune is not None:
-            batches, sample = samples[pair]
-            extracted, rows = model.prune_token_experts(pair, batches, prune, options.pruning_metric, merge=options.merge_experts)
-        elif layers:
-            extracted, rows = model.extract(pair, merge=options.merge_experts)
-        else:
-            extracted, rows = model, []
+    extracted_all = extracted_models(model, pairs, options.merge_experts, prune, samples, options.pruning_metric)
+    for (pair, extracted, rows), path in zip(extracted_all, paths):
         report = {
             "lang_pair": pair,
             "source_checkpoint": os.path.abspath(options.checkpoint),
