@@ -36,6 +36,7 @@ import scoring  # noqa: E402
 from taskmoe_fairseq.safe_loading import safe_torch_load  # noqa: E402
 from taskmoe_fairseq.extract import known_pairs, model_args  # noqa: E402
 from taskmoe_fairseq.files import atomic_write_text  # noqa: E402
+from taskmoe_fairseq.models.checkpoint_config import saved_options  # noqa: E402
 
 PLUGIN = os.path.join(REPO, "taskmoe_fairseq")
 BEAM, LENPEN, BATCH = 4, 2.0, 64
@@ -120,7 +121,7 @@ def measure(options):
     os.makedirs(work, exist_ok=True)
     state = safe_torch_load(checkpoint, mmap=True)
     args = model_args(state, checkpoint)
-    task = state["cfg"]["task"]
+    task = saved_options(state)[1]
     pairs = options.pairs.split(",") if options.pairs else known_pairs(args)
     experts = int(args.moe_expert_count)
     ks = [int(k) for k in options.ks.split(",")]

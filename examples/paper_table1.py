@@ -177,10 +177,11 @@ def interval(values):
 
 def parameter_counts(checkpoint):
     """Total parameters, and parameters one token uses (k of the E experts of each MoE layer)."""
+    from taskmoe_fairseq.models.checkpoint_config import saved_options
     from taskmoe_fairseq.safe_loading import safe_torch_load
 
     state = safe_torch_load(checkpoint)
-    args = state["cfg"]["model"]
+    args = saved_options(state)[0]
     total = sum(value.numel() for value in state["model"].values())
     experts = sum(value.numel() for key, value in state["model"].items() if ".moe.experts." in key)
     unused = experts * (args.moe_expert_count - args.moe_top_k) / args.moe_expert_count
@@ -203,10 +204,11 @@ def routing_heatmap(checkpoint, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from taskmoe_fairseq.models.checkpoint_config import saved_options
     from taskmoe_fairseq.safe_loading import safe_torch_load
 
     state = safe_torch_load(checkpoint)
-    args, model = state["cfg"]["model"], state["model"]
+    args, model = saved_options(state)[0], state["model"]
     langs = list(args.taskmoe_langs)
     # the decoder's task gates live in the router: encoder.moe_router.gates.decoder_<layer>.task_logits
     # (checkpoints from before the router: decoder.layers.<layer>.moe.gate.task_logits)
