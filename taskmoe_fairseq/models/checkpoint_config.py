@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 from taskmoe_fairseq.errors import usage_error
+from taskmoe_fairseq.expert_parallel.sharded_checkpoint import META, shared_path, stem_of
 
 ARCH = "taskmoe_transformer"
-#: the entry of the files expert-parallel training writes (``expert_parallel.sharded_checkpoint.META``)
-EXPERT_PARALLEL = "expert_parallel"
 CONSOLIDATE = "python -m taskmoe_fairseq.consolidate --checkpoint-dir DIR --output full.pt"
 
 
@@ -76,10 +75,8 @@ def read_config(state, path: str, tool: str, hint: Optional[str] = None, full: b
     """
     if not isinstance(state, dict) or "model" not in state:
         raise usage_error(f"{path}: not a fairseq checkpoint (no 'model' entry)")
-    meta = state.get(EXPERT_PARALLEL)
+    meta = state.get(META)  # a file expert-parallel training wrote
     if meta and (not shared_file or (isinstance(meta, dict) and meta.get("shard") is not None)):
-        from taskmoe_fairseq.expert_parallel.sharded_checkpoint import shared_path, stem_of
-
         stem = stem_of(path)
         way_out = (f"{tool} from its shared file {shared_path(stem)}, which reads the shards it needs"
                    if shared_file and stem else f"consolidate it first ({CONSOLIDATE}) and {tool} full.pt")
