@@ -40,8 +40,8 @@ def instrument(model: nn.Module, shape: dict):
             wrap(module, "moe.layer")
             if module.routes_tokens:
                 wrap(module.gate, "moe.gate")
-            for expert in module.experts:
-                wrap(expert, "moe.expert")
+            for expert in (module.experts if isinstance(module.experts, nn.ModuleList) else [module.experts]):
+                wrap(expert, "moe.expert")  # an extracted layer's experts, or a full layer's stack
     for gate in model.encoder.moe_router.gates.values():
         wrap(gate, "moe.router")
     probe = argparse.Namespace(encoder_moe_freq=shape["moe_freq"], decoder_moe_freq=shape["moe_freq"])

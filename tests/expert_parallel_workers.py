@@ -62,19 +62,19 @@ def check_routing(rank, world_size, ep, routing, failures):
     # the reference: one process holding every expert, run on each rank's batch
     reference = build_layer(routing)
     reference_out = [forward_backward(reference, source, routing) for source in range(world_size)]
-    reference_experts = reference.experts[ep.local_range(EXPERTS).start:ep.local_range(EXPERTS).stop]
+    local_range = ep.local_range(EXPERTS)
     checks = {
         "output": (y, reference_out[rank][0]),
         "input grad": (x_grad, reference_out[rank][1]),
     }
-    for local, expert in enumerate(parallel.experts):
-        for name, param in expert.named_parameters():
-            # the local expert's gradient sums every rank's tokens (grads accumulated over both batches)
-            expected = dict(reference_experts[local].named_parameters())[name].grad
-            checks[f"expert {ep.local_range(EXPERTS).start + local} {name} grad"] = (param.grad, expected)
-            checks[f"expert {ep.local_range(EXPERTS).start + local} {name}"] = (
-                param.detach(), dict(reference_experts[local].named_parameters())[name].detach()
-            )
+    for name, param in parallel.experts.named_parameters():
+        # the local experts' gradients sum every rank's tokens (grads accumulated over both batches)
+        reference_param = dict(reference.experts.named_parameters())[name]
+        expected = reference_param.grad[local_range.start:local_range.stop] if reference_param.grad is not None else None
+        checks[f"experts {local_range.start}..{local_range.stop - 1} {name} grad"] = (param.grad, expected)
+        checks[f"experts {local_range.start}..{local_range.stop - 1} {name}"] = (
+            param.detach(), reference_param.detach()[local_range.start:local_range.stop]
+        )
     if routing == "token":
         # the gate is replicated: its gradient is this rank's (DDP averages it later)
         single = build_layer(routing)

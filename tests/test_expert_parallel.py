@@ -106,12 +106,12 @@ def write_set(folder, size=2, run="run-a", updates=5, name="checkpoint_last"):
             "cfg": {"model": None},
             "optimizer_history": [{"num_updates": updates}],
             "model": {"encoder.embed_tokens.weight": torch.ones(3, 2),
-                      "encoder.layers.1.moe.experts.0.fc1.weight": torch.full((2, 2), float(shard))},
+                      "encoder.layers.1.moe.experts.fc1_weight": torch.full((1, 2, 2), float(shard))},
             "last_optimizer_state": {"state": {0: {"step": 1}, 1: {"step": shard}}, "param_groups": []},
         }
         meta = {"size": size, "num_experts": size, "run": run, "num_updates": updates, "shard": shard}
         shared, shard_state = sharded_checkpoint.split_state(
-            state, ["encoder.layers.1.moe.experts.0.fc1.weight"], [1], meta)
+            state, ["encoder.layers.1.moe.experts.fc1_weight"], [1], meta)
         sharded_checkpoint.save(shard_state, sharded_checkpoint.shard_path(stem, shard))
         if shard == 0:
             sharded_checkpoint.save(shared, sharded_checkpoint.shared_path(stem))
@@ -130,9 +130,8 @@ def test_consolidation_joins_the_shards_under_global_names(tmp_path):
     stem = write_set(str(tmp_path), size=2)
     state = sharded_checkpoint.consolidate(stem)
     model = state["model"]
-    # shard 1's local expert 0 is global expert 1 (E / P = 1 per shard)
-    assert torch.equal(model["encoder.layers.1.moe.experts.1.fc1.weight"], torch.full((2, 2), 1.0))
-    assert torch.equal(model["encoder.layers.1.moe.experts.0.fc1.weight"], torch.zeros(2, 2))
+    # shard 1's local expert 0 is global expert 1 (E / P = 1 per shard): row 1 of the stack
+    assert torch.equal(model["encoder.layers.1.moe.experts.fc1_weight"], torch.stack([torch.zeros(2, 2), torch.ones(2, 2)]))
     assert "last_optimizer_state" not in state and sharded_checkpoint.META not in state
     merged = sharded_checkpoint.merge_shard(
         safe_torch_load(sharded_checkpoint.shared_path(stem)), safe_torch_load(sharded_checkpoint.shard_path(stem, 1)))

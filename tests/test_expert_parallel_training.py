@@ -75,7 +75,7 @@ def test_expert_parallel_training_matches_data_parallel(ep_run, ddp_checkpoint, 
     # the experts really were split: each rank holds half of them (fairseq counts them apart)
     log = log_of(ep_logs[0])
     assert_ranks(log, 2, "no_c10d", "tcp://127.0.0.1:")
-    assert "expert parallelism: 16 expert parameters are left out of DDP" in log
+    assert "expert parallelism: 8 expert parameters are left out of DDP" in log
     assert re.search(r"num\. expert model params: \d+", log)
 
 
@@ -90,10 +90,11 @@ def test_sharded_checkpoint_files_and_resume(ep_run):
     shards = [safe_torch_load(os.path.join(save_dir, f"checkpoint_last-rank-{shard}.pt")) for shard in (0, 1)]
     assert not any(".moe.experts." in key for key in shared["model"])
     for shard in shards:
-        # E = 4 over P = 2: local experts 0 and 1 of each MoE layer (encoder.1, decoder.1), 4 tensors each
-        assert len(shard["model"]) == 2 * 2 * 4 and all(".moe.experts." in key for key in shard["model"])
+        # E = 4 over P = 2: local experts 0 and 1 of each MoE layer (encoder.1, decoder.1), 4 stacked tensors each
+        assert len(shard["model"]) == 2 * 4 and all(".moe.experts." in key for key in shard["model"])
+        assert all(tensor.size(0) == 2 for tensor in shard["model"].values())
         assert set(shard["optimizer_state"]) and not set(shard["optimizer_state"]) & set(shared["last_optimizer_state"]["state"])
-    assert not torch.equal(*(s["model"]["decoder.layers.1.moe.experts.0.fc1.weight"] for s in shards))
+    assert not torch.equal(*(s["model"]["decoder.layers.1.moe.experts.fc1_weight"] for s in shards))
     metas = [read_meta(os.path.join(save_dir, f"checkpoint_last-{part}.pt")) for part in ("shared", "rank-0", "rank-1")]
     assert {meta["run"] for meta in metas} == {metas[0]["run"]} and metas[0]["num_updates"] == 12
     assert read_meta(os.path.join(save_dir, "checkpoint_best-shared.pt"))["run"] == metas[0]["run"]
@@ -104,7 +105,7 @@ def test_consolidated_checkpoint_generates(consolidated, data_dir):
     assert "2 shards of E = 4 experts (12 updates)" in result.stderr
     state = safe_torch_load(checkpoint)
     assert state["cfg"]["model"].moe_expert_parallel_size == 1
-    assert {key.split(".")[5] for key in state["model"] if key.startswith("decoder.layers.1.moe.experts.")} == {"0", "1", "2", "3"}
+    assert state["model"]["decoder.layers.1.moe.experts.fc1_weight"].size(0) == 4  # every expert, stacked
     hypotheses = parse_generation(run_warm(generate_command(data_dir, checkpoint, "en-de", beam=2)).stdout)
     assert len(hypotheses) == TEST_LINES
 
@@ -118,7 +119,7 @@ def test_pytorch_ddp_through_torchrun(ddp_checkpoint, data_dir, tmp_path):
     result = run_warm(torchrun(2, [*command, "--moe-expert-parallel-size", "2", "--no-save"]))
     log = log_of(result)
     assert_ranks(log, 2, "pytorch_ddp", "env://")
-    assert "expert parallelism: 16 expert parameters are left out of DDP" in log
+    assert "expert parallelism: 8 expert parameters are left out of DDP" in log
     assert_same_metrics(train_metrics(result), train_metrics(ddp_checkpoint[1][0])[:3])
 
 
@@ -192,8 +193,8 @@ def test_four_ranks_with_two_expert_shards_train_and_resume(backend, data_dir, s
     results = [run_warm(start(max_update)) for max_update in (3, 5)]
     for result in results:
         assert_ranks(log_of(result), 4, backend, "tcp://127.0.0.1:")
-        # E = 8 over P = 2: 4 local experts in each of the 2 MoE layers, 4 tensors each
-        assert "expert parallelism: 32 expert parameters are left out of DDP" in log_of(result)
+        # E = 8 over P = 2: 4 local experts in each of the 2 MoE layers, stacked in 4 tensors
+        assert "expert parallelism: 8 expert parameters are left out of DDP" in log_of(result)
     assert re.search(r"Loaded checkpoint \S*checkpoint_last-rank-0\.pt \(epoch 1 @ 3 updates\)", log_of(results[1]))
     curve = [row for result in results for row in train_metrics(result)]
     assert [row["num_updates"] for row in curve] == [1, 2, 3, 4, 5]
@@ -207,5 +208,5 @@ def test_four_ranks_with_two_expert_shards_train_and_resume(backend, data_dir, s
     assert [(meta["shard"], meta["size"], meta["num_updates"]) for meta in metas] == [(0, 2, 5), (1, 2, 5)]
     assert metas[0]["run"] == metas[1]["run"] == read_meta(os.path.join(save_dir, "checkpoint_last-shared.pt"))["run"]
     shards = [safe_torch_load(path)["model"] for path in paths]
-    assert all(len(shard) == 2 * 4 * 4 for shard in shards)
-    assert not torch.equal(*(shard["decoder.layers.1.moe.experts.0.fc1.weight"] for shard in shards))
+    assert all(len(shard) == 2 * 4 and all(t.size(0) == 4 for t in shard.values()) for shard in shards)  # 2 layers' stacks of 4
+    assert not torch.equal(*(shard["decoder.layers.1.moe.experts.fc1_weight"] for shard in shards))

@@ -87,10 +87,10 @@ def test_extracted_token_target_keeps_encoder_experts_and_k_decoder_experts(trai
     state = safe_torch_load(str(tmp_path / "en-de.pt"))
     args = state["cfg"]["model"]
     assert args.moe_extracted_lang_pair == "en-de"
-    encoder_experts = {key.split(".")[5] for key in state["model"] if key.startswith("encoder.layers.1.moe.experts.")}
+    # the token-routed encoder layer keeps its stack; the target-routed decoder layer k expert modules
+    assert state["model"]["encoder.layers.1.moe.experts.fc1_weight"].size(0) == args.moe_expert_count == 4
     decoder_experts = {key.split(".")[5] for key in state["model"] if key.startswith("decoder.layers.1.moe.experts.")}
-    assert len(encoder_experts) == args.moe_expert_count == 4
-    assert len(decoder_experts) == args.moe_top_k == 2
+    assert decoder_experts == {str(j) for j in range(args.moe_top_k)} and args.moe_top_k == 2
     assert not any("gate" in key for key in state["model"] if key.startswith(("decoder.", "encoder.moe_router")))
     assert "last_optimizer_state" not in state
     report = json.load(open(tmp_path / "en-de.report.json"))

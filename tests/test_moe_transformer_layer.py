@@ -62,20 +62,29 @@ def routing(kind: str, batch: int = B) -> dict:
     }
 
 
+#: a full MoE layer's stacked experts (StackedExperts, one expert here) and the dense FFN's names
+STACKED_AS_DENSE = {"moe.experts.fc1_weight": "fc1.weight", "moe.experts.fc1_bias": "fc1.bias",
+                    "moe.experts.fc2_weight": "fc2.weight", "moe.experts.fc2_bias": "fc2.bias"}
+
+
 def moe_copy_of(dense, moe_layer):
     """Load ``dense``'s parameters into ``moe_layer``: every parameter by its own name, the
     dense FFN into expert 0. Checks that the names are fairseq's: all but the MoE's own match."""
     dense_state = dense.state_dict()
     state = moe_layer.state_dict()
     unmatched = set()
+
+    def dense_name(key):  # an extracted layer's expert 0 (fairseq's names), or row 0 of a full layer's stack
+        return STACKED_AS_DENSE.get(key, key.replace("moe.experts.0.", ""))
+
     for key in state:
-        source = key.replace("moe.experts.0.", "")
+        source = dense_name(key)
         if source in dense_state:
-            state[key] = dense_state[source]
+            state[key] = dense_state[source].unsqueeze(0) if key in STACKED_AS_DENSE else dense_state[source]
         else:
             unmatched.add(key)
     assert unmatched <= {"moe.gate.wg.weight", "moe.expert_weights"}, unmatched
-    assert {key for key in dense_state if key not in {k.replace("moe.experts.0.", "") for k in state}} == set()
+    assert {key for key in dense_state if key not in {dense_name(k) for k in state}} == set()
     moe_layer.load_state_dict(state)
     return moe_layer
 

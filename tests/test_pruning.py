@@ -112,7 +112,7 @@ def test_keeping_one_expert_gives_a_dense_ffn_equal_to_that_expert():
     pruned, rows = full.prune_token_experts(PAIR, pair_batches(DICTIONARY), 1)
     moe = pruned.encoder.layers[1].moe
     assert isinstance(moe, ExtractedFeedForward) and len(moe.experts) == 1 and moe.expert_weights.tolist() == [1.0]
-    expert = full.encoder.layers[1].moe.experts[rows[-1]["experts_kept"][0]]
+    expert = full.encoder.layers[1].moe.experts.expert_module(rows[-1]["experts_kept"][0])
     x = torch.randn(3, 2, expert.fc1.in_features)
     with torch.no_grad():
         assert torch.equal(moe(x)[0], expert(x))

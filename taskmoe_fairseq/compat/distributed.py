@@ -78,8 +78,10 @@ def wrap_fairseq_broadcast_object():
 
 def has_experts(model) -> bool:
     """Whether ``model`` has a layer of several experts (some of which a batch may leave unused)."""
+    from taskmoe_fairseq.modules.expert_feed_forward import StackedExperts
+
     return any(
-        isinstance(getattr(module, "experts", None), torch.nn.ModuleList) and len(module.experts) > 1
+        isinstance(getattr(module, "experts", None), (torch.nn.ModuleList, StackedExperts)) and len(module.experts) > 1
         for module in model.modules()
     )
 

@@ -2,7 +2,7 @@
 
 Reads ``<name>-shared.pt`` and ``<name>-rank-0.pt`` .. ``<name>-rank-{P-1}.pt``
 (:mod:`taskmoe_fairseq.expert_parallel.sharded_checkpoint`) and writes one fairseq checkpoint
-with every expert under its global name and ``--moe-expert-parallel-size 1``,
+with every layer's experts stacked in global order and ``--moe-expert-parallel-size 1``,
 for ``fairseq-generate``, ``fairseq-interactive``, the hub interface and
 ``python -m taskmoe_fairseq.extract``. The optimizer state is left out (as
 fairseq's ``--no-save-optimizer-state``): its parameter order is per rank.

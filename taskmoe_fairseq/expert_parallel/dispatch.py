@@ -133,13 +133,15 @@ def exchange_counts(counts: Tensor, ep: ExpertParallel) -> Tensor:
     return received.view(ep.size, -1)
 
 
-def run_experts(rows: Tensor, counts: List[int], experts: nn.ModuleList, ep: ExpertParallel) -> Tensor:
+def run_experts(rows: Tensor, counts: List[int], experts: nn.Module, ep: ExpertParallel) -> Tensor:
     """Run rows on their experts across the expert-parallel group.
 
     Args:
         rows: ``[A, C]`` assignment rows sorted by global expert (``counts[e]`` rows for expert e).
         counts: ``E`` ints, rows per global expert on this rank.
-        experts: this rank's E / P experts (global ids ``ep.local_range(E)``).
+        experts: this rank's E / P experts (global ids ``ep.local_range(E)``), a
+            :class:`~taskmoe_fairseq.modules.expert_feed_forward.StackedExperts`: the rows received
+            from every rank are computed together, as on one process.
     Returns:
         ``[A, C]``: each row's expert output, in the order of ``rows``.
     """
@@ -151,15 +153,13 @@ def run_experts(rows: Tensor, counts: List[int], experts: nn.ModuleList, ep: Exp
     received = ExchangeRows.apply(rows, receive, send, ep.group)
     # received is source-rank-major; each local expert runs once on its rows from every source
     chunks = received.split(received_counts.reshape(-1).tolist())
-    outputs = []  # [local expert][source]
-    for local, expert in enumerate(experts):
-        parts = [chunks[source * per_rank + local] for source in range(size)]
-        inputs = torch.cat(parts)
-        # an expert with no rows keeps no gradient (as the single-process path, which skips it)
-        # but its empty slice stays in the graph, so the return exchange's backward always runs
-        result = expert(inputs) if inputs.size(0) > 0 else inputs
-        outputs.append(result.split([part.size(0) for part in parts]))
-    back = torch.cat([outputs[local][source] for source in range(size) for local in range(per_rank)])
+    parts = [[chunks[source * per_rank + local] for source in range(size)] for local in range(per_rank)]
+    inputs = torch.cat([part for local in parts for part in local])  # expert-major, as the stack wants
+    local_counts = [sum(part.size(0) for part in local) for local in parts]
+    # with no rows the (empty) received rows stay in the graph, so the return exchange's backward always runs
+    result = experts(inputs, local_counts) if inputs.size(0) > 0 else inputs
+    outputs = result.split([part.size(0) for local in parts for part in local])  # [local expert][source], flat
+    back = torch.cat([outputs[local * size + source] for source in range(size) for local in range(per_rank)])
     return ExchangeRows.apply(back, send, receive, ep.group)
 
 

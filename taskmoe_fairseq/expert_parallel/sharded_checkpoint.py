@@ -8,16 +8,18 @@ The layout of fairseq's MoE branch (``checkpoint_last-shared.pt`` beside
   except the experts, and whose ``last_optimizer_state`` holds the optimizer state
   of those parameters (plus the parameter groups);
 * ``<name>-rank-<l>.pt`` for ``l < P`` (written by rank ``l``, the first holder of
-  shard ``l``): ``model``: shard ``l``'s expert parameters under their local names
-  (``decoder.layers.1.moe.experts.<j>.fc1.weight`` is global expert
-  ``l * E/P + j``), ``optimizer_state``: their optimizer state (the same parameter
-  indices on every rank, as every rank builds the same structure);
+  shard ``l``): ``model``: shard ``l``'s expert parameters, each layer's local experts
+  stacked (``decoder.layers.1.moe.experts.fc1_weight`` ``[E/P, F, C]``: row ``j`` is
+  global expert ``l * E/P + j``; files written before experts were stacked hold
+  ``decoder.layers.1.moe.experts.<j>.fc1.weight`` instead, and are read alike),
+  ``optimizer_state``: their optimizer state (the same parameter indices on every rank,
+  as every rank builds the same structure);
 * both carry ``expert_parallel``: ``size`` P, ``num_experts`` E, ``run`` (one id
   per training run, kept across resumes), ``num_updates``, and ``shard`` l.
 
 Files are written atomically (:func:`taskmoe_fairseq.files.atomic_write`).
-:func:`consolidate` joins a complete set into one ordinary checkpoint (experts under
-their global names, ``moe_expert_parallel_size`` 1, no optimizer state).
+:func:`consolidate` joins a complete set into one ordinary checkpoint (experts stacked
+in global order, ``moe_expert_parallel_size`` 1, no optimizer state).
 """
 
 import os
@@ -33,7 +35,8 @@ from taskmoe_fairseq.files import atomic_write
 META = "expert_parallel"
 SHARD_NAME = re.compile(r"^(?P<stem>.*)-rank-(?P<shard>\d+)\.pt$")
 SHARED_NAME = re.compile(r"^(?P<stem>.*)-shared\.pt$")
-EXPERT_KEY = re.compile(r"^(?P<layer>.*\.moe\.experts)\.(?P<index>\d+)\.(?P<rest>.*)$")
+EXPERT_KEY = re.compile(r"^(?P<layer>.*\.moe\.experts)\.(?P<index>\d+)\.(?P<rest>.*)$")  # one expert's (older files)
+STACKED_KEY = re.compile(r"^(?P<layer>.*\.moe\.experts)\.(?P<name>fc[12]_(weight|bias))$")  # a layer's stack
 
 
 def shard_path(stem: str, shard: int) -> str:
@@ -91,12 +94,12 @@ def save_sharded(model_state: dict, args, stem: str, size: int, run: str = "shar
     shards: List[dict] = [{} for _ in range(size)]
     shared = {}
     for key, tensor in model_state.items():
-        match = EXPERT_KEY.match(key)
+        match = STACKED_KEY.match(key)
         if match is None:
             shared[key] = tensor
             continue
-        index = int(match.group("index"))
-        shards[index // per_shard][f"{match.group('layer')}.{index % per_shard}.{match.group('rest')}"] = tensor
+        for shard in range(size):
+            shards[shard][key] = tensor[shard * per_shard:(shard + 1) * per_shard].clone()
     saved_args = argparse.Namespace(**{**vars(args), "moe_expert_parallel_size": size})
     save({"cfg": {"model": saved_args}, "model": shared, "optimizer_history": [], META: meta}, shared_path(stem))
     for shard, state in enumerate(shards):
@@ -176,13 +179,33 @@ def _set_arg(args, name, value):
         setattr(args, name, value)
 
 
-def consolidate(stem: str, shards: Optional[List[int]] = None) -> dict:
-    """One ordinary checkpoint from ``stem``'s shared file and its shards.
+def _stack(pieces: Dict[int, torch.Tensor], num_experts: int) -> torch.Tensor:
+    """``[E, ...]`` from row blocks ``{first expert: [n, ...]}``. Rows no block covers (shards
+    not read) are left unset: ``torch.empty``, whose untouched pages take no memory; only
+    extraction reads a subset of shards, and it keeps only experts of the shards it read."""
+    starts = sorted(pieces)
+    covered = sum(pieces[start].size(0) for start in starts)
+    if covered == num_experts:
+        return torch.cat([pieces[start] for start in starts])
+    first = pieces[starts[0]]
+    out = torch.empty((num_experts,) + tuple(first.shape[1:]), dtype=first.dtype)
+    for start in starts:
+        out[start:start + pieces[start].size(0)] = pieces[start]
+    return out
 
-    ``shards``: only these shards' experts (extraction of a pair that needs no others); the
-    default is every shard. Raises TaskMoeError on an incomplete or mixed set.
+
+def consolidate(stem: str, shards: Optional[List[int]] = None) -> dict:
+    """One ordinary checkpoint from ``stem``'s shared file and its shards; each MoE layer's
+    experts stacked in global order (``...moe.experts.fc1_weight [E, F, C]``), from shards of
+    stacked or (written before experts were stacked) per-expert tensors.
+
+    ``shards``: only these shards' experts (extraction of a pair that needs no others; the other
+    shards' rows are unset, see :func:`_stack`); the default is every shard. Raises TaskMoeError
+    on an incomplete or mixed set.
     """
     from taskmoe_fairseq.models.checkpoint_config import saved_options  # not at import: compat imports this module first
+    # not at the top either: this module is read by commands that import fairseq only after quieting its logging
+    from taskmoe_fairseq.modules.expert_feed_forward import EXPERT_NAMES, STACKED_NAMES
 
     metas = check_set(stem)
     shared_meta = metas[shared_path(stem)]
@@ -190,13 +213,19 @@ def consolidate(stem: str, shards: Optional[List[int]] = None) -> dict:
     per_shard = num_experts // size
     state = safe_torch_load(shared_path(stem), mmap=True)
     model = dict(state["model"])
+    rows: Dict[str, Dict[int, torch.Tensor]] = {}  # stacked key -> {first global expert: rows}
     for shard in range(size) if shards is None else shards:
         for key, tensor in safe_torch_load(shard_path(stem, shard), mmap=True)["model"].items():
-            match = EXPERT_KEY.match(key)
-            if match is None:
+            stacked, old = STACKED_KEY.match(key), EXPERT_KEY.match(key)
+            if stacked is not None:
+                rows.setdefault(key, {})[shard * per_shard] = tensor
+            elif old is not None and old.group("rest") in EXPERT_NAMES:
+                name = STACKED_NAMES[EXPERT_NAMES.index(old.group("rest"))]
+                rows.setdefault(f"{old.group('layer')}.{name}", {})[shard * per_shard + int(old.group("index"))] = tensor[None]
+            else:
                 raise usage_error(f"{shard_path(stem, shard)}: unexpected parameter {key} in an expert shard")
-            index = shard * per_shard + int(match.group("index"))
-            model[f"{match.group('layer')}.{index}.{match.group('rest')}"] = tensor
+    for key, pieces in rows.items():
+        model[key] = _stack(pieces, num_experts)
     out = {key: value for key, value in state.items() if key not in ("model", "last_optimizer_state", META)}
     out["model"] = model
     args = saved_options(out)[0]

@@ -5,8 +5,10 @@ The shared file holds the gates (``encoder.moe_router.gates.*``), so the experts
 task-routed or static layer keeps for a pair are known before any shard is read
 (the router's own :meth:`~taskmoe_fairseq.models.router.MoeRouter.decide_pair`). A
 token- or sentence-routed MoE layer keeps every expert, so then every shard is read.
-The model is built on the ``meta`` device and the read tensors are assigned to it:
-the experts of unread shards never take memory, and extraction drops them.
+The model is built on the ``meta`` device and the read tensors are assigned to it; the
+rows of unread shards in a layer's expert stack are left unset (untouched pages take no
+memory, :func:`~taskmoe_fairseq.expert_parallel.sharded_checkpoint.consolidate`), and
+extraction, which keeps only experts of the shards read, drops them.
 """
 
 import copy
@@ -54,7 +56,8 @@ def read(path: str, state: dict, args, pairs: List[str], layers) -> Tuple[dict, 
 
 
 def build_partial(model_class, args, task, model_state: dict):
-    """The model with ``model_state`` assigned; parameters it lacks (unread experts) stay on ``meta``.
+    """The model with ``model_state`` assigned; parameters it lacks (experts a pre-stacking
+    checkpoint held per expert) stay on ``meta``.
 
     Raises:
         KeyError: something other than an expert is missing (a corrupt set).

@@ -141,21 +141,23 @@ def choose_experts(usage: ExpertUsage, metric: str, keep: int) -> KeptExperts:
 
 def pruned_layer_state(moe, experts: List[int]) -> Dict[str, torch.Tensor]:
     """The state dict (keys relative to ``...moe.``) of a token-routed :class:`MoeFeedForward`
-    keeping ``experts`` (ids; stored in ascending order): K > 1, ``experts.{j}.*`` and the gate's
-    kept rows ``gate.wg.weight`` ``[K, C]``; K = 1, ``experts.0.*`` and ``expert_weights = [1.0]``
-    (:class:`ExtractedFeedForward`'s layout)."""
+    keeping ``experts`` (ids; stored in ascending order): K > 1, the stacks' kept slices
+    ``experts.fc1_weight [K, F, C]`` ... and the gate's kept rows ``gate.wg.weight`` ``[K, C]``;
+    K = 1, ``experts.0.*`` and ``expert_weights = [1.0]`` (:class:`ExtractedFeedForward`'s layout)."""
     if moe.expert_parallel is not None:
         raise usage_error(
             "this layer holds only its rank's experts (expert parallelism): prune the consolidated checkpoint"
         )
     ids = sorted(int(e) for e in experts)
     state = {}
-    for j, e in enumerate(ids):
-        for key, tensor in moe.experts[e].state_dict().items():
-            state[f"experts.{j}.{key}"] = tensor.clone()
     if len(ids) == 1:
+        for key, tensor in moe.experts.expert_module(ids[0]).state_dict().items():
+            state[f"experts.0.{key}"] = tensor
         state["expert_weights"] = torch.ones(1)
     else:
+        index = torch.tensor(ids, device=moe.experts.fc1_weight.device)
+        for key, tensor in moe.experts.state_dict().items():
+            state[f"experts.{key}"] = tensor.index_select(0, index)
         state["gate.wg.weight"] = moe.gate.wg.weight.detach()[ids].clone()
     return state
 

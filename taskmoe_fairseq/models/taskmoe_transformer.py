@@ -24,6 +24,7 @@ from taskmoe_fairseq.models.router import gate_key_prefix
 from taskmoe_fairseq.models.taskmoe_encoder import TaskMoeTransformerEncoder
 from taskmoe_fairseq.modules import routing_kinds
 from taskmoe_fairseq.modules.moe_feed_forward import MoeFeedForward
+from taskmoe_fairseq.modules.expert_feed_forward import stack_expert_state
 
 logger = logging.getLogger(__name__)
 
@@ -233,14 +234,21 @@ class TaskMoeTransformerModel(TransformerModel):
     def upgrade_state_dict_named(self, state_dict, name):
         """Checkpoints from before the router kept per-sentence gates in their layers
         (``decoder.layers.1.moe.gate.task_logits``); they now live in the router
-        (``encoder.moe_router.gates.decoder_1.task_logits``). With ``--moe-upcycle``, a dense
-        model's state dict becomes this model's (:mod:`taskmoe_fairseq.models.upcycling`).
+        (``encoder.moe_router.gates.decoder_1.task_logits``). Checkpoints from before experts were
+        stacked (``...moe.experts.{e}.fc1.weight``, one module per expert) get each MoE layer's
+        stacked tensors (``...moe.experts.fc1_weight [E, F, C]``,
+        :func:`~taskmoe_fairseq.modules.expert_feed_forward.stack_expert_state`); extracted layers
+        keep per-expert modules. With ``--moe-upcycle``, a dense model's state dict becomes this
+        model's (:mod:`taskmoe_fairseq.models.upcycling`).
 
         Raises:
             TaskMoeError: a dense FFN where this model has experts, without ``--moe-upcycle``;
                 with it, a dense model of other sizes.
         """
         prefix = f"{name}." if name else ""
+        for layer, _ in self.moe_layers():
+            side, index = layer.split(".")
+            stack_expert_state(state_dict, f"{prefix}{side}.layers.{index}.moe.experts.")
         for key in list(state_dict):
             match = re.fullmatch(rf"{re.escape(prefix)}(encoder|decoder)\.layers\.(\d+)\.moe\.gate\.(task_logits|wg\.weight)", key)
             if match is None:

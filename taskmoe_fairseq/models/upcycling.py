@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from taskmoe_fairseq.errors import usage_error
+from taskmoe_fairseq.modules.expert_feed_forward import STACKED_NAMES
 
 FFN_PARAMS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
 # what an MoE model has and a dense one has not, besides the experts: the gates' parameters
@@ -44,8 +45,8 @@ def dense_ffn_layers(model, state_dict: Dict[str, Tensor], prefix: str = "") -> 
 def upcycle_state_dict(model, state_dict: Dict[str, Tensor], prefix: str = "") -> None:
     """In place: a dense model's ``state_dict`` becomes one for ``model`` (a
     :class:`~taskmoe_fairseq.models.taskmoe_transformer.TaskMoeTransformerModel`). Each MoE layer's
-    experts (``<side>.layers.<i>.moe.experts.<j>.fc1.weight`` ...) are copies of the dense layer's
-    ``fc1``/``fc2`` (``[ffn, C]``, ``[ffn]``, ``[C, ffn]``, ``[C]``); the gate parameters the dense
+    experts (``<side>.layers.<i>.moe.experts.fc1_weight`` ``[E, ffn, C]`` ...) are copies of the
+    dense layer's ``fc1``/``fc2`` (``[ffn, C]``, ``[ffn]``, ``[C, ffn]``, ``[C]``); the gate parameters the dense
     model has not (token gates' ``wg``, the router's task and sentence gates) are ``model``'s own,
     as initialised. A state dict that already holds experts is left as it is (a resumed run).
 
@@ -57,10 +58,9 @@ def upcycle_state_dict(model, state_dict: Dict[str, Tensor], prefix: str = "") -
     if not layers:
         return
     for keys, moe in layers.values():
-        for param in FFN_PARAMS:
+        for param, stacked in zip(FFN_PARAMS, STACKED_NAMES):
             dense = state_dict.pop(keys + param)
-            for expert in range(len(moe.experts)):
-                state_dict[f"{keys}moe.experts.{expert}.{param}"] = dense.clone()
+            state_dict[f"{keys}moe.experts.{stacked}"] = dense.unsqueeze(0).repeat(len(moe.experts), *([1] * dense.dim()))
     for key, value in model.state_dict().items():
         loaded = state_dict.get(prefix + key)
         if loaded is None and GATE_KEY.search(key):

@@ -6,17 +6,20 @@ the first layer, by the model's router
 (:class:`~taskmoe_fairseq.models.router.MoeRouter`); the layer receives that
 decision as data (``expert_index`` / ``expert_weight``, ``[B, K]``).
 
-Dispatch costs grow with tokens x k, not tokens x E x capacity: token routing
-sorts the kept (token, expert) assignments by expert and runs each expert on
-one contiguous slice; per-sentence routing groups the sentences that share an
-expert set and runs only those k experts on them. fairscale's ``MOELayer`` is
+The experts are stacked (:class:`StackedExperts`: ``experts.fc1_weight [E, F, C]``
+...). Dispatch costs grow with tokens x k, not tokens x E x capacity: token
+routing sorts the kept (token, expert) assignments by expert and computes them
+together (one capacity-padded ``baddbmm`` per FFN layer, or a loop over the used
+experts' slices where padding would cost more: :meth:`StackedExperts.forward`);
+per-sentence routing groups the sentences that share an expert set and runs only
+those k experts on them. fairscale's ``MOELayer`` is
 not used: it needs a process group and an all-to-all even on one device,
 dispatches with dense ``[tokens, E, capacity]`` one-hot einsums, and its gates
 only see the token tensor, never the task.
 
 With expert parallelism (``expert_parallel``, see
 :mod:`taskmoe_fairseq.expert_parallel.dispatch`) the layer holds only this
-rank's E / P experts (``experts[j]`` is global expert ``expert_offset + j``).
+rank's E / P experts (local expert ``j`` is global expert ``expert_offset + j``).
 Both routings then dispatch the same way: the kept (token, expert) assignments
 of the non-pad tokens, sorted by expert, go to the rank holding their expert by
 all-to-all and come back; a per-sentence decision is applied to each of the
@@ -32,7 +35,7 @@ from torch import Tensor
 
 from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.expert_parallel import dispatch as ep_dispatch
-from taskmoe_fairseq.modules.expert_feed_forward import ExpertFeedForward, combine_experts
+from taskmoe_fairseq.modules.expert_feed_forward import StackedExperts, combine_experts
 from taskmoe_fairseq.modules.extracted_feed_forward import ExtractedFeedForward
 from taskmoe_fairseq.modules.routing_decision import ExpertSets, RoutingDecision
 from taskmoe_fairseq.modules.token_gate import TokenTopKGate
@@ -63,14 +66,9 @@ class MoeFeedForward(nn.Module):
         self.expert_parallel = expert_parallel
         local = expert_parallel.local_range(num_experts) if expert_parallel is not None else range(num_experts)
         self.expert_offset = local.start
-        experts = []
-        for e in range(num_experts):
-            # every expert is initialised in order (the random stream of one process holding all E),
-            # then only this rank's are kept: expert e starts equal whatever P is
-            expert = ExpertFeedForward(embed_dim, ffn_dim, activation_fn, activation_dropout)
-            if e in local:
-                experts.append(expert)
-        self.experts = nn.ModuleList(experts)
+        # every expert is initialised in order (the random stream of one process holding all E),
+        # then only this rank's are kept: expert e starts equal whatever P is
+        self.experts = StackedExperts.initialised(embed_dim, ffn_dim, num_experts, local, activation_fn, activation_dropout)
         if expert_parallel is not None:
             ep_dispatch.mark_expert_parameters(self.experts)
         if token_gate is not None:
@@ -118,7 +116,7 @@ class MoeFeedForward(nn.Module):
                 "this layer holds only its rank's experts (expert parallelism): extract from the consolidated "
                 "checkpoint or the sharded one (python -m taskmoe_fairseq.extract)"
             )
-        return ExtractedFeedForward.from_experts([self.experts[int(e)] for e in experts], weights, merge)
+        return ExtractedFeedForward.from_experts([self.experts.expert_module(int(e)) for e in experts], weights, merge)
 
     def _dispatch_sentences(self, x: Tensor, index: Tensor, weight: Tensor, sets: Optional[ExpertSets]) -> Tensor:
         """Run each group of sentences that shares an expert set through those k experts.
@@ -130,11 +128,12 @@ class MoeFeedForward(nn.Module):
         each sentence's own result: no host synchronisation at any step.
         """
         sets = sets if sets is not None else ExpertSets.of(index)
+        expert_fns = self.experts.expert_fns()
         if len(sets.sets) == 1:
-            return combine_experts(x, [self.experts[e] for e in sets.sets[0]], weight)
+            return combine_experts(x, [expert_fns[e] for e in sets.sets[0]], weight)
         out = torch.zeros_like(x)
         for group, expert_set in enumerate(sets.sets):
-            experts = [self.experts[e] for e in expert_set]
+            experts = [expert_fns[e] for e in expert_set]
             in_group = sets.sentence_set == group
             if x.size(0) == 1:  # a decoding step: [1, B, C]
                 out = torch.where(in_group[None, :, None], combine_experts(x, experts, weight), out)
@@ -161,7 +160,7 @@ class MoeFeedForward(nn.Module):
         return out.view_as(x), decision
 
     def _dispatch_tokens(self, tokens: Tensor, decision: RoutingDecision) -> Tensor:
-        """Sort kept assignments by expert, run each expert once on its slice, scatter back."""
+        """Sort kept assignments by expert, compute them together (:meth:`StackedExperts.forward`), scatter back."""
         num_tokens, top_k = decision.expert_index.shape
         expert = decision.expert_index.reshape(-1)
         weight = decision.expert_weight.reshape(-1)
@@ -175,12 +174,11 @@ class MoeFeedForward(nn.Module):
             outputs = ep_dispatch.run_experts(tokens.index_select(0, token), counts, self.experts, self.expert_parallel)
             out = tokens.new_zeros(tokens.shape)
             return out.index_add_(0, token, outputs.to(tokens.dtype) * weight.to(tokens.dtype)[:, None])
-        routed = tokens.index_select(0, token).split(counts)
-        outputs = [self.experts[e](chunk) for e, chunk in enumerate(routed) if counts[e] > 0]
         out = tokens.new_zeros(tokens.shape)
-        if outputs:
+        if token.numel():
+            outputs = self.experts(tokens.index_select(0, token), counts)
             # in the tokens' dtype, as combine_experts (under autocast the experts return float16/bfloat16)
-            out.index_add_(0, token, torch.cat(outputs).to(tokens.dtype) * weight.to(tokens.dtype)[:, None])
+            out.index_add_(0, token, outputs.to(tokens.dtype) * weight.to(tokens.dtype)[:, None])
         return out
 
     def _dispatch_sentences_parallel(self, x: Tensor, padding_mask: Optional[Tensor], index: Tensor, weight: Tensor):

@@ -34,15 +34,10 @@ def expert_set_key(weights, pair: str) -> ExpertSetKey:
     )
 
 
-def _expert_keys(side: str, index: int, expert: int) -> List[str]:
-    prefix = f"{extraction.moe_prefix(side, index)}experts.{expert}."
-    return [prefix + name for name in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")]
-
-
-def _expert(weights, tensors: Dict[str, torch.Tensor], side: str, index: int, expert: int) -> ExpertFeedForward:
+def _expert(weights, tensors: Dict[Tuple[str, int, int], Tuple[torch.Tensor, ...]], side: str, index: int, expert: int) -> ExpertFeedForward:
     """The checkpoint's expert ``expert`` of a layer, as the model's module (no random init)."""
     args = weights.args
-    fc1, fc1_bias, fc2, fc2_bias = (tensors[key] for key in _expert_keys(side, index, expert))
+    fc1, fc1_bias, fc2, fc2_bias = tensors[(side, index, expert)]
     activation_dropout = getattr(args, "activation_dropout", 0.0) or getattr(args, "relu_dropout", 0.0) or 0.0
     with torch.device("meta"):
         module = ExpertFeedForward(fc1.size(1), fc1.size(0), args.activation_fn, activation_dropout)
@@ -56,8 +51,7 @@ def experts_state(weights, pair: str) -> Tuple[Dict[str, torch.Tensor], List[dic
     """The extracted layers' state for ``pair`` (kept experts, frozen gate weights), read lazily
     from the checkpoint, and one row per layer (layer, experts kept, gate weights)."""
     decisions = extraction.pair_decisions(weights.router, weights.layers, pair)
-    wanted = [key for side, index, _, experts, _ in decisions for e in experts.tolist() for key in _expert_keys(side, index, e)]
-    tensors = weights.read_experts(wanted)
+    tensors = weights.read_experts([(side, index, e) for side, index, _, experts, _ in decisions for e in experts.tolist()])
     state, rows = {}, []
     for side, index, routing, experts, gate_weights in decisions:
         kept = [_expert(weights, tensors, side, index, e) for e in experts.tolist()]

@@ -28,7 +28,7 @@ import copy
 import hashlib
 import os
 import threading
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -37,6 +37,7 @@ from taskmoe_fairseq.errors import usage_error
 from taskmoe_fairseq.models import extraction
 from taskmoe_fairseq.models.checkpoint_config import read_config
 from taskmoe_fairseq.models.router import ROUTER_PREFIX
+from taskmoe_fairseq.modules.expert_feed_forward import EXPERT_NAMES, STACKED_NAMES
 
 
 
@@ -196,8 +197,12 @@ class SharedWeights:
         self._dicts = {**task.dicts, **dicts}
         return task
 
-    def read_experts(self, keys: Iterable[str]) -> Dict[str, torch.Tensor]:
-        """Copies of the named expert tensors on the server's device, read from a fresh map of the checkpoint.
+    def read_experts(self, experts: Iterable[Tuple[str, int, int]]) -> Dict[Tuple[str, int, int], Tuple[torch.Tensor, ...]]:
+        """Copies of experts ``(side, layer index, expert id)`` on the server's device, read from a
+        fresh map of the checkpoint: ``{(side, index, e): (fc1.weight [F, C], fc1.bias [F],
+        fc2.weight [C, F], fc2.bias [C])}``. Only each expert's slice of the layer's stacked tensors
+        (``...moe.experts.fc1_weight [E, F, C]``) is read; a checkpoint written before experts were
+        stacked is read from its per-expert tensors (``...moe.experts.{e}.fc1.weight``) as they are.
 
         Raises:
             CheckpointChanged: the file's content changed since the server started (:meth:`check_unchanged`).
@@ -207,7 +212,13 @@ class SharedWeights:
         self.check_unchanged()
         state = safe_loading.safe_torch_load(self.path, mmap=True)
         model_state = state["model"]
-        self._skeleton.upgrade_state_dict(model_state)
-        out = {key: model_state[key].to(self.device, copy=True) for key in keys}
+        out = {}
+        for side, index, expert in experts:
+            prefix = f"{extraction.moe_prefix(side, index)}experts."
+            if prefix + STACKED_NAMES[0] in model_state:
+                tensors = (model_state[prefix + name][expert] for name in STACKED_NAMES)
+            else:
+                tensors = (model_state[f"{prefix}{expert}.{name}"] for name in EXPERT_NAMES)
+            out[(side, index, expert)] = tuple(tensor.to(self.device, copy=True) for tensor in tensors)
         del state, model_state
         return out
