@@ -224,3 +224,23 @@ def test_sharded_checkpoints_of_either_layout_consolidate_to_the_model(tmp_path,
         assert torch.equal(consolidated[key], tensor), key
     partial = sharded_checkpoint.consolidate(stem, shards=[1])["model"]  # experts 2, 3 only
     assert torch.equal(partial["decoder.layers.1.moe.experts.fc2_weight"][2:], state["decoder.layers.1.moe.experts.fc2_weight"][2:])
+
+
+def test_resuming_a_checkpoint_of_separate_expert_modules_needs_reset_optimizer(trained, data_dir, tmp_path):
+    """Its weights load, its optimizer state (per expert module) does not fit the stacks: one line
+    naming --reset-optimizer, nothing written; with it, training goes on and saves stacks."""
+    from cli_helpers import train_command, train_in_process
+    from taskmoe_fairseq.errors import TaskMoeError
+
+    save_dir = tmp_path / "ckpt"
+    save_dir.mkdir()
+    old_checkpoint(trained.get("token", "target"), save_dir / "checkpoint_last.pt")
+    before = sorted(os.listdir(save_dir))
+    command = train_command(data_dir, str(save_dir), "token", "target", 13)
+    with pytest.raises(TaskMoeError, match="holds its experts as separate modules .*resume with --reset-optimizer$"):
+        train_in_process(command)
+    assert sorted(os.listdir(save_dir)) == before
+    train_in_process(command + ["--reset-optimizer"])
+    state = safe_torch_load(str(save_dir / "checkpoint_last.pt"))
+    assert state["model"]["decoder.layers.1.moe.experts.fc1_weight"].size(0) == 4
+    assert not any(sharded_checkpoint.EXPERT_KEY.match(key) for key in state["model"])

@@ -46,6 +46,26 @@ def check_checkpoint_fits(model, filename: str) -> None:
         check_same_model(saved, model.args, filename)
 
 
+def refuse_per_expert_optimizer_state(filename: str) -> None:
+    """Raise :class:`~taskmoe_fairseq.errors.TaskMoeError` if ``filename`` (a checkpoint or an
+    expert shard) holds experts as separate modules (``...moe.experts.0.fc1.weight``, written
+    before experts were stacked) together with optimizer state: its weights load (the model's
+    ``upgrade_state_dict_named`` stacks them) but the optimizer's per-parameter state does not fit
+    the stacked parameters, and fairseq would stop with a traceback. Resuming with
+    ``--reset-optimizer`` (or ``--finetune-from-model``) is what works."""
+    if not os.path.isfile(filename):
+        return
+    state = safe_torch_load(filename, mmap=True)
+    model = state.get("model") if isinstance(state, dict) else None
+    if not isinstance(model, dict) or not ("last_optimizer_state" in state or "optimizer_state" in state):
+        return
+    if any(sharded_checkpoint.EXPERT_KEY.match(key) for key in model):
+        raise usage_error(
+            f"{filename} holds its experts as separate modules (written before experts were stacked): its weights "
+            "load, its optimizer state does not fit; resume with --reset-optimizer"
+        )
+
+
 def refuse_a_folder_of_shards(filename: str) -> None:
     """Raise :class:`~taskmoe_fairseq.errors.TaskMoeError` if ``filename`` (``<name>.pt``) is absent but
     its expert-parallel ``<name>-shared.pt`` is there: fairseq would start afresh beside it."""
@@ -68,11 +88,13 @@ def apply():
         return
 
     @functools.wraps(original_load)
-    def load_checkpoint(self, filename, *args, **kwargs):
+    def load_checkpoint(self, filename, reset_optimizer=False, *args, **kwargs):
         if expert_parallel_of(self._model) is None:
             refuse_a_folder_of_shards(filename)
         check_checkpoint_fits(self._model, filename)
-        return original_load(self, filename, *args, **kwargs)
+        if not reset_optimizer:
+            refuse_per_expert_optimizer_state(filename)
+        return original_load(self, filename, reset_optimizer, *args, **kwargs)
 
     load_checkpoint._taskmoe_identity = True
     Trainer.load_checkpoint = load_checkpoint
