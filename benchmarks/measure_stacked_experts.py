@@ -10,11 +10,13 @@ token-routed layer computes its dispatched rows (``StackedExperts.compute``):
   expert modules the stack replaced);
 * ``bmm``: the used experts' rows padded to the largest count and one ``torch.baddbmm`` per FFN
   layer;
-* ``auto``: the kept default, ``bmm`` unless one expert is used or the padding exceeds
-  ``BMM_PADDING_LIMIT`` times the rows (then ``loop``).
+* ``auto``: the kept default, chosen per call (``StackedExperts.choose_compute``: ``bmm`` for
+  many experts with few rows each and little padding, else ``loop``).
 
 The same model (same weights) runs in the three forms in rotating order every round
-(benchmarks/timing.py); ratios are medians of per-round ratios against ``loop``. Training is
+(benchmarks/timing.py); ratios are medians of per-round ratios against ``loop``, of the process's
+CPU seconds (``time.process_time``, one torch thread: what the run itself computed, much less
+disturbed than wall time by other processes on a shared machine); wall seconds are recorded too. Training is
 fairseq's step (measure_training.Trainer: criterion, backward, grad norm, Adam); decoding is
 fairseq's SequenceGenerator (measure_decoding.Decoder, every sentence exactly L tokens). Task- and
 sentence-routed layers (the token/target decoder) run k experts per sentence group in every form.
@@ -32,14 +34,14 @@ import torch  # noqa: E402
 from measure_decoding import Decoder  # noqa: E402
 from measure_training import Trainer  # noqa: E402
 
-from taskmoe_fairseq.modules.expert_feed_forward import BMM_PADDING_LIMIT, StackedExperts  # noqa: E402
+from taskmoe_fairseq.modules.expert_feed_forward import BMM_PADDING_LIMIT, BMM_ROWS_PER_EXPERT, StackedExperts  # noqa: E402
 
 FORMS = ("loop", "bmm", "auto")
 ROUTINGS = [("token", "token"), ("token", "target")]
 DECODING = [("greedy", 1), ("beam4", 4)]
 # 4 + 4 layers (2 MoE layers a side), FFN 512: E = 128 trains in about 2 GB with Adam's state
 SHAPE = dict(bench.SHAPE, layers=4, ffn_dim=512)
-RUN = dict(rounds=3, sentences=32, warmup=1, decode_batch=16, tgt_len=10)
+RUN = dict(rounds=3, sentences=32, warmup=1, decode_batch=16, tgt_len=8)
 QUICK = dict(rounds=1, sentences=8, warmup=1, decode_batch=4, tgt_len=4)
 
 
@@ -49,10 +51,23 @@ def set_compute(model, form: str):
             module.compute = form
 
 
-def summary(seconds: dict, amount: float) -> dict:
-    row = {form: {"seconds": seconds[form], "per_s": amount / timing.median(seconds[form])} for form in FORMS}
+def timed(function):
+    """``function()`` -> (CPU seconds of this process, wall seconds)."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    function()
+    return time.process_time() - cpu, time.perf_counter() - wall
+
+
+def summary(measured: dict, amount: float) -> dict:
+    """``measured``: form -> [(cpu, wall) per round]; ``amount``: words or tokens per run."""
+    row = {}
+    for form in FORMS:
+        cpu, wall = [c for c, _ in measured[form]], [w for _, w in measured[form]]
+        row[form] = {"cpu_seconds": cpu, "wall_seconds": wall, "per_s": amount / timing.median(cpu),
+                     "per_wall_s": amount / timing.median(wall)}
     for form in ("bmm", "auto"):
-        row[f"{form}_vs_loop"] = timing.paired_ratio(seconds[form], seconds["loop"])
+        row[f"{form}_vs_loop"] = timing.paired_ratio(row[form]["cpu_seconds"], row["loop"]["cpu_seconds"])
+        row[f"{form}_vs_loop_wall"] = timing.paired_ratio(row[form]["wall_seconds"], row["loop"]["wall_seconds"])
     return row
 
 
@@ -67,7 +82,7 @@ def measure_training(cfg, shape, task, experts, enc, dec, sample) -> dict:
     def runner(form):
         def run():
             set_compute(model, form)
-            return trainer.step(sample)[0]
+            return timed(lambda: trainer.step(sample))
         return run
 
     seconds = timing.interleaved_rounds({form: runner(form) for form in FORMS}, cfg["rounds"])
@@ -85,10 +100,11 @@ def measure_decoding(cfg, shape, task, dictionary, experts, enc, dec) -> dict:
         def runner(form):
             def run():
                 set_compute(model, form)
-                start = time.perf_counter()
-                with torch.no_grad():
-                    _, tokens[form], hypotheses[(name, form)] = decoder.run()
-                return time.perf_counter() - start
+
+                def decode():
+                    with torch.no_grad():
+                        _, tokens[form], hypotheses[(name, form)] = decoder.run()
+                return timed(decode)
             return run
 
         seconds = timing.interleaved_rounds({form: runner(form) for form in FORMS}, cfg["rounds"])
@@ -100,7 +116,8 @@ def measure_decoding(cfg, shape, task, dictionary, experts, enc, dec) -> dict:
 
 
 def render(record) -> str:
-    """The markdown table of a record: per setting, words or tokens/s of each form, ratios vs loop."""
+    """The markdown table of a record: per setting, words or tokens per CPU second of each form,
+    speed ratios vs loop (CPU time; wall time in brackets)."""
     lines = ["| E | routing | setting | loop /s | bmm /s | auto /s | bmm / loop | auto / loop |",
              "|---|---|---|---|---|---|---|---|"]
     for experts, by_routing in record["results"].items():
@@ -108,7 +125,8 @@ def render(record) -> str:
             for setting, row in settings.items():
                 lines.append(
                     f"| {experts} | {routing} | {setting} | {row['loop']['per_s']:.0f} | {row['bmm']['per_s']:.0f} | "
-                    f"{row['auto']['per_s']:.0f} | {row['bmm_vs_loop']:.2f} | {row['auto_vs_loop']:.2f} |"
+                    f"{row['auto']['per_s']:.0f} | {row['bmm_vs_loop']:.2f} ({row['bmm_vs_loop_wall']:.2f}) | "
+                    f"{row['auto_vs_loop']:.2f} ({row['auto_vs_loop_wall']:.2f}) |"
                 )
     return "\n".join(lines) + "\n"
 
@@ -121,7 +139,7 @@ def main(argv=None):
     if not options.tiny:
         shape = dict(SHAPE)
     cfg = {**RUN, **(QUICK if options.quick else {}), "experts": experts, "forms": list(FORMS),
-           "bmm_padding_limit": BMM_PADDING_LIMIT}
+           "bmm_padding_limit": BMM_PADDING_LIMIT, "bmm_rows_per_expert": BMM_ROWS_PER_EXPERT}
     run = timing.Run("stacked_experts", __file__, argv, options.threads, {"shape": shape, **cfg})
     dictionary = bench.build_dictionary(shape["vocab"])
     task = bench.fake_task(dictionary)

@@ -88,6 +88,8 @@ def test_auto_compute_takes_bmm_unless_padding_dominates_or_one_expert_is_used()
     assert stacked.choose_compute([5] * 16) == "bmm"
     assert stacked.choose_compute([0, 7] + [0] * 14) == "loop"
     assert stacked.choose_compute([40] + [1] * 15) == "loop"  # 16 x 40 padded rows for 55
+    assert stacked.choose_compute([30] * 16) == "loop"  # 30 rows per expert: the loop's GEMMs are as fast
+    assert stacked.choose_compute([3, 0] * 8) == "bmm"  # padding 2x, 3 rows per used expert
     with pytest.raises(ValueError, match="compute 'grouped': choose one of auto, bmm, loop"):
         stacked(torch.zeros(1, C), [1] + [0] * 15, compute="grouped")
     with pytest.raises(ValueError, match="counts has 2 entries for 16 experts"):

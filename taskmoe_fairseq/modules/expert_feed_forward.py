@@ -75,9 +75,12 @@ def ffn_tensors(expert: ExpertFeedForward) -> FfnTensors:
 
 #: how :meth:`StackedExperts.forward` computes a dispatched batch
 COMPUTE_MODES = ("auto", "bmm", "loop")
-#: ``auto`` takes the padded ``bmm`` while its capacity-padded rows are at most this many times the
-#: real rows, else the loop (benchmarks/measure_stacked_experts.py; docs/benchmarks/stacked-experts.md)
-BMM_PADDING_LIMIT = 4.0
+#: ``auto`` takes the padded ``bmm`` only where it beat the loop on this project's CPU (one thread,
+#: C = 256, F = 512; docs/benchmarks/stacked-experts.md): many experts with few rows each (at most
+#: :data:`BMM_ROWS_PER_EXPERT` per used expert on average) and padding at most
+#: :data:`BMM_PADDING_LIMIT` times the rows (E x the largest count); elsewhere the loop's GEMMs are as fast
+BMM_PADDING_LIMIT = 2.5
+BMM_ROWS_PER_EXPERT = 16
 #: the stacked parameters' names and the per-expert ``nn.Linear`` names they replace, in ``FfnTensors`` order
 STACKED_NAMES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 EXPERT_NAMES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
@@ -96,13 +99,13 @@ class StackedExperts(nn.Module):
     Three ways to run it:
 
     * :meth:`forward`: assignment rows sorted by expert (``counts[e]`` rows for expert ``e``), the
-      token path's dispatch. ``compute`` ``"bmm"`` pads each used expert's rows to the largest
-      count (the capacity) and runs both layers as one ``torch.baddbmm`` each (GShard's
-      capacity-padded layout; MegaBlocks' and ScatterMoE's dropless grouped GEMMs avoid the
-      padding on GPUs, and ``torch._grouped_mm`` has no CPU backward in torch 2.13); ``"loop"``
-      runs one ``F.linear`` pair per used expert on its slice (the per-module computation this
-      class replaces); ``"auto"`` (default) takes ``bmm`` unless only one expert is used or the
-      padding exceeds :data:`BMM_PADDING_LIMIT` times the rows.
+      token path's dispatch. ``compute`` ``"bmm"`` pads every expert's rows to the largest
+      count (the capacity; an unused expert's rows are zeros) and runs both layers as one
+      ``torch.baddbmm`` each over the whole stack, read in place (GShard's capacity-padded
+      layout; MegaBlocks' and ScatterMoE's dropless grouped GEMMs avoid the padding on GPUs, and
+      ``torch._grouped_mm`` has no CPU backward in torch 2.13); ``"loop"`` runs one ``F.linear``
+      pair per used expert on its slice (the per-module computation this class replaces);
+      ``"auto"`` (default) chooses per call (:meth:`choose_compute`).
     * :meth:`expert_fns`: each expert as a callable on any ``[..., C]`` (the per-sentence
       path, k experts for a group of sentences; bit-identical to an extracted expert).
     * :meth:`expert_module` ``(e)``: a detached copy of expert ``e`` as an :class:`ExpertFeedForward`
@@ -201,16 +204,17 @@ class StackedExperts(nn.Module):
             mode = self.choose_compute(counts)
         if mode == "loop":
             return self.loop_over_experts(rows, counts)
-        return self.padded_bmm(rows, counts, used)
+        return self.padded_bmm(rows, counts)
 
     @staticmethod
     def choose_compute(counts: Sequence[int]) -> str:
-        """``auto``'s choice for rows per expert ``counts``: ``"loop"`` when at most one expert is
-        used or the padded rows (used experts x largest count) exceed :data:`BMM_PADDING_LIMIT`
-        times the rows, else ``"bmm"``."""
-        used = sum(1 for count in counts if count > 0)
-        padded = used * max(counts, default=0)
-        return "bmm" if used > 1 and padded <= BMM_PADDING_LIMIT * sum(counts) else "loop"
+        """``auto``'s choice for rows per expert ``counts`` (``E`` ints): ``"bmm"`` when more than one
+        expert is used, at most :data:`BMM_ROWS_PER_EXPERT` rows per used expert on average and the
+        padded rows (E x largest count) at most :data:`BMM_PADDING_LIMIT` times the rows; else ``"loop"``."""
+        used, rows = sum(1 for count in counts if count > 0), sum(counts)
+        padded = len(counts) * max(counts, default=0)
+        few_rows = rows <= BMM_ROWS_PER_EXPERT * used
+        return "bmm" if used > 1 and few_rows and padded <= BMM_PADDING_LIMIT * rows else "loop"
 
     def loop_over_experts(self, rows: Tensor, counts: Sequence[int]) -> Tensor:
         """One ``F.linear`` pair per used expert on its slice of ``rows`` (``[A, C]`` sorted by
@@ -219,24 +223,20 @@ class StackedExperts(nn.Module):
         outputs = [experts[e](chunk) for e, chunk in enumerate(rows.split(list(counts))) if counts[e] > 0]
         return torch.cat(outputs)
 
-    def padded_bmm(self, rows: Tensor, counts: Sequence[int], used: List[int]) -> Tensor:
-        """The used experts' rows padded to the largest count ``K`` (``[U, K, C]``) and both layers
-        as one ``torch.baddbmm`` each over the used experts' stacked weights; returns ``[A, C]``."""
-        capacity, num_used = max(counts), len(used)
-        used_counts = torch.tensor([counts[e] for e in used], device=rows.device)
-        starts = torch.cumsum(used_counts, 0) - used_counts
-        group = torch.repeat_interleave(torch.arange(num_used, device=rows.device), used_counts)
-        slot = group * capacity + torch.arange(rows.size(0), device=rows.device) - starts[group]
-        padded = rows.new_zeros(num_used * capacity, rows.size(1)).index_copy(0, slot, rows).view(num_used, capacity, -1)
-        tensors = self.stacked()
-        if num_used < len(self):
-            index = torch.tensor(used, device=rows.device)
-            tensors = tuple(tensor.index_select(0, index) for tensor in tensors)
-        fc1_weight, fc1_bias, fc2_weight, fc2_bias = tensors
-        hidden = torch.baddbmm(fc1_bias.unsqueeze(1), padded, fc1_weight.transpose(1, 2))
+    def padded_bmm(self, rows: Tensor, counts: Sequence[int]) -> Tensor:
+        """Every expert's rows padded to the largest count ``K`` (``[E, K, C]``; zeros for an unused
+        expert) and both layers as one ``torch.baddbmm`` each over the stack, read in place (selecting
+        the used experts' weights would copy them, forward and backward); returns ``[A, C]``."""
+        capacity, experts = max(counts), len(self)
+        counts_tensor = torch.tensor(list(counts), device=rows.device)
+        starts = torch.cumsum(counts_tensor, 0) - counts_tensor
+        expert = torch.repeat_interleave(torch.arange(experts, device=rows.device), counts_tensor)
+        slot = expert * capacity + torch.arange(rows.size(0), device=rows.device) - starts[expert]
+        padded = rows.new_zeros(experts * capacity, rows.size(1)).index_copy(0, slot, rows).view(experts, capacity, -1)
+        hidden = torch.baddbmm(self.fc1_bias.unsqueeze(1), padded, self.fc1_weight.transpose(1, 2))
         hidden = self.activation_dropout_module(self.activation_fn(hidden))
-        out = torch.baddbmm(fc2_bias.unsqueeze(1), hidden, fc2_weight.transpose(1, 2))
-        return out.reshape(num_used * capacity, -1).index_select(0, slot)
+        out = torch.baddbmm(self.fc2_bias.unsqueeze(1), hidden, self.fc2_weight.transpose(1, 2))
+        return out.reshape(experts * capacity, -1).index_select(0, slot)
 
 
 def stack_expert_state(state_dict: dict, prefix: str) -> bool:
