@@ -237,7 +237,8 @@ METHOD = [
     "- The earlier what-if \"cache the task gate's decision for single-task batches\" is now what the model does: the "
     "router takes every per-sentence decision once per forward in the encoder and the decoder reads it from `encoder_out`, "
     "so the full TaskMoE's decoding steps run no gate (its `gate` share above is the router's, once per generate call). "
-    "The per-step module walk of fairseq's `reorder_incremental_state_scripting` is also fixed in the package.",
+    "fairseq's per-step module walk (`reorder_incremental_state_scripting`) no longer grows with E: a layer's experts "
+    "are one stacked module (docs/benchmarks/stacked-experts.md).",
     "- Dense models are `taskmoe_transformer` with `--encoder-moe-freq 0 --decoder-moe-freq 0` (exactly fairseq's "
     "transformer); `dense (K*ffn in MoE slots)` replaces fc1/fc2 in the MoE positions by width K*ffn (fairseq's own "
     "`build_fc1`/`build_fc2`).",

@@ -65,17 +65,3 @@ class TaskMoeTransformerDecoder(TransformerDecoderBase):
             )
         extra["moe_aux"] = scope.aux
         return x, extra
-
-    def reorder_incremental_state_scripting(self, incremental_state, new_order: Tensor):
-        """fairseq checks every module for ``reorder_incremental_state`` at every decoding step;
-        each expert adds four modules, so that walk grows with E (profiled: the main reason the
-        full model's decoding slowed with E). The stateful modules are fixed once the model is
-        built: list them once, in fairseq's order."""
-        stateful = self.__dict__.get("_stateful_modules")
-        if stateful is None:
-            stateful = [module for module in self.modules() if hasattr(module, "reorder_incremental_state")]
-            self.__dict__["_stateful_modules"] = stateful  # a plain list: not registered as submodules
-        for module in stateful:
-            result = module.reorder_incremental_state(incremental_state, new_order)
-            if result is not None:
-                incremental_state = result
