@@ -170,3 +170,26 @@ def test_the_gpu_check_plans_every_step_and_names_the_cuda_ones_skipped(tmp_path
     if not torch.cuda.is_available():
         assert gpu_check.main(["--out", str(tmp_path / "x.json")]) == 2
         assert "no CUDA device here" in capsys.readouterr().err
+
+
+def test_stacked_experts_benchmark_records_every_form_and_setting(tmp_path):
+    """measure_stacked_experts.py --quick --tiny: one record with the three compute forms of the
+    same model per routing and setting and their ratios; the table render names every row (nothing
+    here looks at the numbers)."""
+    import measure_stacked_experts as stacked
+    import timing
+
+    path = str(tmp_path / "stacked.json")
+    assert stacked.main(["--quick", "--tiny", "--experts", "4", "--out", path]) == 0
+    record = json.load(open(path))
+    assert record["schema"] == timing.SCHEMA and record["kind"] == "stacked_experts"
+    assert ENVIRONMENT <= set(record["environment"]) and record["config"]["forms"] == ["loop", "bmm", "auto"]
+    rows = record["results"]["4"]
+    assert set(rows) == {"token/token", "token/target"}
+    for settings in rows.values():
+        assert set(settings) == {"train", "greedy", "beam4"}
+        for row in settings.values():
+            assert all(len(row[form]["cpu_seconds"]) == record["config"]["rounds"] for form in ("loop", "bmm", "auto"))
+            assert row["auto_vs_loop"] > 0 and row["bmm_vs_loop"] > 0
+    table = stacked.render(record)
+    assert table.count("\n| 4 | token/") == 6
