@@ -10,8 +10,8 @@ token-routed layer computes its dispatched rows (``StackedExperts.compute``):
   expert modules the stack replaced);
 * ``bmm``: the used experts' rows padded to the largest count and one ``torch.baddbmm`` per FFN
   layer;
-* ``auto``: the kept default, chosen per call (``StackedExperts.choose_compute``: ``bmm`` for
-  many experts with few rows each and little padding, else ``loop``).
+* ``auto``: the kept default, chosen per call (``StackedExperts.choose_compute``): on the CPU
+  always ``loop``; on a GPU ``bmm`` unless padding dominates.
 
 The same model (same weights) runs in the three forms in rotating order every round
 (benchmarks/timing.py); ratios are medians of per-round ratios against ``loop``, of the process's
@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from measure_decoding import Decoder  # noqa: E402
 from measure_training import Trainer  # noqa: E402
 
-from taskmoe_fairseq.modules.expert_feed_forward import BMM_PADDING_LIMIT, BMM_ROWS_PER_EXPERT, StackedExperts  # noqa: E402
+from taskmoe_fairseq.modules.expert_feed_forward import BMM_PADDING_LIMIT, StackedExperts  # noqa: E402
 
 FORMS = ("loop", "bmm", "auto")
 ROUTINGS = [("token", "token"), ("token", "target")]
@@ -139,7 +139,7 @@ def main(argv=None):
     if not options.tiny:
         shape = dict(SHAPE)
     cfg = {**RUN, **(QUICK if options.quick else {}), "experts": experts, "forms": list(FORMS),
-           "bmm_padding_limit": BMM_PADDING_LIMIT, "bmm_rows_per_expert": BMM_ROWS_PER_EXPERT}
+           "bmm_padding_limit": BMM_PADDING_LIMIT}
     run = timing.Run("stacked_experts", __file__, argv, options.threads, {"shape": shape, **cfg})
     dictionary = bench.build_dictionary(shape["vocab"])
     task = bench.fake_task(dictionary)

@@ -75,12 +75,10 @@ def ffn_tensors(expert: ExpertFeedForward) -> FfnTensors:
 
 #: how :meth:`StackedExperts.forward` computes a dispatched batch
 COMPUTE_MODES = ("auto", "bmm", "loop")
-#: ``auto`` takes the padded ``bmm`` only where it beat the loop on this project's CPU (one thread,
-#: C = 256, F = 512; docs/benchmarks/stacked-experts.md): many experts with few rows each (at most
-#: :data:`BMM_ROWS_PER_EXPERT` per used expert on average) and padding at most
-#: :data:`BMM_PADDING_LIMIT` times the rows (E x the largest count); elsewhere the loop's GEMMs are as fast
+#: ``auto`` on a CUDA (any non-CPU) device takes the padded ``bmm`` while its padding (E x the largest
+#: count) is at most this many times the rows; on the CPU it always takes the loop, which was as fast
+#: or faster in every setting measured (docs/benchmarks/stacked-experts.md)
 BMM_PADDING_LIMIT = 2.5
-BMM_ROWS_PER_EXPERT = 16
 #: the stacked parameters' names and the per-expert ``nn.Linear`` names they replace, in ``FfnTensors`` order
 STACKED_NAMES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 EXPERT_NAMES = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")
@@ -201,20 +199,22 @@ class StackedExperts(nn.Module):
         if not used:
             return rows.new_zeros(rows.shape)
         if mode == "auto":
-            mode = self.choose_compute(counts)
+            mode = self.choose_compute(counts, rows.device.type)
         if mode == "loop":
             return self.loop_over_experts(rows, counts)
         return self.padded_bmm(rows, counts)
 
     @staticmethod
-    def choose_compute(counts: Sequence[int]) -> str:
-        """``auto``'s choice for rows per expert ``counts`` (``E`` ints): ``"bmm"`` when more than one
-        expert is used, at most :data:`BMM_ROWS_PER_EXPERT` rows per used expert on average and the
-        padded rows (E x largest count) at most :data:`BMM_PADDING_LIMIT` times the rows; else ``"loop"``."""
+    def choose_compute(counts: Sequence[int], device_type: str = "cpu") -> str:
+        """``auto``'s choice for rows per expert ``counts`` (``E`` ints) on ``device_type``: on the
+        CPU ``"loop"`` (measured: the padded ``bmm`` was slower or equal at E = 8, 32, 128 in training
+        and decoding); elsewhere ``"bmm"`` when more than one expert is used and the padded rows
+        (E x largest count) are at most :data:`BMM_PADDING_LIMIT` times the rows, else ``"loop"``
+        (not yet measured on a GPU: benchmarks/gpu_check.py)."""
         used, rows = sum(1 for count in counts if count > 0), sum(counts)
-        padded = len(counts) * max(counts, default=0)
-        few_rows = rows <= BMM_ROWS_PER_EXPERT * used
-        return "bmm" if used > 1 and few_rows and padded <= BMM_PADDING_LIMIT * rows else "loop"
+        if device_type == "cpu" or used < 2:
+            return "loop"
+        return "bmm" if len(counts) * max(counts) <= BMM_PADDING_LIMIT * rows else "loop"
 
     def loop_over_experts(self, rows: Tensor, counts: Sequence[int]) -> Tensor:
         """One ``F.linear`` pair per used expert on its slice of ``rows`` (``[A, C]`` sorted by
