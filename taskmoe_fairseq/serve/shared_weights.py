@@ -3,7 +3,8 @@
 Kudugunta et al. (2021), section 4: at inference a task needs only its k experts per
 task-routed layer. :class:`SharedWeights` reads the checkpoint once, memory-mapped through the
 safe loader (:func:`taskmoe_fairseq.safe_loading.safe_torch_load`, ``mmap=True``: a tensor is read
-from disk only when touched, so the optimizer state and the experts are never read here), and
+from disk only when touched, so the optimizer state and the experts are never read here; a
+checkpoint written before experts were stacked is stacked once here, which reads its experts), and
 keeps in memory:
 
 * the fairseq config (``cfg``, as ``fairseq.checkpoint_utils.load_checkpoint_to_cpu`` builds it,
@@ -15,8 +16,8 @@ keeps in memory:
 * the model's own router (:class:`~taskmoe_fairseq.models.router.MoeRouter`, built from the
   checkpoint's args with its gates loaded), whose ``decide_pair`` picks each pair's experts.
 
-:meth:`SharedWeights.read_experts` maps the file again, copies only the requested expert tensors
-and drops the map, so a pair's experts cost one pickle parse and their own bytes, and an evicted
+:meth:`SharedWeights.read_experts` maps the file again, copies only the requested experts (each
+its slice of the layer's stacked tensors) and drops the map, so a pair's experts cost one pickle parse and their own bytes, and an evicted
 expert set leaves no mapped pages behind. Before it does, it checks that the file still holds what
 the server read at start: same inode, size and modification time, or else the same SHA-256 (taken
 once at start, one sequential read of the file), so a ``touch`` or a copy of the same bytes is no
