@@ -92,7 +92,10 @@ class StackedExperts(nn.Module):
     ``nn.Linear`` tensor (``weight`` is ``[out, in]``), so a slice is the fairseq layout with no
     transpose. Extraction, serving and the CTranslate2 export copy slices bit for bit, checkpoints
     of per-expert modules (``experts.{e}.fc1.weight``) convert by :func:`torch.stack` alone, and
-    the batched product reads the transposed view (``bmm`` takes it without a copy).
+    the batched product reads the transposed view (``bmm`` takes it without a copy). The other
+    layout (``fc1 [E, C, F]``, ``fc2 [E, F, C]``, what ``x @ W`` reads directly) would make every
+    slice a transpose of fairseq's tensor, and on this CPU it bought the padded ``bmm`` about 10%,
+    not the 1.2-4x it lost to the loop (docs/benchmarks/stacked-experts.md).
 
     Three ways to run it:
 
@@ -111,8 +114,9 @@ class StackedExperts(nn.Module):
 
     The loop takes its slices with one ``unbind`` per tensor, so its backward adds one stacked
     gradient per parameter (indexing ``fc1_weight[e]`` E times would add E full-size gradients).
-    An expert no row reaches gets a zero gradient (with separate modules it got none: fairseq's
-    legacy DDP already filled such gradients with zeros).
+    An expert no row reaches gets a zero gradient (with separate modules it got none, and fairseq's
+    Adam skipped it in a single process; legacy DDP already filled such gradients with zeros), so
+    Adam now moves it by its momentum there too.
     """
 
     def __init__(self, embed_dim: int, ffn_dim: int, num_experts: int, activation_fn: str = "relu",
