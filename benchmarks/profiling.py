@@ -25,23 +25,27 @@ def instrument(model: nn.Module, shape: dict):
     """Wrap the model's MoE parts in profiler scopes; returns an undo function."""
     wrapped = []
 
-    def wrap(module, name):
-        original = module.forward
+    def wrap(module, name, method="forward"):
+        original = getattr(module, method)
 
         def forward(*args, **kwargs):
             with record_function(name):
                 return original(*args, **kwargs)
 
-        module.forward = forward
-        wrapped.append(module)
+        setattr(module, method, forward)
+        wrapped.append((module, method))
 
     for module in model.modules():
         if isinstance(module, (MoeFeedForward, ExtractedFeedForward)):
             wrap(module, "moe.layer")
             if module.routes_tokens:
                 wrap(module.gate, "moe.gate")
-            for expert in (module.experts if isinstance(module.experts, nn.ModuleList) else [module.experts]):
-                wrap(expert, "moe.expert")  # an extracted layer's experts, or a full layer's stack
+            if isinstance(module.experts, nn.ModuleList):  # an extracted layer's expert modules
+                for expert in module.experts:
+                    wrap(expert, "moe.expert")
+            else:  # a full layer's stack: each expert's FFN (loop, per-sentence path) and the padded bmm
+                wrap(module.experts, "moe.expert", "_run_ffn")
+                wrap(module.experts, "moe.expert", "padded_bmm")
     for gate in model.encoder.moe_router.gates.values():
         wrap(gate, "moe.router")
     probe = argparse.Namespace(encoder_moe_freq=shape["moe_freq"], decoder_moe_freq=shape["moe_freq"])
@@ -52,8 +56,8 @@ def instrument(model: nn.Module, shape: dict):
                 wrap(layer.fc2, "ffn.dense")
 
     def undo():
-        for module in wrapped:
-            del module.forward
+        for module, method in wrapped:
+            delattr(module, method)
 
     return undo
 
