@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import io
+import logging
 import os
 import re
 import subprocess
@@ -36,21 +37,6 @@ def run(command, check=True, stdin=None, timeout=600):
     result = subprocess.run(
         command, env=ENV, capture_output=True, text=True, input=stdin, timeout=timeout, cwd=REPO
     )
-    if check and result.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(command)}\nexit {result.returncode}\n--- stderr (tail)\n{result.stderr[-4000:]}"
-        )
-    return result
-
-
-def run_warm(command, check=True, stdin=None, timeout=600, env=ENV):
-    """``run``, but the process is forked from an interpreter that has already imported torch and
-    fairseq (tests/forked_cli.py): the same command, entry point, exit status and output, without
-    seconds of imports per process. Tests of what a cold start prints (import-time output, the
-    one real-process test per tool) use ``run``."""
-    from forked_cli import run_forked
-
-    result = run_forked(command, env, REPO, stdin, timeout)
     if check and result.returncode != 0:
         raise AssertionError(
             f"{' '.join(command)}\nexit {result.returncode}\n--- stderr (tail)\n{result.stderr[-4000:]}"
@@ -92,49 +78,108 @@ def _cached_override_parsing():
         OverridesParser.parse_rule = original
 
 
-def run_in_process(command, stdin=None):
-    """``fairseq-generate`` / ``fairseq-interactive`` through the tool's own parser and ``main``
-    in this process: the same code as the command, without a fresh interpreter and its seconds
-    of imports. Returns the command's ``stdout`` (``stdin`` feeds fairseq-interactive). Each tool
-    keeps one real-process test (test_cli_end_to_end, test_extract, test_bad_input)."""
-    from fairseq import options
-    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from fairseq_cli import generate, interactive
+# fairseq's commands: the console script's entry point, and where the command's log goes (fairseq-train
+# configures logging to stdout before it imports fairseq; fairseq-generate and -interactive get
+# the stderr logging that importing fairseq sets up)
+FAIRSEQ_COMMANDS = {
+    "fairseq-train": ("fairseq_cli.train", "stdout"),
+    "fairseq-generate": ("fairseq_cli.generate", "stderr"),
+    "fairseq-interactive": ("fairseq_cli.interactive", "stderr"),
+}
+LOG_FORMAT = logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
 
-    tool, args = command[0], command[1:]
-    module, parser = {
-        "fairseq-generate": (generate, options.get_generation_parser),
-        "fairseq-interactive": (interactive, options.get_interactive_generation_parser),
-    }[tool]
-    with _cached_override_parsing():
-        cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(parser(), args))
-    out, saved_stdin = io.StringIO(), sys.stdin
-    sys.stdin = io.StringIO(stdin or "")  # fairseq-interactive reads "-" through fileinput
+
+@contextlib.contextmanager
+def _logging_to(stream):
+    """The root logger at INFO with fairseq's format, written to ``stream``, for the command's run
+    (then as before): what a fresh interpreter's fairseq command logs."""
+    root, handler = logging.getLogger(), logging.StreamHandler(stream)
+    handler.setFormatter(LOG_FORMAT)
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
     try:
-        with contextlib.redirect_stdout(out):
-            module.main(cfg)
+        yield
     finally:
-        sys.stdin = saved_stdin
-    return SimpleNamespace(stdout=out.getvalue(), stderr="", returncode=0)
+        root.removeHandler(handler)
+        root.setLevel(level)
 
 
-def run_main(module, *args, check=True):
-    """One of our commands (``python -m <module> ARGS``) through its ``main`` in this process, with
-    its exit status and what it printed (the exit status and the one-line error come from
-    ``errors.run_cli``, as in a real process). Each command keeps a real-process test too: only a
-    real process shows that nothing else reaches stderr."""
+@contextlib.contextmanager
+def _environment(env):
+    """``os.environ`` with the variables of ``env`` that differ from it (e.g.
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``, which torch reads when it loads), for the command's run."""
+    changed = {key: value for key, value in (env or {}).items() if os.environ.get(key) != value}
+    saved = {key: os.environ.get(key) for key in changed}
+    os.environ.update(changed)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run_in_process(command, check=True, stdin=None, env=None):
+    """``command`` in this process, as fairseq's own tests run its commands (tests/utils.py there:
+    ``train_translation_model``, ``generate_main``): ``fairseq-train``, ``fairseq-generate`` and
+    ``fairseq-interactive`` through the console script's ``cli_main``, ``python -m MODULE ARGS``
+    through what ``python -m`` runs (``runpy.run_module``), with ``sys.argv`` set. Returns
+    ``returncode``, ``stdout``, ``stderr`` as :func:`run` does: ``stdin`` is the command's standard
+    input, fairseq's log goes where the real command writes it, ``SystemExit`` gives the status
+    (argparse's usage errors: 2; our commands' one-line errors: 2), an uncaught exception goes
+    through ``sys.excepthook`` (the plugin's one line for fairseq's commands) with status 1.
+    ``env``: variables set for the run. Not thread-safe (it redirects ``sys.stdout``). Each
+    command keeps a real-process smoke test (:func:`run`)."""
     import importlib
+    import runpy
+    import warnings
+
+    if command[0] == sys.executable and command[1] == "-m":
+        def entry_point():
+            with warnings.catch_warnings():  # (runpy warns that the module was imported already: it runs a fresh copy, as python -m does)
+                warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+                runpy.run_module(command[2], run_name="__main__", alter_sys=True)
+
+        argv, log_stream = command[2:], None
+    elif command[0] in FAIRSEQ_COMMANDS:
+        module, log_stream = FAIRSEQ_COMMANDS[command[0]]
+        entry_point, argv = importlib.import_module(module).cli_main, list(command)
+    else:
+        raise ValueError(f"not a command run in-process: {command[0]} (use run for a real process)")
 
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = importlib.import_module(module).main(list(args)) or 0
-        except SystemExit as exit:  # argparse's own usage errors
-            code = exit.code if isinstance(exit.code, int) else 2
+    logs = contextlib.nullcontext() if log_stream is None else _logging_to(out if log_stream == "stdout" else err)
+    saved = sys.argv, sys.stdin
+    sys.argv, sys.stdin = argv, io.StringIO(stdin or "")  # fairseq-interactive reads "-" through fileinput
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _environment(env), logs, \
+                _cached_override_parsing():
+            try:
+                entry_point()
+            except SystemExit as exit:  # argparse's usage errors, sys.exit(n) or sys.exit(message)
+                if exit.code is None or isinstance(exit.code, int):
+                    code = exit.code or 0
+                else:
+                    print(exit.code, file=sys.stderr)
+                    code = 1
+            except Exception:  # what the interpreter does with an uncaught exception: the excepthook, status 1
+                code = 1
+                sys.excepthook(*sys.exc_info())
+    finally:
+        sys.argv, sys.stdin = saved
     result = SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
     if check and code != 0:
-        raise AssertionError(f"{module} {' '.join(args)}\nexit {code}\n--- stderr\n{result.stderr[-4000:]}")
+        raise AssertionError(f"{' '.join(command)}\nexit {code}\n--- stderr (tail)\n{result.stderr[-4000:]}")
     return result
+
+
+def run_main(module, *args, check=True, stdin=None):
+    """``python -m <module> ARGS`` in this process (:func:`run_in_process`)."""
+    return run_in_process(python_module(module, *args), check=check, stdin=stdin)
 
 
 def make_raw_fixture(out_dir):
@@ -238,9 +283,9 @@ def assert_same_metrics(ep_metrics, ddp_metrics):
 
 
 def train_in_process(command):
-    """``fairseq-train`` (``command`` as for ``train_command``) through its parser and ``main`` in
-    this process, as fairseq's own tests run it; errors propagate as exceptions (the plugin's
-    excepthook turns a TaskMoeError into the command's one line, see test_bad_input)."""
+    """``fairseq-train`` (``command`` as for ``train_command``) through its ``main`` in this process,
+    as fairseq's own tests run it; errors propagate as exceptions (the plugin's excepthook turns a
+    TaskMoeError into the command's one line: :func:`run_in_process`)."""
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq_cli import train

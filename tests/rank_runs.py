@@ -1,6 +1,5 @@
-"""Multi-rank ``fairseq-train`` runs for the distributed tests: the two ways to start CPU ranks
-(the plugin's launcher and torchrun), issue #10's equivalence layout, and runs built once per
-test run.
+"""Multi-rank ``fairseq-train`` runs for the distributed tests: torchrun starting CPU ranks (real
+processes), issue #10's equivalence layout, and runs built once per test run.
 
 The equivalence layout gives 1, 2 and 4 ranks the same global batch: one process with
 ``--update-freq 4`` takes batches 0-3 for update 1, 4-7 for update 2, ...; 2 ranks with
@@ -13,9 +12,8 @@ gate's second expert is taken whole (``all``) instead of sampled.
 import os
 import sys
 
-from cli_helpers import python_module, run_warm, train_metrics, train_command
+from cli_helpers import run, run_in_process, train_metrics, train_command
 from conftest import _read_log, _save_log, build_once
-from taskmoe_fairseq.cpu_data_parallel import free_port
 
 GLOBAL_BATCHES = 4  # micro-batches per update, over all ranks
 # 500 tokens per micro-batch: 156 batches (39 updates of 4) per epoch of the fixture, so 20 updates stay in epoch 1
@@ -30,29 +28,25 @@ def layout_args(data_dir, save_dir, routing, max_update, ranks, extra=()):
     return train_command(data_dir, save_dir, *routing, max_update, options)[1:]
 
 
-def launcher(nprocs, train_args, ddp_backend=None):
-    """``python -m taskmoe_fairseq.cpu_data_parallel --nprocs N [--ddp-backend B] -- ARGS``."""
-    backend = ("--ddp-backend", ddp_backend) if ddp_backend else ()
-    return python_module("taskmoe_fairseq.cpu_data_parallel", "--nprocs", str(nprocs), *backend, "--", *train_args)
-
-
 def torchrun(nprocs, train_args, ddp_backend="pytorch_ddp"):
-    """How fairseq users launch: torchrun starts the ranks, fairseq reads its environment (``env://``)."""
+    """How fairseq users launch (README, docs/scale-out.md): ``torchrun --standalone
+    --nproc_per_node N -m fairseq_cli.train ARGS --distributed-backend gloo --ddp-backend B``
+    (``python -m torch.distributed.run`` is torchrun); torchrun starts the ranks as new processes
+    on a free local port, fairseq reads its environment (``env://``)."""
     return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nprocs),
         "-m", "fairseq_cli.train", *train_args, "--distributed-backend", "gloo", "--ddp-backend", ddp_backend,
     ]
 
 
 def shared_runs(shared_root, name, commands):
     """Run the commands ``commands(folder)`` returns, in turn, once per test run (the pytest-xdist
-    workers share the result: conftest's ``build_once``). Returns the folder and one result per
-    command (``.stdout``, ``.stderr``)."""
+    workers share the result: conftest's ``build_once``): ``fairseq-train`` in this process,
+    torchrun as real processes. Returns the folder and one result per command (``.stdout``, ``.stderr``)."""
 
     def build(folder):
         for index, command in enumerate(commands(folder)):
-            _save_log(folder, str(index), run_warm(command))
+            _save_log(folder, str(index), run_in_process(command) if command[0] == "fairseq-train" else run(command))
 
     folder = build_once(os.path.join(shared_root, name), build)
     count = len([entry for entry in os.listdir(folder) if entry.endswith(".stdout")])
@@ -75,8 +69,7 @@ def log_of(result):
 
 
 def assert_ranks(log, nprocs, backend, init_method):
-    """Every rank joined (``init_method``: ``tcp://127.0.0.1:`` from the launcher, ``env://`` from
-    torchrun), under ``backend``, and resuming is fairseq's default: rank 0 reads the checkpoint
+    """Every rank joined (``init_method``: ``env://`` from torchrun), under ``backend``, and resuming is fairseq's default: rank 0 reads the checkpoint
     and broadcasts it (the plugin's sharded resume reads every rank's own shard instead)."""
     for rank in range(nprocs):
         assert f"distributed init (rank {rank}): {init_method}" in log, rank

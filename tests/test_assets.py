@@ -97,7 +97,7 @@ def test_hub_loads_from_the_moved_folder_with_fairseq_defaults(gone, trained, da
 def test_export_works_from_the_moved_folder_alone(gone, tmp_path):
     _, moved, lines, want = gone
     folder = str(tmp_path / "ct2-en-de")
-    result = run_main("taskmoe_fairseq.export.cli", "--checkpoint", os.path.join(moved, "en-de.pt"), "--lang-pair", "en-de",
+    result = run_main("taskmoe_fairseq.export", "--checkpoint", os.path.join(moved, "en-de.pt"), "--lang-pair", "en-de",
                       "--format", "ctranslate2", "--output-dir", folder, check=False)
     assert result.returncode == 0, result.stderr
     translator = translate.load_translator(folder, "en-de")

@@ -1,9 +1,9 @@
 """Bad input stops with one line that names the problem and the fix; never a traceback,
 never a half-written file.
 
-Every command-line case runs as a real process; one per tool starts a fresh interpreter
-(fairseq-train: the unknown routing name; extract: the unknown pair), the others are forked
-from one that has imported torch and fairseq already (``cli_helpers.run_warm``)."""
+One case runs as a real process (fairseq-train: the unknown routing name; each command has its own
+real-process smoke test elsewhere); the others run the command's entry point in this process
+(``cli_helpers.run_in_process``: the same exit status and stderr, the excepthook's one line included)."""
 
 import decimal
 import os
@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from cli_helpers import generate_command, mask_times, python_module, run, run_warm, train_command
+from cli_helpers import generate_command, python_module, run, run_in_process, train_command
 from taskmoe_fairseq import extract
 from taskmoe_fairseq.safe_loading import safe_torch_load
 
@@ -47,42 +47,40 @@ def test_unknown_routing_name(train):
     command = with_option(train, "--decoder-moe-routing", "by-magic")
     result = run(command, check=False)
     assert_one_line_error(result, "--decoder-moe-routing: invalid choice: 'by-magic'")
-    forked = run_warm(command, check=False)  # what the forked cases below rely on: the same status and output
-    assert (forked.returncode, forked.stderr) == (result.returncode, result.stderr)
-    # fairseq-train configures logging (its format, stdout) before importing fairseq, which logs a
-    # line while imported: the fork server, which has imported fairseq already, replays it there
-    assert mask_times(forked.stdout) == mask_times(result.stdout)
+    in_process = run_in_process(command, check=False)  # what the in-process cases below rely on: the same status and stderr
+    assert (in_process.returncode, in_process.stderr) == (result.returncode, result.stderr)
+    # fairseq-train configures logging (its format, stdout) before importing fairseq, which logs a line while imported
     assert "| INFO | fairseq.tasks.text_to_speech | Please install tensorboardX" in result.stdout
 
 
 def test_task_routing_without_language_tags(train):
-    result = run_warm(without(train, "--encoder-langtok", flags=("--decoder-langtok",)), check=False)
+    result = run_in_process(without(train, "--encoder-langtok", flags=("--decoder-langtok",)), check=False)
     assert_one_line_error(result, "no target-language tag")
     assert "--encoder-langtok tgt" in result.stderr
 
 
 def test_top_k_greater_than_expert_count(train):
-    result = run_warm(with_option(with_option(train, "--moe-expert-count", "4"), "--moe-top-k", "6"), check=False)
+    result = run_in_process(with_option(with_option(train, "--moe-expert-count", "4"), "--moe-top-k", "6"), check=False)
     assert_one_line_error(result, "--moe-top-k 6 must be between 1 and --moe-expert-count (4)")
 
 
 def test_language_pair_using_a_language_outside_langs(train):
     command = list(train)
     command[command.index("--lang-pairs") + 1] = "en-de,en-ja"
-    assert_one_line_error(run_warm(command, check=False), "--lang-pairs uses ja, which --langs (en,de,fr,ru) lacks")
+    assert_one_line_error(run_in_process(command, check=False), "--lang-pairs uses ja, which --langs (en,de,fr,ru) lacks")
 
 
 def test_generate_for_a_pair_outside_the_languages_or_without_data(trained, data_dir):
     command = generate_command(data_dir, trained.get("token", "target"), "de-ja", beam=1)
-    assert_one_line_error(run_warm(command, check=False), "unknown language pair de-ja: the model knows en-de,de-en")
+    assert_one_line_error(run_in_process(command, check=False), "unknown language pair de-ja: the model knows en-de,de-en")
     command = generate_command(data_dir, trained.get("token", "target"), "de-fr", beam=1)
-    assert_one_line_error(run_warm(command, check=False), "de-fr is zero-shot: --lang-pairs has no test data for it")
+    assert_one_line_error(run_in_process(command, check=False), "de-fr is zero-shot: --lang-pairs has no test data for it")
 
 
 def test_generate_with_the_stock_task_on_a_task_routed_model(trained, data_dir):
     command = generate_command(data_dir, trained.get("token", "target"), "en-de", beam=1)
     command[command.index("multilingual_translation_taskmoe")] = "translation_multi_simple_epoch"
-    assert_one_line_error(run_warm(command, check=False), "run it with --task multilingual_translation_taskmoe")
+    assert_one_line_error(run_in_process(command, check=False), "run it with --task multilingual_translation_taskmoe")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "unsafe global"])
@@ -98,7 +96,7 @@ def test_checkpoint_that_fails_safe_loading(damage, trained, data_dir, tmp_path)
         state["extra_state"]["note"] = decimal.Decimal("1.5")  # not on the allow-list
         torch.save(state, bad)
         expected = "refused by torch's safe loader"
-    assert_one_line_error(run_warm(generate_command(data_dir, bad, "en-de", beam=1), check=False), expected)
+    assert_one_line_error(run_in_process(generate_command(data_dir, bad, "en-de", beam=1), check=False), expected)
 
 
 # ---- python -m taskmoe_fairseq.extract ------------------------------------------------
@@ -186,8 +184,7 @@ def test_extract_refuses_an_already_extracted_checkpoint(capsys, trained, tmp_pa
 
 
 def test_extract_cli_prints_one_line_without_traceback(trained):
-    # forked (test_forked_cli: extract's one-line error is the same as from a fresh interpreter)
-    result = run_warm(python_module("taskmoe_fairseq.extract", "--checkpoint", trained.get("token", "target"), "--lang-pair", "xx-yy", "--report-only"), check=False)
+    result = run_in_process(python_module("taskmoe_fairseq.extract", "--checkpoint", trained.get("token", "target"), "--lang-pair", "xx-yy", "--report-only"), check=False)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("taskmoe_fairseq.extract: error: unknown language pair xx-yy")
     assert "Traceback" not in result.stderr
@@ -239,7 +236,7 @@ def test_an_extracted_checkpoint_asked_for_another_pair_stops_with_one_line(tool
     if tool == "fairseq-interactive":
         command = ["fairseq-interactive", *command[1:command.index("--gen-subset")], "--cpu"]
         stdin = "▁hallo\n"
-    result = run_warm(command, check=False, stdin=stdin)
+    result = run_in_process(command, check=False, stdin=stdin)
     assert_one_line_error(result, "is the en-de sub-network; it cannot translate de-en")
     assert "H-" not in result.stdout
 
@@ -253,7 +250,7 @@ def test_usage_errors_are_exceptions_a_server_can_catch():
 def test_the_task_with_fairseqs_transformer_is_one_line(train):
     """fairseq's ``transformer`` takes no language ids: was a TypeError on the first batch (issue 28)."""
     command = with_option(without(train, "--encoder-moe-routing", "--decoder-moe-routing"), "--arch", "transformer")
-    result = run_warm(command, check=False)
+    result = run_in_process(command, check=False)
     assert_one_line_error(result, "taskmoe-fairseq: error: --arch transformer takes no language ids, which every batch "
                                   "of --task multilingual_translation_taskmoe carries: use --arch taskmoe_transformer")
     assert result.returncode == 1 and not os.path.exists(train[train.index("--save-dir") + 1] + "/checkpoint_last.pt")

@@ -20,24 +20,15 @@ ENVIRONMENT = {"command", "date", "cpu", "cores", "torch_threads", "python", "to
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     """The measuring scripts' and the report's ``main`` in this process (one import of torch and
-    fairseq). The memory script's one process per model runs its real ``--child`` command, forked
-    from the tests' fork server instead of a fresh interpreter (tests/forked_cli.py): the record's
-    layout is what is checked here, not the memory figures a fresh interpreter gives."""
+    fairseq); the memory script starts its real ``--child`` process per model."""
     import importlib
-
-    from cli_helpers import run_warm
-
-    def forked(command, env):
-        result = run_warm(command, check=False)
-        return result.returncode, result.stdout, result.stderr
 
     tmp_path = tmp_path_factory.mktemp("bench")
     paths = {}
     for kind, script in SCRIPTS.items():
         paths[kind] = str(tmp_path / f"{kind}.json")
         module = importlib.import_module(script[:-3])
-        options = {"run_command": forked} if kind == "memory" else {}
-        assert module.main(["--quick", "--tiny", "--experts", "4", "--out", paths[kind]], **options) == 0
+        assert module.main(["--quick", "--tiny", "--experts", "4", "--out", paths[kind]]) == 0
     out = tmp_path / "report"
     import report
 
@@ -99,9 +90,9 @@ def test_the_committed_records_render_to_the_committed_markdown(tmp_path):
     """docs/benchmarks/*.md are what report.py writes from the committed JSON records (no measuring)."""
     import report
 
-    single = [os.path.join(DOCS, name) for name in ("ct2_export.json", "ddp_backend_cost.json", "rank_start.json")]
+    single = [os.path.join(DOCS, name) for name in ("ct2_export.json", "ddp_backend_cost.json")]
     assert report.main([*single, "--out", str(tmp_path)]) == 0
-    for name in ("ct2_export.md", "ddp_backend_cost.md", "rank_start.md"):
+    for name in ("ct2_export.md", "ddp_backend_cost.md"):
         assert (tmp_path / name).read_text() == open(os.path.join(DOCS, name)).read(), name
     serving = [f"docs/benchmarks/{kind}.json" for kind in SCRIPTS]
     command = "python benchmarks/report.py " + " ".join(serving) + " --out docs/benchmarks"

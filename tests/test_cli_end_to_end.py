@@ -6,9 +6,8 @@ import json
 import os
 import shutil
 import re
-from concurrent.futures import ThreadPoolExecutor
 
-from cli_helpers import LANG_PAIRS, TEST_LINES, generate_command, parse_generation, run, run_warm, train_command
+from cli_helpers import LANG_PAIRS, TEST_LINES, generate_command, parse_generation, run, run_in_process, train_command
 from taskmoe_fairseq.safe_loading import safe_torch_load
 
 
@@ -68,11 +67,10 @@ def test_resume_continues_from_the_checkpoint(trained, data_dir, tmp_path):
 def test_generate_translates_from_the_full_checkpoint(trained, data_dir):
     checkpoint = trained.get("token", "target")
     pairs = ["en-ru", "de-en"]  # one into, one out of English (every pair's routing: test_extraction.py)
-    # side by side: en-ru as a user runs it (a fresh interpreter, fairseq's default data-loader
-    # worker), de-en forked from an interpreter that has imported torch and fairseq (run_warm)
+    # en-ru as a user runs it (a real process, fairseq's default data-loader worker: the
+    # command's smoke test), de-en through fairseq-generate's cli_main in this process
     fresh = generate_command(data_dir, checkpoint, pairs[0], beam=2, loader=())
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda job: job[0](job[1]), [(run, fresh), (run_warm, generate_command(data_dir, checkpoint, pairs[1], beam=2))]))
+    results = [run(fresh), run_in_process(generate_command(data_dir, checkpoint, pairs[1], beam=2))]
     for pair, result in zip(pairs, results):
         hypotheses = parse_generation(result.stdout)
         assert len(hypotheses) == TEST_LINES, pair

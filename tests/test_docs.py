@@ -301,10 +301,6 @@ def parse_problem(tool, args):
             if tool in FAIRSEQ_TOOLS:
                 _fairseq_parse(tool, args)
             elif tool.startswith("taskmoe_fairseq."):
-                if "--" in args and tool == "taskmoe_fairseq.cpu_data_parallel":
-                    own, train = args[:args.index("--")], args[args.index("--") + 1:]
-                    _plugin_parser(tool)(own)
-                    return parse_problem("fairseq-train", train)
                 if "@PLACEHOLDER@" in args:
                     return f"{tool} has a placeholder among its own options"
                 _plugin_parser(tool)(args)

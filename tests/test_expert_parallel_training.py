@@ -3,10 +3,12 @@
 * 2 ranks, P = 2, ``no_c10d``, against the session's 2-rank data-parallel run (``ddp_checkpoint``:
   token/target, E = 4, ``legacy_ddp``, the same class under its other name; 6 updates then
   resumed to 12, same data, seed and options): same losses, sharded checkpoints that resume,
-  consolidate, generate and extract; ``pytorch_ddp`` through torchrun for 3 updates.
-* 4 ranks, P = 2 (two data-parallel replicas of two expert shards), ``pytorch_ddp`` with
-  the launcher: train, sharded resume, and the loss curve of one process holding every expert
-  (no_c10d's 4-rank run is in test_expert_parallel_equivalence).
+  consolidate, generate and extract; ``pytorch_ddp`` for 3 updates.
+* 4 ranks, P = 2 (two data-parallel replicas of two expert shards), ``pytorch_ddp``: train,
+  sharded resume, and the loss curve of one process holding every expert (no_c10d's 4-rank run
+  is in test_expert_parallel_equivalence).
+
+Every multi-rank run is a torchrun launch of real processes (``rank_runs.torchrun``).
 """
 
 import os
@@ -15,16 +17,16 @@ import re
 import pytest
 import torch
 
-from cli_helpers import TEST_LINES, assert_same_metrics, generate_command, parse_generation, python_module, run_warm, train_command, train_metrics
+from cli_helpers import TEST_LINES, assert_same_metrics, generate_command, parse_generation, python_module, run, run_in_process, train_command, train_metrics
 from conftest import DDP_EXTRA
-from rank_runs import assert_ranks, launcher, layout_args, log_of, one_process_curve, shared_runs, torchrun
+from rank_runs import assert_ranks, layout_args, log_of, one_process_curve, shared_runs, torchrun
 from taskmoe_fairseq.safe_loading import safe_torch_load
 from taskmoe_fairseq.expert_parallel.sharded_checkpoint import read_meta
 
 
 def ep_command(data_dir, save_dir, max_update):
     command = train_command(data_dir, save_dir, "token", "target", max_update, DDP_EXTRA)[1:]
-    return launcher(2, [*command, "--moe-expert-parallel-size", "2"], "no_c10d")
+    return torchrun(2, [*command, "--moe-expert-parallel-size", "2"], "no_c10d")
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,7 @@ def test_expert_parallel_training_matches_data_parallel(ep_run, ddp_checkpoint, 
     assert abs(valid_loss(consolidated[0], data_dir) - valid_loss(ddp_full, data_dir)) < 1e-5
     # the experts really were split: each rank holds half of them (fairseq counts them apart)
     log = log_of(ep_logs[0])
-    assert_ranks(log, 2, "no_c10d", "tcp://127.0.0.1:")
+    assert_ranks(log, 2, "no_c10d", "env://")
     assert "expert parallelism: 8 expert parameters are left out of DDP" in log
     assert re.search(r"num\. expert model params: \d+", log)
 
@@ -106,17 +108,18 @@ def test_consolidated_checkpoint_generates(consolidated, data_dir):
     state = safe_torch_load(checkpoint)
     assert state["cfg"]["model"].moe_expert_parallel_size == 1
     assert state["model"]["decoder.layers.1.moe.experts.fc1_weight"].size(0) == 4  # every expert, stacked
-    hypotheses = parse_generation(run_warm(generate_command(data_dir, checkpoint, "en-de", beam=2)).stdout)
+    hypotheses = parse_generation(run_in_process(generate_command(data_dir, checkpoint, "en-de", beam=2)).stdout)
     assert len(hypotheses) == TEST_LINES
 
 
+@pytest.mark.slow
 def test_pytorch_ddp_through_torchrun(ddp_checkpoint, data_dir, tmp_path):
     """fairseq's default backend, launched by torchrun: the expert parameters are left out of
     torch's DistributedDataParallel (neither broadcast nor all-reduced), and the first 3 updates
     match the data-parallel run (every expert of this model gets tokens in each of them, so
     legacy_ddp's zero gradients and pytorch_ddp's missing ones do not differ)."""
     command = train_command(data_dir, str(tmp_path / "ckpt"), "token", "target", 3, DDP_EXTRA)[1:]
-    result = run_warm(torchrun(2, [*command, "--moe-expert-parallel-size", "2", "--no-save"]))
+    result = run(torchrun(2, [*command, "--moe-expert-parallel-size", "2", "--no-save"]))
     log = log_of(result)
     assert_ranks(log, 2, "pytorch_ddp", "env://")
     assert "expert parallelism: 8 expert parameters are left out of DDP" in log
@@ -124,7 +127,7 @@ def test_pytorch_ddp_through_torchrun(ddp_checkpoint, data_dir, tmp_path):
 
 
 def extract(*args):
-    return run_warm(python_module("taskmoe_fairseq.extract", *args))
+    return run_in_process(python_module("taskmoe_fairseq.extract", *args))
 
 
 def test_extraction_from_the_shards_equals_extraction_from_the_consolidated_file(ep_run, consolidated, data_dir, tmp_path):
@@ -138,7 +141,7 @@ def test_extraction_from_the_shards_equals_extraction_from_the_consolidated_file
     assert "read expert shards [0, 1]" in result.stderr
     a, b = safe_torch_load(from_shards)["model"], safe_torch_load(from_full)["model"]
     assert sorted(a) == sorted(b) and all(torch.equal(a[key], b[key]) for key in a)
-    hypotheses = parse_generation(run_warm(generate_command(data_dir, from_shards, "de-en", beam=2)).stdout)
+    hypotheses = parse_generation(run_in_process(generate_command(data_dir, from_shards, "de-en", beam=2)).stdout)
     assert len(hypotheses) == TEST_LINES
 
 
@@ -161,20 +164,20 @@ def test_single_process_run_on_an_expert_parallel_save_dir_is_refused(ep_run, da
     """Without --moe-expert-parallel-size, fairseq would look for checkpoint_last.pt, find none and
     silently start afresh beside the shards: one line instead."""
     command = train_command(data_dir, ep_run[0], "token", "target", 14)
-    result = run_warm(command, check=False)
+    result = run_in_process(command, check=False)
     assert result.returncode != 0
     assert ("holds an expert-parallel checkpoint (checkpoint_last-shared.pt, P = 2) and no checkpoint_last.pt: "
             "resume with --moe-expert-parallel-size 2") in result.stderr
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["pytorch_ddp"])
 def test_four_ranks_with_two_expert_shards_train_and_resume(backend, data_dir, shared_root, tmp_path):
     """P = 2 on 4 ranks: ranks {0, 1} and {2, 3} are two expert-parallel groups, each holding the
     E = 8 experts as two shards of 4; ranks {0, 2} and {1, 3} are each shard's replicas (its
     gradients summed over them); the shared parameters go through the backend over all 4 ranks.
-    The plugin's launcher starts the ranks (torchrun's env:// start keeps its 2-rank expert-parallel
-    run above and test_distributed's 4-rank resume). (no_c10d, one class with
+    (no_c10d, one class with
     legacy_ddp, ran here too until its 4-rank run moved into test_expert_parallel_equivalence,
     P = 4 target/target: the same class over 4 ranks, held to one process for 20 updates, at no
     extra cost to the suite.) 3 updates, then resumed
@@ -188,11 +191,11 @@ def test_four_ranks_with_two_expert_shards_train_and_resume(backend, data_dir, s
 
     def start(max_update):
         args = [*layout_args(data_dir, save_dir, routing, max_update, 4), "--moe-expert-parallel-size", "2"]
-        return launcher(4, args, backend)
+        return torchrun(4, args, backend)
 
-    results = [run_warm(start(max_update)) for max_update in (3, 5)]
+    results = [run(start(max_update)) for max_update in (3, 5)]
     for result in results:
-        assert_ranks(log_of(result), 4, backend, "tcp://127.0.0.1:")
+        assert_ranks(log_of(result), 4, backend, "env://")
         # E = 8 over P = 2: 4 local experts in each of the 2 MoE layers, stacked in 4 tensors
         assert "expert parallelism: 8 expert parameters are left out of DDP" in log_of(result)
     assert re.search(r"Loaded checkpoint \S*checkpoint_last-rank-0\.pt \(epoch 1 @ 3 updates\)", log_of(results[1]))

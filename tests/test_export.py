@@ -85,7 +85,7 @@ def first_step_gap(translator, source, prefix, ours, theirs):
 def export(*args, check=True, real_process=False):
     if real_process:
         return run(python_module("taskmoe_fairseq.export", *args), check=check)
-    return run_main("taskmoe_fairseq.export.cli", *args, check=check)
+    return run_main("taskmoe_fairseq.export", *args, check=check)
 
 
 def generate_command(data, checkpoint, pair, beam):
@@ -275,7 +275,7 @@ def test_an_expert_parallel_file_is_refused_with_the_way_to_export_it(trained, t
     stem = str(tmp_path / "checkpoint_last")
     sharded_checkpoint.save_sharded(full["model"], full["cfg"]["model"], stem, 2)
     for path in (sharded_checkpoint.shared_path(stem), sharded_checkpoint.shard_path(stem, 1)):
-        result = run_main("taskmoe_fairseq.export.cli", "--checkpoint", path, "--lang-pair", "en-de",
+        result = run_main("taskmoe_fairseq.export", "--checkpoint", path, "--lang-pair", "en-de",
                           "--output-dir", str(tmp_path / "ct2"), check=False)
         assert result.returncode == 2 and result.stderr.splitlines() == [
             f"taskmoe_fairseq.export: error: {path} is one file of an expert-parallel checkpoint (its experts are in the "

@@ -1,8 +1,8 @@
 """python -m taskmoe_fairseq.extract through the real CLIs: the extracted checkpoints load in
 fairseq-generate / fairseq-interactive / --finetune-from-model and translate exactly as the full
 model (one smoke test per tool; every routing and dtype is covered in-process by
-test_extraction.py). extract and fairseq-interactive each start once in a fresh interpreter; the
-other command-line runs are forked from one that has imported torch and fairseq (cli_helpers.run_warm)."""
+test_extraction.py). extract and fairseq-interactive each start once as a real process; the
+other command-line runs call the command's entry point in this process (cli_helpers.run_in_process)."""
 
 import hashlib
 import json
@@ -20,7 +20,7 @@ from cli_helpers import (
     run,
     run_in_process,
     run_main,
-    run_warm,
+    run_in_process,
 )
 from taskmoe_fairseq.safe_loading import safe_torch_load
 
@@ -108,7 +108,7 @@ def test_interactive_on_extracted_checkpoint_matches_full_model(trained, data_di
                    "--path", checkpoint, "--beam", "4", "--max-len-b", "20", "--cpu"]
         return [line for line in run(command, stdin="\n".join(source_lines) + "\n").stdout.splitlines() if line.startswith("H-")]
 
-    full_hypotheses = interactive(full, run=run_warm)  # (forked: fairseq-interactive's fresh process is the next one)
+    full_hypotheses = interactive(full, run=run_in_process)  # (fairseq-interactive's real process is the next one)
     assert len(full_hypotheses) == 6
     extracted = interactive(str(tmp_path / "fr-en.pt"))
     assert [line.split("\t")[2] for line in extracted] == [line.split("\t")[2] for line in full_hypotheses]
@@ -124,7 +124,7 @@ def test_extracted_checkpoint_fine_tunes_with_finetune_from_model(trained, data_
                                    "--moe-extracted-lang-pair", "en-de"))
     command[command.index("--lang-pairs") + 1] = "en-de"
     command[command.index("--lr") + 1] = "0"  # two real updates that change nothing: the weights stay the loaded ones
-    run_warm(command)
+    run_in_process(command)
     loaded = safe_torch_load(str(tmp_path / "en-de.pt"))["model"]
     tuned = safe_torch_load(str(tmp_path / "ft" / "checkpoint_last.pt"))
     assert tuned["optimizer_history"][-1]["num_updates"] == 2

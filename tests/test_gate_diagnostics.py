@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from cli_helpers import run_warm
+from taskmoe_fairseq.errors import run_cli
 from taskmoe_fairseq.safe_loading import safe_torch_load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,12 +66,12 @@ def test_report_renders_every_checkpoint_and_the_change(series, tmp_path):
     assert f"set 1/{len(targets)} (de)" in text
 
 
-def test_a_checkpoint_without_task_gates_is_one_line(trained, tmp_path):
+def test_a_checkpoint_without_task_gates_is_one_line(trained, tmp_path, capsys):
     token_token = trained.get("token", "token", 1)
-    # a real process, forked from one that has imported torch and fairseq (tests/forked_cli.py)
-    result = run_warm([sys.executable, os.path.join(REPO, "examples", "measure_gates.py"), "--out",
-                       str(tmp_path / "x.json"), token_token], check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("measure_gates: error: ")
-    assert "has no task-routed MoE layer" in result.stderr and "Traceback" not in result.stderr
+    # the script's entry point (``sys.exit(run_cli("measure_gates", main))``) in this process
+    status = run_cli("measure_gates", measure_gates.main, ["--out", str(tmp_path / "x.json"), token_token])
+    stderr = capsys.readouterr().err
+    assert status == 2
+    assert stderr.strip().splitlines()[-1].startswith("measure_gates: error: ")
+    assert "has no task-routed MoE layer" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "x.json").exists()

@@ -1,14 +1,15 @@
 """A checkpoint's model is its language order and its MoE and size options: resuming
 (a checkpoint in --save-dir, --restore-file) and fine-tuning (--finetune-from-model) with another
 one stops with one line before anything is loaded or written (issue 28). fairseq-train runs
-in-process through its ``main`` (one real process checks the line and the exit status)."""
+in-process through its entry point (``cli_helpers.run_in_process``: the line and the exit status
+the excepthook gives; two torchrun ranks refuse together as real processes)."""
 
 import os
 import shutil
 
 import pytest
 
-from cli_helpers import LANGS, generate_command, run_in_process, run_main, run_warm, train_command, train_in_process
+from cli_helpers import LANGS, generate_command, run_in_process, run_main, train_command, train_in_process
 from taskmoe_fairseq.errors import TaskMoeError
 from taskmoe_fairseq.models import identity
 
@@ -111,7 +112,7 @@ def test_an_extracted_checkpoint_fine_tunes_only_as_extracted(trained, data_dir,
 
 def test_fairseq_train_prints_one_line(trained, data_dir, tmp_path):
     save_dir, extra = start_from("save-dir", trained.get("token", "target"), tmp_path)
-    result = run_warm(train_command(data_dir, save_dir, "token", "target", 13, (*extra, "--moe-expert-count", "8")), check=False)
+    result = run_in_process(train_command(data_dir, save_dir, "token", "target", 13, (*extra, "--moe-expert-count", "8")), check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == (
         f"taskmoe-fairseq: error: {save_dir}/checkpoint_last.pt was trained with --moe-expert-count 4 but this run has "
@@ -134,22 +135,32 @@ def test_an_expert_shard_is_checked_against_its_shared_file(tmp_path):
     check_checkpoint_fits(build_model(arch="taskmoe_transformer_tiny", seed=5)[0], stem + "-rank-1.pt")  # the same model
 
 
+def assert_one_line(result, message):
+    """The command stopped with the plugin's one line (``taskmoe-fairseq: error: ...``), no traceback."""
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("taskmoe-fairseq: error: ") and message in last, result.stderr[-3000:]
+
+
 def test_generation_refuses_another_language_order(trained, data_dir):
     """fairseq-generate builds the model from the checkpoint's config; the task's --langs must match it."""
     command = with_langs(generate_command(data_dir, trained.get("token", "target"), "en-de", beam=1), REORDERED)
-    with pytest.raises(TaskMoeError, match=f"the model was trained with --langs {LANGS} but this run has --langs {REORDERED}"):
-        run_in_process(command)
+    assert_one_line(run_in_process(command, check=False),
+                    f"the model was trained with --langs {LANGS} but this run has --langs {REORDERED}")
 
 
+@pytest.mark.slow
 def test_data_parallel_ranks_refuse_together(ddp_checkpoint, data_dir, tmp_path):
     """Every rank reads the checkpoint's config and stops before any collective: no rank is left
-    waiting (the 2-rank launcher, resuming the 2-rank run's checkpoint with other options)."""
-    from rank_runs import launcher
+    waiting (2 ranks started by torchrun, resuming the 2-rank run's checkpoint with other options)."""
+    from cli_helpers import run
+    from rank_runs import torchrun
 
     shutil.copyfile(ddp_checkpoint[0], tmp_path / "checkpoint_last.pt")
     args = train_command(data_dir, str(tmp_path), "token", "target", 14, ("--moe-expert-count", "8"))[1:]
-    result = run_warm(launcher(2, args), check=False)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    result = run(torchrun(2, args, "legacy_ddp"), check=False)
+    # torchrun itself ends with its ChildFailedError traceback; the ranks (their lines prefixed [rankN]:) print one line each
+    assert result.returncode == 1 and "]: Traceback" not in result.stderr, result.stderr[-3000:]
     for rank in (0, 1):
         assert f"[rank{rank}]: taskmoe-fairseq: error: {tmp_path}/checkpoint_last.pt was trained with --moe-expert-count 4" in result.stderr
 
@@ -171,6 +182,5 @@ def test_another_language_tag_scheme_is_refused_on_resume_and_in_generation(trai
     assert snapshot(str(tmp_path)) == before
     fresh = str(tmp_path / "fresh")  # a checkpoint of today's code records its scheme for generation too
     train_in_process(train_command(data_dir, fresh, "token", "target", 1))
-    with pytest.raises(TaskMoeError, match="--encoder-langtok tgt --decoder-langtok but this run has --encoder-langtok src"):
-        run_in_process(with_encoder_langtok(generate_command(data_dir, os.path.join(fresh, "checkpoint_last.pt"), "en-de", 1),
-                                            "src"))
+    generate = with_encoder_langtok(generate_command(data_dir, os.path.join(fresh, "checkpoint_last.pt"), "en-de", 1), "src")
+    assert_one_line(run_in_process(generate, check=False), "--encoder-langtok tgt --decoder-langtok but this run has --encoder-langtok src")

@@ -155,7 +155,7 @@ def test_export_force_replaces_only_an_earlier_export(trained, data_dir, tmp_pat
     before = tree(tmp_path)
 
     def export(*args):
-        return run_main("taskmoe_fairseq.export.cli", "--checkpoint", str(work / "model.pt"), "--lang-pair", "en-de",
+        return run_main("taskmoe_fairseq.export", "--checkpoint", str(work / "model.pt"), "--lang-pair", "en-de",
                         *args, "--force", check=False)
 
     one_line(export("--output-dir", str(work)), "taskmoe_fairseq.export", f"holds the input {work / 'model.pt'} (--checkpoint)")

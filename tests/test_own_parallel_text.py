@@ -16,7 +16,7 @@ import tarfile
 
 import pytest
 
-from cli_helpers import BUNDLED, REPO, mask_times, run, run_main, run_warm
+from cli_helpers import BUNDLED, REPO, mask_times, run, run_main, run_in_process
 from taskmoe_fairseq import translate
 
 PAIRS = "de-fr,fr-de,de-en,en-de"
@@ -65,7 +65,7 @@ def test_own_pairs_from_raw_text_to_an_extracted_model(tmp_path):
     assert "--langs en,de,fr --lang-pairs de-fr,fr-de,de-en,en-de" in meta["fairseq_hint"]
 
     # 2. fairseq-train with the plugin, every direction of both pairs
-    train = run_warm([
+    train = run_in_process([
         "fairseq-train", data, "--user-dir", os.path.join(REPO, "taskmoe_fairseq"),
         "--task", "multilingual_translation_taskmoe", "--lang-pairs", PAIRS, "--langs", "en,de,fr",
         "--encoder-langtok", "tgt", "--decoder-langtok",

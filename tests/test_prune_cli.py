@@ -12,7 +12,7 @@ import re
 import pytest
 import sentencepiece
 
-from cli_helpers import REPO, NO_LOADER_WORKERS, TASK_ARGS, TEST_LINES, python_module, raw_lines, run, run_in_process, run_main, run_warm
+from cli_helpers import REPO, NO_LOADER_WORKERS, TASK_ARGS, TEST_LINES, python_module, raw_lines, run, run_in_process, run_main
 from taskmoe_fairseq import translate
 from taskmoe_fairseq.safe_loading import safe_torch_load
 from taskmoe_fairseq.serve.service import TranslationService
@@ -78,7 +78,7 @@ def test_dense_pruned_checkpoint_runs_in_fairseq_generate_translate_and_the_serv
     lines = raw_lines(data_dir, PAIR)
     translator = translate.load_translator(dense, PAIR)  # the dictionaries and spm.model extract put beside it
     assert translate.translate_lines(translator, lines, beam=1, max_len_b=MAX_LEN) == want
-    result = run_warm(python_module("taskmoe_fairseq.translate", "--model", dense, "--lang-pair", PAIR, "--beam", "1",
+    result = run_in_process(python_module("taskmoe_fairseq.translate", "--model", dense, "--lang-pair", PAIR, "--beam", "1",
                                     "--max-len-b", str(MAX_LEN)), stdin="\n".join(lines) + "\n")
     assert result.stdout.split("\n")[:-1] == want
 
@@ -89,7 +89,7 @@ def test_dense_pruned_checkpoint_runs_in_fairseq_generate_translate_and_the_serv
 
 def test_dense_pruned_checkpoint_exports_to_ctranslate2_saying_it_is_not_exact(dense, trained, data_dir, tmp_path):
     from_checkpoint, from_full = str(tmp_path / "ct2"), str(tmp_path / "ct2-full")
-    result = run_main("taskmoe_fairseq.export.cli", "--checkpoint", dense, "--format", "ctranslate2", "--output-dir", from_checkpoint)
+    result = run_main("taskmoe_fairseq.export", "--checkpoint", dense, "--format", "ctranslate2", "--output-dir", from_checkpoint)
     notes = [line for line in result.stderr.splitlines() if "not exact" in line]
     assert len(notes) == 1 and notes[0].startswith(f"{PAIR}: note: the export is not exact")
     with open(os.path.join(from_checkpoint, "taskmoe_export.json"), encoding="utf-8") as stream:
@@ -98,7 +98,7 @@ def test_dense_pruned_checkpoint_exports_to_ctranslate2_saying_it_is_not_exact(d
     assert [layer for layer in conventions["layers"] if "pruned" in json.dumps(layer)], conventions["layers"]
 
     # the same from the full checkpoint in one command
-    result = run_main("taskmoe_fairseq.export.cli", "--checkpoint", trained.get("token", "target"), "--lang-pair", PAIR,
+    result = run_main("taskmoe_fairseq.export", "--checkpoint", trained.get("token", "target"), "--lang-pair", PAIR,
                       "--output-dir", from_full, "--prune-token-experts", "1", "--data-dir", data_dir)
     assert "the export is not exact" in result.stderr
 
@@ -166,7 +166,7 @@ def test_export_pruning_requests_are_one_line(dense, trained, data_dir, tmp_path
     out = str(tmp_path / "ct2")
 
     def fails(needle, *args):
-        result = run_main("taskmoe_fairseq.export.cli", *args, "--output-dir", out, check=False)
+        result = run_main("taskmoe_fairseq.export", *args, "--output-dir", out, check=False)
         assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
         assert result.stderr.startswith("taskmoe_fairseq.export: error: ") and needle in result.stderr, result.stderr
         assert not os.path.exists(out)

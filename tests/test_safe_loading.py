@@ -6,12 +6,11 @@ import importlib
 import inspect
 import io
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from cli_helpers import ENV, TASK_ARGS, generate_command, run_warm, train_command
+from cli_helpers import ENV, TASK_ARGS, generate_command, run_in_process, train_command
 from taskmoe_fairseq.compat import distributed
 from taskmoe_fairseq.errors import usage_error
 
@@ -39,9 +38,9 @@ def code_carrying_checkpoint(tmp_path):
 
 
 def run_unsafe(command, stdin=None):
-    """A real process of ``command`` with the variable set (forked: cli_helpers.run_warm; torch and
+    """``command`` in this process with the variable set (cli_helpers.run_in_process; torch and
     the plugin read it when they load, not when they are imported)."""
-    return run_warm(command, check=False, stdin=stdin, env=UNSAFE_ENV)
+    return run_in_process(command, check=False, stdin=stdin, env=UNSAFE_ENV)
 
 
 def assert_refused(result, path, marker):
@@ -58,9 +57,7 @@ def test_generate_and_interactive_refuse_code_under_the_env_var(code_carrying_ch
     generate = generate_command(data_dir, path, "en-de", beam=1)
     interactive = ["fairseq-interactive", data_dir, *TASK_ARGS, "--source-lang", "en", "--target-lang", "de",
                    "--path", path, "--cpu"]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda args: run_unsafe(*args), [(generate,), (interactive, "hello\n")]))
-    for result in results:
+    for result in (run_unsafe(generate), run_unsafe(interactive, "hello\n")):
         assert_refused(result, path, marker)
 
 

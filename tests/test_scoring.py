@@ -9,7 +9,7 @@ import pytest
 import sacrebleu
 import sentencepiece
 
-from cli_helpers import REPO, generate_command, parse_generation, run_warm
+from cli_helpers import REPO, generate_command, parse_generation, run_in_process
 
 sys.path[:0] = [os.path.join(REPO, "examples")]
 import quickstart  # noqa: E402
@@ -41,7 +41,7 @@ def test_generate_results_file_gives_sentencepiece_decoded_hypotheses(data_dir, 
     checkpoint = trained.get("token", "target")
     results = str(tmp_path / "gen")
     command = generate_command(data_dir, checkpoint, "en-ru", beam=2)
-    result = run_warm(command + scoring.generate_args(os.path.join(data_dir, "spm.model"), results))
+    result = run_in_process(command + scoring.generate_args(os.path.join(data_dir, "spm.model"), results))
     with open(os.path.join(results, "generate-test.txt"), encoding="utf-8") as lines:
         pieces = parse_generation(lines.read())
     hypotheses = scoring.read_hypotheses(results, "test", expected=len(pieces))

@@ -40,7 +40,7 @@ import pytest
 import sentencepiece
 import torch
 
-from cli_helpers import ENV, LANG_PAIRS, NO_LOADER_WORKERS, REPO, TASK_ARGS, TEST_LINES, raw_lines, run_warm
+from cli_helpers import ENV, LANG_PAIRS, NO_LOADER_WORKERS, REPO, TASK_ARGS, TEST_LINES, raw_lines, run_in_process
 from taskmoe_fairseq import extract, translate
 from taskmoe_fairseq.errors import TaskMoeError
 from taskmoe_fairseq.serve import cli as serve_cli
@@ -253,7 +253,7 @@ def test_every_pair_translates_like_its_extracted_checkpoint(server, extracted_d
     assert len({tuple(texts) for texts in outputs.values()}) == len(LANG_PAIRS)  # each pair its own
     # one pair through the real fairseq-generate on its extracted checkpoint, same options
     source, target = "de", "en"
-    generate = run_warm(["fairseq-generate", data_dir, *TASK_ARGS, "--source-lang", source, "--target-lang", target,
+    generate = run_in_process(["fairseq-generate", data_dir, *TASK_ARGS, "--source-lang", source, "--target-lang", target,
                     "--path", os.path.join(extracted_dir, "de-en.pt"), "--gen-subset", "test", "--beam", str(BEAM),
                     "--max-len-a", "0", "--max-len-b", str(MAX_LEN), "--batch-size", "16", "--cpu", *NO_LOADER_WORKERS])
     pieces = {int(m.group(1)): m.group(2) for m in re.finditer(r"^H-(\d+)\t[^\t]*\t(.*)$", generate.stdout, re.M)}

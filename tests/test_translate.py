@@ -18,7 +18,7 @@ import re
 import pytest
 import sentencepiece
 
-from cli_helpers import NO_LOADER_WORKERS, TASK_ARGS, TEST_LINES, python_module, raw_lines, run, run_in_process, run_warm
+from cli_helpers import NO_LOADER_WORKERS, TASK_ARGS, TEST_LINES, python_module, raw_lines, run, run_in_process
 from taskmoe_fairseq import extract, translate
 from taskmoe_fairseq.errors import TaskMoeError
 from taskmoe_fairseq.export import cli as export_cli
@@ -64,7 +64,7 @@ def test_keeps_input_order_and_empty_lines(trained, data_dir, tmp_path):
     assert extract.main(["--checkpoint", full, "--lang-pair", "en-de", "--output", extracted]) == 0
     test = raw_lines(data_dir)
     lines = ["", test[0], " ".join(test[5:9]), "   ", test[1], test[0], "", "", *test[2:5], test[9], "", test[10], ""]
-    result = run_warm(translate_command("--model", extracted, "--lang-pair", "en-de", "--beam", "2", "--batch-size", "3",
+    result = run_in_process(translate_command("--model", extracted, "--lang-pair", "en-de", "--beam", "2", "--batch-size", "3",
                                    "--max-len-b", str(MAX_LEN)), stdin="\n".join(lines) + "\n")
     out = output_lines(result)
     assert len(out) == len(lines)
@@ -94,8 +94,8 @@ def generated(trained, data_dir):
                    "--buffer-size", "8", "--batch-size", "8", *same]
     ours = translate_command("--model", full, "--lang-pair", "en-de", "--beam", "4", "--max-len-b", str(MAX_LEN))
     text = "\n".join(lines) + "\n"
-    # ours in its own process (forked: cli_helpers.run_warm); fairseq's two tools through their own main here
-    results = [run_warm(ours, stdin=text, check=False), run_in_process(generate), run_in_process(interactive, stdin=text)]
+    # the three commands' entry points in this process (cli_helpers.run_in_process)
+    results = [run_in_process(ours, stdin=text, check=False), run_in_process(generate), run_in_process(interactive, stdin=text)]
     assert results[0].returncode == 0, results[0].stderr[-3000:]
     return lines, results
 
@@ -149,7 +149,7 @@ def test_ctranslate2_folder_translates_like_the_hub(ct2_export, data_dir):
     extracted, folder = ct2_export
     lines = raw_lines(data_dir)[:10]
     lines = [lines[0], "", *lines[1:6], "  ", *lines[6:]]
-    result = run_warm(translate_command("--model", folder, "--lang-pair", "en-de", "--beam", "1", "--max-len-b", str(MAX_LEN),
+    result = run_in_process(translate_command("--model", folder, "--lang-pair", "en-de", "--beam", "1", "--max-len-b", str(MAX_LEN),
                                    "--batch-size", "4"), stdin="\n".join(lines) + "\n")
     out = output_lines(result)
     want = hub_reference(extracted, data_dir, lines, beam=1)
@@ -257,7 +257,7 @@ def test_device_choice(trained, data_dir, ct2_export, capsys):
         status = translate.main(["--model", model, "--lang-pair", "en-de", "--device", "cpu", "--device-index", "1"])
         assert_one_line_error(status, capsys.readouterr().err, "--device-index 1 numbers CUDA devices")
     # the real command: the option parses and the model runs on the CPU
-    result = run_warm(translate_command("--model", folder, "--lang-pair", "en-de", "--beam", "1", "--max-len-b", str(MAX_LEN),
+    result = run_in_process(translate_command("--model", folder, "--lang-pair", "en-de", "--beam", "1", "--max-len-b", str(MAX_LEN),
                                         "--device", "cpu"), stdin="\n".join(lines) + "\n")
     assert output_lines(result) == want
 

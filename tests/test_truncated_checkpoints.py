@@ -12,7 +12,7 @@ import zipfile
 import pytest
 import torch
 
-from cli_helpers import TASK_ARGS, generate_command, python_module, run_main, run_warm, train_command
+from cli_helpers import TASK_ARGS, generate_command, python_module, run_main, run_in_process, train_command
 from taskmoe_fairseq import safe_loading
 from taskmoe_fairseq.expert_parallel import sharded_checkpoint
 from taskmoe_fairseq.errors import TaskMoeError
@@ -72,7 +72,7 @@ def test_extract_and_export_refuse_it_and_write_nothing(truncated, tmp_path):
     result = run_main("taskmoe_fairseq.extract", "--checkpoint", path, "--lang-pair", "en-de",
                       "--output", str(tmp_path / "en-de.pt"), check=False)
     assert result.returncode == 2 and result.stderr.startswith(f"taskmoe_fairseq.extract: error: {path}: {MESSAGE}")
-    result = run_main("taskmoe_fairseq.export.cli", "--checkpoint", path, "--lang-pair", "en-de",
+    result = run_main("taskmoe_fairseq.export", "--checkpoint", path, "--lang-pair", "en-de",
                       "--output-dir", str(tmp_path / "ct2"), check=False)
     assert result.returncode == 2 and result.stderr.startswith(f"taskmoe_fairseq.export: error: {path}: {MESSAGE}")
     assert os.listdir(tmp_path) == []
@@ -93,9 +93,9 @@ def test_translate_serve_and_the_hub_refuse_it(truncated, data_dir):
             load()
 
 
-def test_translate_is_one_line_in_a_real_process(truncated, data_dir):
+def test_translate_is_one_line_from_the_command(truncated, data_dir):
     _, path, _ = truncated
-    result = run_warm(python_module("taskmoe_fairseq.translate", "--model", path, "--lang-pair", "en-de",
+    result = run_in_process(python_module("taskmoe_fairseq.translate", "--model", path, "--lang-pair", "en-de",
                                      "--data-dir", data_dir), check=False, stdin="hello\n")
     assert result.returncode == 2
     assert_one_line(result, "taskmoe_fairseq.translate", path)
@@ -107,7 +107,7 @@ def test_fairseq_generate_interactive_and_train_refuse_it_in_one_line(truncated,
                    "--path", path, "--cpu"]
     train = train_command(data_dir, str(tmp_path / "ckpt"), "token", "target", 1) + ["--finetune-from-model", path]
     for command, stdin in ((generate_command(data_dir, path, "en-de", beam=1), None), (interactive, "hello\n"), (train, None)):
-        assert_one_line(run_warm(command, check=False, stdin=stdin), "taskmoe-fairseq", path)
+        assert_one_line(run_in_process(command, check=False, stdin=stdin), "taskmoe-fairseq", path)
 
 
 def test_a_received_checkpoint_is_checked_too(truncated):
@@ -170,6 +170,6 @@ def test_a_copy_damaged_in_place_is_refused_on_every_path(trained, data_dir, tmp
     for load in (lambda: load_translator(path, "en-de", data_dir=data_dir), lambda: SharedWeights(path, data_dir=data_dir)):
         with pytest.raises(TaskMoeError, match=f"^{path}: {CORRUPT}"):
             load()
-    result = run_warm(generate_command(data_dir, path, "en-de", beam=1), check=False)
+    result = run_in_process(generate_command(data_dir, path, "en-de", beam=1), check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert any(line.startswith(f"taskmoe-fairseq: error: {path}: {CORRUPT}") for line in result.stderr.splitlines())

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from cli_helpers import run_warm, train_command
+from cli_helpers import run_in_process, train_command
 from model_helpers import build_model, random_batch
 from taskmoe_fairseq.safe_loading import safe_torch_load
 from taskmoe_fairseq.errors import TaskMoeError
@@ -88,15 +88,15 @@ def test_fairseq_train_upcycles_through_finetune_from_model(data_dir, tmp_path):
     fairseq-train stops with the one line instead of fairseq's 'Cannot load model parameters'."""
     dense_dir, moe_dir = str(tmp_path / "dense"), str(tmp_path / "moe")
     dense = ("--encoder-moe-freq", "0", "--decoder-moe-freq", "0")
-    run_warm(train_command(data_dir, dense_dir, "token", "target", 3, dense))
+    run_in_process(train_command(data_dir, dense_dir, "token", "target", 3, dense))
     start = ("--finetune-from-model", os.path.join(dense_dir, "checkpoint_last.pt"))
-    refused = run_warm(train_command(data_dir, moe_dir, "token", "target", 2, start), check=False)
+    refused = run_in_process(train_command(data_dir, moe_dir, "token", "target", 2, start), check=False)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     assert refused.stderr.strip().splitlines()[-1] == (
         "taskmoe-fairseq: error: the checkpoint has a dense FFN where this model has experts (encoder.1, decoder.1): "
         "add --moe-upcycle to start every expert from it (sparse upcycling), or load it with --encoder-moe-freq 0 "
         "--decoder-moe-freq 0")
-    result = run_warm(train_command(data_dir, moe_dir, "token", "target", 2, (*start, "--moe-upcycle")))
+    result = run_in_process(train_command(data_dir, moe_dir, "token", "target", 2, (*start, "--moe-upcycle")))
     assert f"loading pretrained model from {start[1]}: optimizer, lr scheduler, meters, dataloader will be reset" in result.stdout
     state = safe_torch_load(os.path.join(moe_dir, "checkpoint_last.pt"))
     assert state["optimizer_history"][-1]["num_updates"] == 2  # counted from 0, not from the dense run's 3

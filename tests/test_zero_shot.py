@@ -1,12 +1,11 @@
 """Zero-shot pairs the routing defines: on a model trained on en<->xx only, de-fr has task ids
 under source/target routing (de was trained as a source, fr as a target), so it extracts and
-translates; under pair routing its gate never saw de-fr, so it stops with one line. (The commands
-run as real processes forked from an interpreter that has imported torch and fairseq already:
-cli_helpers.run_warm.)"""
+translates; under pair routing its gate never saw de-fr, so it stops with one line. (The commands'
+entry points run in this process: cli_helpers.run_in_process.)"""
 
 import os
 
-from cli_helpers import TASK_ARGS, python_module, run_warm
+from cli_helpers import TASK_ARGS, python_module, run_in_process
 
 SOURCE_LINES = ["▁Klicken ▁Sie ▁auf ▁OK .", "▁Die ▁Datei ▁wurde ▁gespeichert ."]
 
@@ -14,7 +13,7 @@ SOURCE_LINES = ["▁Klicken ▁Sie ▁auf ▁OK .", "▁Die ▁Datei ▁wurde �
 def interactive(data_dir, checkpoint, check=True):
     command = ["fairseq-interactive", data_dir, *TASK_ARGS, "--source-lang", "de", "--target-lang", "fr",
                "--path", checkpoint, "--beam", "4", "--max-len-b", "20", "--cpu"]
-    return run_warm(command, stdin="\n".join(SOURCE_LINES) + "\n", check=check)
+    return run_in_process(command, stdin="\n".join(SOURCE_LINES) + "\n", check=check)
 
 
 def hypotheses(result):
@@ -24,7 +23,7 @@ def hypotheses(result):
 def test_zero_shot_pair_extracts_and_translates_like_the_full_model(trained, data_dir, tmp_path):
     full = trained.get("token", "target")
     out = str(tmp_path / "de-fr.pt")
-    result = run_warm(python_module("taskmoe_fairseq.extract", "--checkpoint", full, "--lang-pair", "de-fr", "--output", out))
+    result = run_in_process(python_module("taskmoe_fairseq.extract", "--checkpoint", full, "--lang-pair", "de-fr", "--output", out))
     assert "de-fr is zero-shot" in result.stderr and os.path.exists(out)
     full_run = interactive(data_dir, full)
     assert "de-fr is zero-shot" in full_run.stderr
@@ -35,7 +34,7 @@ def test_zero_shot_pair_extracts_and_translates_like_the_full_model(trained, dat
 
 def test_pair_routing_refuses_a_zero_shot_pair_with_one_line(trained, data_dir, tmp_path):
     full = trained.get("pair", "pair", 2)
-    result = run_warm(python_module("taskmoe_fairseq.extract", "--checkpoint", full, "--lang-pair", "de-fr",
+    result = run_in_process(python_module("taskmoe_fairseq.extract", "--checkpoint", full, "--lang-pair", "de-fr",
                                "--output", str(tmp_path / "x.pt")), check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "route by language pair: their gate never saw de-fr" in result.stderr
