@@ -4,22 +4,18 @@
     PYTHONPATH=. python benchmarks/report.py docs/benchmarks/ddp_backend_cost.json --out docs/benchmarks
 
 DATA_BIN: a binarized corpus with en-de, en-fr, en-ru (e.g. the test fixture: the bundled slice
-through examples/data/binarize.py). Each round runs ``python -m taskmoe_fairseq.cpu_data_parallel
---nprocs 2 --ddp-backend B`` for every backend B, in turn, and reads words/s and updates/s from
+through examples/data/binarize.py). Each round runs ``torchrun --standalone --nproc_per_node 2 -m
+fairseq_cli.train ... --distributed-backend gloo --ddp-backend B`` for every backend B, in turn, and reads words/s and updates/s from
 fairseq's end-of-epoch ``train`` line (the whole training loop, without start-up). ``pytorch_ddp``
 is torch's DistributedDataParallel with ``find_unused_parameters=True`` (set by the plugin);
 ``legacy_ddp`` is fairseq's flat-buffer all-reduce of every gradient. Writes one JSON record
 (benchmarks/timing.py: command, hardware, date, versions, every round); ``report.py`` turns it
 into ``ddp_backend_cost.md``. A backend written ``B+epP`` (e.g.
 ``legacy_ddp+ep2``) is B with ``--moe-expert-parallel-size P``: expert parallelism against data
-parallelism on the same ranks (``--kind expert_parallel_speed`` names that record and its report).
-A suffix ``@exec`` or ``@fork`` chooses the launcher's ``--start-method`` (default ``fork``): the
-cost of starting every rank as a new fairseq-train process (``--kind rank_start``)::
+parallelism on the same ranks (``--kind expert_parallel_speed`` names that record and its report)::
 
     PYTHONPATH=. python benchmarks/measure_ddp_backend.py --data DATA_BIN --backends legacy_ddp,legacy_ddp+ep2 \
         --kind expert_parallel_speed --out docs/benchmarks/expert_parallel_speed.json
-    PYTHONPATH=. python benchmarks/measure_ddp_backend.py --data DATA_BIN --backends legacy_ddp@fork,legacy_ddp@exec \
-        --kind rank_start --updates 6 --arch taskmoe_transformer_tiny --experts 4 --out docs/benchmarks/rank_start.json
 
 """
 
@@ -57,12 +53,12 @@ def train_args(data, save_dir, updates, arch, experts):
 
 
 def run_once(backend, options):
-    backend, _, start_method = backend.partition("@")
     ddp_backend, _, parallel = backend.partition("+ep")
     with tempfile.TemporaryDirectory() as save_dir:
-        command = [sys.executable, "-m", "taskmoe_fairseq.cpu_data_parallel", "--nprocs", "2",
-                   "--ddp-backend", ddp_backend, "--start-method", start_method or "fork", "--",
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "fairseq_cli.train",
                    *train_args(options.data, save_dir, options.updates, options.arch, options.experts),
+                   "--cpu", "--distributed-backend", "gloo", "--ddp-backend", ddp_backend,
                    *(["--moe-expert-parallel-size", parallel] if parallel else [])]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, PYTHONWARNINGS="ignore")
         before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
@@ -87,9 +83,8 @@ def main(argv=None):
     parser.add_argument("--arch", default="taskmoe_transformer_small")
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--backends", default="legacy_ddp,pytorch_ddp",
-                        help="comma-separated, the first is the reference of the ratios; B+epP adds --moe-expert-parallel-size P, "
-                             "B@exec / B@fork the launcher's --start-method")
-    parser.add_argument("--kind", default="ddp_backend_cost", choices=("ddp_backend_cost", "expert_parallel_speed", "rank_start"),
+                        help="comma-separated, the first is the reference of the ratios; B+epP adds --moe-expert-parallel-size P")
+    parser.add_argument("--kind", default="ddp_backend_cost", choices=("ddp_backend_cost", "expert_parallel_speed"),
                         help="the record's kind: report.py writes <kind>.md from it")
     parser.add_argument("--note", action="append", default=[], help="a sentence for the report, e.g. what DATA is (repeatable)")
     options = parser.parse_args(argv)

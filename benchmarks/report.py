@@ -3,7 +3,7 @@
 * decoding, training, memory (measure_decoding/training/memory.py) -> serving_cost.md (tables,
   the bars as PASS/MISS, where the time goes) and serving_cost.png;
 * ct2_export (measure_ct2_export.py) -> ct2_export.md (report_ct2_export.py);
-* ddp_backend_cost / expert_parallel_speed / rank_start (measure_ddp_backend.py) -> <kind>.md (report_ddp_backend.py);
+* ddp_backend_cost / expert_parallel_speed (measure_ddp_backend.py) -> <kind>.md (report_ddp_backend.py);
 * sharded_extraction (measure_sharded_extraction.py) -> sharded_extraction.md (report_sharded_extraction.py);
 * gpu_check (gpu_check.py) -> gpu_check.md (report_gpu_check.py).
 
@@ -33,7 +33,7 @@ from taskmoe_fairseq.files import atomic_write_text  # noqa: E402  (models put t
 
 KINDS = ("decoding", "training", "memory")  # serving_cost.md
 SINGLE = {"ct2_export": report_ct2_export.markdown, "ddp_backend_cost": report_ddp_backend.markdown,
-          "expert_parallel_speed": report_ddp_backend.markdown, "rank_start": report_ddp_backend.markdown,
+          "expert_parallel_speed": report_ddp_backend.markdown,
           "sharded_extraction": report_sharded_extraction.markdown,
           "gpu_check": report_gpu_check.markdown}  # kind.md each
 

@@ -5,8 +5,7 @@ Nothing is measured here; ``report.py`` calls :func:`markdown`."""
 import statistics
 
 TITLES = {"ddp_backend_cost": "# DDP backend cost, 2 CPU ranks (gloo)",
-          "expert_parallel_speed": "# Expert parallelism vs data parallelism, 2 CPU ranks (gloo)",
-          "rank_start": "# Starting the ranks: forked after one import vs new processes, 2 CPU ranks (gloo)"}
+          "expert_parallel_speed": "# Expert parallelism vs data parallelism, 2 CPU ranks (gloo)"}
 SAME_CPU = 0.05  # CPU time within 5%: a slower backend waited rather than computed more
 
 
