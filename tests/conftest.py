@@ -1,3 +1,4 @@
+import logging
 import os
 import shutil
 import sys
@@ -28,6 +29,24 @@ def one_torch_thread():
     other (measured: 35x slower generation under load)."""
     yield
     torch.set_num_threads(1)
+
+
+LIBRARY_LOGGERS = ("fairseq", "fairseq_cli", "taskmoe_fairseq")
+
+
+@pytest.fixture(scope="session")
+def initial_logger_levels():
+    return {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
+
+
+@pytest.fixture(autouse=True)
+def logger_levels(initial_logger_levels):
+    """Put the library loggers' levels back after each test: a script run in-process may set them
+    (benchmarks/models.py sets fairseq's and the plugin's to WARNING when imported), and the
+    commands run in-process after it must log what a real process logs."""
+    yield
+    for name, level in initial_logger_levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 @pytest.fixture(scope="session")
