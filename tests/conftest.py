@@ -35,18 +35,23 @@ LIBRARY_LOGGERS = ("fairseq", "fairseq_cli", "taskmoe_fairseq")
 
 
 @pytest.fixture(scope="session")
-def initial_logger_levels():
-    return {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
+def initial_process_state():
+    """The library loggers' levels and ``sys.excepthook`` (the plugin's one-line hook) as the tests begin."""
+    return {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}, sys.excepthook
 
 
 @pytest.fixture(autouse=True)
-def logger_levels(initial_logger_levels):
-    """Put the library loggers' levels back after each test: a script run in-process may set them
-    (benchmarks/models.py sets fairseq's and the plugin's to WARNING when imported), and the
-    commands run in-process after it must log what a real process logs."""
+def process_state(initial_process_state):
+    """Put back after each test what code run in-process may change for good, so that the commands
+    run in-process after it (``cli_helpers.run_in_process``) log and fail as a real process does:
+    the library loggers' levels (benchmarks/models.py sets fairseq's and the plugin's to WARNING
+    when imported) and ``sys.excepthook`` (torch's ``init_process_group`` wraps it to prefix
+    ``[rankN]:``, and ``destroy_process_group`` leaves the wrapper)."""
     yield
-    for name, level in initial_logger_levels.items():
+    levels, excepthook = initial_process_state
+    for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
+    sys.excepthook = excepthook
 
 
 @pytest.fixture(scope="session")
