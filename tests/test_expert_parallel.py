@@ -81,7 +81,7 @@ def test_expert_parallel_groups_are_their_own_and_expert_gradients_reduce_in_one
      "--moe-expert-count 4 is not divisible by --moe-expert-parallel-size 3"),
     ({"moe_expert_parallel_size": 2, "encoder_layerdrop": 0.2}, "--encoder-layerdrop with --moe-expert-parallel-size"),
     ({"moe_expert_parallel_size": 2, "fp16": True}, "--fp16 with --moe-expert-parallel-size"),
-    ({"moe_expert_parallel_size": 2}, "this process is not distributed"),
+    ({"moe_expert_parallel_size": 2}, "this process is not distributed: train with torchrun (torchrun --nproc_per_node N"),
 ])
 def test_model_options_that_cannot_work(overrides, message):
     with pytest.raises(TaskMoeError) as error:

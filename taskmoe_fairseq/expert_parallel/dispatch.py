@@ -78,7 +78,7 @@ def setup(size: int, num_experts: int) -> Optional[ExpertParallel]:
     if not (dist.is_available() and dist.is_initialized()):
         raise usage_error(
             f"--moe-expert-parallel-size {size} needs {size} or a multiple of {size} ranks, but this process is not "
-            "distributed: train with torchrun or python -m taskmoe_fairseq.cpu_data_parallel; to run a saved "
+            "distributed: train with torchrun (torchrun --nproc_per_node N -m fairseq_cli.train ...); to run a saved "
             "expert-parallel model in one process, consolidate it first (python -m taskmoe_fairseq.consolidate)"
         )
     world, rank = dist.get_world_size(), dist.get_rank()
