@@ -43,6 +43,7 @@ def train(data_dir, tmp_path):
     return train_command(data_dir, str(tmp_path / "ckpt"), "token", "target", 1)
 
 
+@pytest.mark.slow
 def test_unknown_routing_name(train):
     command = with_option(train, "--decoder-moe-routing", "by-magic")
     result = run(command, check=False)

@@ -37,6 +37,7 @@ def records(tmp_path_factory):
     return loaded, (out / "serving_cost.md").read_text(), out
 
 
+@pytest.mark.slow
 def test_records_have_the_schema(records):
     import timing
 
@@ -66,6 +67,7 @@ def test_records_have_the_schema(records):
     assert memory["4"]["extracted"]["decoder_expert_params"] * 2 == memory["4"]["full_token_target"]["decoder_expert_params"]
 
 
+@pytest.mark.slow
 def test_report_names_every_configuration(records):
     from models import LABELS
 

@@ -7,6 +7,8 @@ import os
 import shutil
 import re
 
+import pytest
+
 from cli_helpers import LANG_PAIRS, TEST_LINES, generate_command, parse_generation, run, run_in_process, train_command
 from taskmoe_fairseq.safe_loading import safe_torch_load
 
@@ -49,6 +51,7 @@ def test_checkpoint_holds_plain_config_and_loads_with_the_safe_loader(trained):
     assert state["cfg"]["model"].taskmoe_langs == ["en", "de", "fr", "ru"]
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(trained, data_dir, tmp_path):
     first = trained.get("token", "target")
     shared_bytes = open(first, "rb").read()
@@ -64,6 +67,7 @@ def test_resume_continues_from_the_checkpoint(trained, data_dir, tmp_path):
     assert open(first, "rb").read() == shared_bytes  # the other tests' checkpoint is untouched
 
 
+@pytest.mark.slow
 def test_generate_translates_from_the_full_checkpoint(trained, data_dir):
     checkpoint = trained.get("token", "target")
     pairs = ["en-ru", "de-en"]  # one into, one out of English (every pair's routing: test_extraction.py)
@@ -79,6 +83,7 @@ def test_generate_translates_from_the_full_checkpoint(trained, data_dir):
         assert not any(text.startswith("__") for text, _, _ in hypotheses.values())
 
 
+@pytest.mark.slow
 def test_two_process_cpu_data_parallel_trains_and_resumes(ddp_checkpoint):
     checkpoint, (first, resumed) = ddp_checkpoint
     first_log, resumed_log = first.stdout + first.stderr, resumed.stdout + resumed.stderr

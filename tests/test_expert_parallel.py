@@ -16,6 +16,7 @@ from taskmoe_fairseq.errors import TaskMoeError
 from taskmoe_fairseq.expert_parallel import dispatch as expert_parallel
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_process_forward_and_backward(tmp_path):
     """Token routing (GShard gate with capacity) and a per-sentence decision (task routing's
     path), E = 4 on P = 2 ranks with different batch shapes: outputs, input gradients, every
@@ -40,6 +41,7 @@ def rank_reports(worker, world_size, *args, folder):
     return sorted(got, key=lambda report: report["rank"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_expert_parallel_groups_are_their_own_and_expert_gradients_reduce_in_one_call(world_size, tmp_path):
     """P = 2 on 2 ranks and on 4 (two replicas per shard), gloo: the all-to-alls' group is never

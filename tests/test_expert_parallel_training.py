@@ -23,6 +23,9 @@ from rank_runs import assert_ranks, layout_args, log_of, one_process_curve, shar
 from taskmoe_fairseq.safe_loading import safe_torch_load
 from taskmoe_fairseq.expert_parallel.sharded_checkpoint import read_meta
 
+pytestmark = pytest.mark.slow  # every test here uses torchrun runs (the ep_run fixture or its own)
+
+
 
 def ep_command(data_dir, save_dir, max_update):
     command = train_command(data_dir, save_dir, "token", "target", max_update, DDP_EXTRA)[1:]
@@ -112,7 +115,6 @@ def test_consolidated_checkpoint_generates(consolidated, data_dir):
     assert len(hypotheses) == TEST_LINES
 
 
-@pytest.mark.slow
 def test_pytorch_ddp_through_torchrun(ddp_checkpoint, data_dir, tmp_path):
     """fairseq's default backend, launched by torchrun: the expert parameters are left out of
     torch's DistributedDataParallel (neither broadcast nor all-reduced), and the first 3 updates
@@ -171,7 +173,6 @@ def test_single_process_run_on_an_expert_parallel_save_dir_is_refused(ep_run, da
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["pytorch_ddp"])
 def test_four_ranks_with_two_expert_shards_train_and_resume(backend, data_dir, shared_root, tmp_path):
     """P = 2 on 4 ranks: ranks {0, 1} and {2, 3} are two expert-parallel groups, each holding the

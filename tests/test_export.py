@@ -110,6 +110,7 @@ def exported(trained, data_dir, tmp_path_factory):
     return full, ct2, extracted
 
 
+@pytest.mark.slow
 def test_ctranslate2_translates_like_fairseq_generate(exported, data_dir):
     _, ct2, extracted = exported
     jobs = [(pair, beam) for pair in LANG_PAIRS for beam in (1, 4)]

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 
+import pytest
 import torch
 
 from cli_helpers import (
@@ -62,6 +63,7 @@ def assert_same_translations(data_dir, full, extracted_dirs, pairs=("ru-en",), b
                     assert max(abs(a - b) for a, b in zip(positional, other_positional)) <= PRINTED_POSITIONAL_TOLERANCE, where
 
 
+@pytest.mark.slow
 def test_extracted_checkpoints_translate_exactly_like_the_full_model(trained, data_dir, tmp_path):
     full = trained.get("token", "target")
     before = hashlib.sha256(open(full, "rb").read()).hexdigest()
@@ -74,6 +76,7 @@ def test_extracted_checkpoints_translate_exactly_like_the_full_model(trained, da
     assert_same_translations(data_dir, full, [kept, merged])
 
 
+@pytest.mark.slow
 def test_extracted_from_two_process_training(ddp_checkpoint, data_dir, tmp_path):
     full, _ = ddp_checkpoint
     kept = str(tmp_path / "kept")
@@ -98,6 +101,7 @@ def test_extracted_token_target_keeps_encoder_experts_and_k_decoder_experts(trai
     assert report["params_after"] < report["params_before"]
 
 
+@pytest.mark.slow
 def test_interactive_on_extracted_checkpoint_matches_full_model(trained, data_dir, tmp_path):
     full = trained.get("token", "target")
     extract(full, "--lang-pair", "fr-en", "--output", str(tmp_path / "fr-en.pt"), "--merge-experts")

@@ -133,6 +133,7 @@ def limited_process(code, limit=65536):
     )
 
 
+@pytest.mark.slow
 def test_a_write_error_names_the_path_and_the_cause_even_through_torchs_writer(tmp_path):
     """torch's zip writer turns the OSError of a write into ``RuntimeError: ... unexpected pos``;
     atomic_write reports the OSError, and leaves neither the temporary file nor the old file changed."""

@@ -125,6 +125,7 @@ def test_extract_from_a_sharded_checkpoint_never_writes_over_a_shard(trained, tm
     assert tree(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_extract_write_error_is_one_line_and_leaves_nothing(checkpoint_copy, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -171,6 +172,7 @@ def test_export_force_replaces_only_an_earlier_export(trained, data_dir, tmp_pat
     assert tree(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_export_write_error_is_one_line_and_leaves_nothing(trained, tmp_path):
     full = trained.get("target", "target", max_update=300)
     run_main("taskmoe_fairseq.extract", "--checkpoint", full, "--lang-pair", "en-de", "--output", str(tmp_path / "en-de.pt"),
@@ -213,6 +215,7 @@ def test_consolidate_never_writes_over_its_input_or_a_link(sharded, tmp_path):
     assert tree(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_consolidate_write_error_is_one_line_and_leaves_nothing(sharded, tmp_path):
     before = tree(tmp_path)
     result = limited_run("taskmoe_fairseq.consolidate", "--checkpoint-dir", os.path.dirname(sharded),
@@ -268,6 +271,7 @@ def test_binarize_force_redoes_only_its_own_outputs(raw_en_de, data_dir, tmp_pat
     script.check_force(str(raw_en_de), str(tmp_path / "again"))
 
 
+@pytest.mark.slow
 def test_binarize_write_error_is_one_line_and_leaves_nothing(raw_en_de, tmp_path):
     out = tmp_path / "bin"
     result = binarize("--raw", str(raw_en_de), "--out", str(out), "--vocab-size", "300", limit=16384)
@@ -276,6 +280,7 @@ def test_binarize_write_error_is_one_line_and_leaves_nothing(raw_en_de, tmp_path
     assert os.listdir(out) == []
 
 
+@pytest.mark.slow
 def test_binarize_never_leaves_two_runs_mixed(data_dir, tmp_path):
     """An --out holding a run with other settings: without --force binarize.py redid part of it and
     left the previous run's other outputs (another pair, binarized with the old dictionary) beside the

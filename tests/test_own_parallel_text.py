@@ -47,6 +47,7 @@ def make_pairs_raw(root):
     return raw
 
 
+@pytest.mark.slow
 def test_own_pairs_from_raw_text_to_an_extracted_model(tmp_path):
     raw = make_pairs_raw(str(tmp_path))
     data, checkpoints, serve = (str(tmp_path / name) for name in ("bin", "checkpoints", "serve"))

@@ -17,11 +17,13 @@ def fresh_import():
     return run([sys.executable, "-c", IMPORT_AND_REPORT_LOGGING])
 
 
+@pytest.mark.slow
 def test_importing_the_plugin_prints_nothing(fresh_import):
     assert fresh_import.stderr == ""
     assert re.fullmatch(r"\d+ \d+\n", fresh_import.stdout), fresh_import.stdout  # the probe's line alone
 
 
+@pytest.mark.slow
 def test_importing_the_plugin_leaves_the_programs_logging_alone(fresh_import):
     # fairseq's speech tasks call logging.basicConfig(level=DEBUG) at import time
     assert fresh_import.stdout.split() == ["30", "0"]

@@ -186,6 +186,7 @@ def test_export_pruning_requests_are_one_line(dense, trained, data_dir, tmp_path
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_measure_pruning_script_records_the_full_model_and_each_k(trained, data_dir, tmp_path):
     """examples/measure_pruning.py on the tiny model, one pair: K = E is the full model (same
     hypotheses, zero difference), sizes shrink with K, the markdown is rendered from the record."""

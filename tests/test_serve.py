@@ -302,6 +302,7 @@ def test_bad_input_is_a_one_line_json_error(server):
     assert server.translate("en-de", ["", "Hello"])[0] == ""  # still serving; an empty text stays empty
 
 
+@pytest.mark.slow
 def test_load_mixing_all_pairs_has_no_error_and_no_memory_growth(server, data_dir):
     import aiohttp
 
@@ -336,6 +337,7 @@ def test_load_mixing_all_pairs_has_no_error_and_no_memory_growth(server, data_di
     assert health["expert_sets"]["evictions"] == 0
 
 
+@pytest.mark.slow
 def test_page_translates_in_headless_chromium(server, tmp_path):
     from serving_screenshot import translate_in_browser
 
@@ -516,6 +518,7 @@ def test_the_token_bound_is_a_413_for_one_request_and_a_503_while_full(guarded):
                                          "request_timeout": REQUEST_TIMEOUT}
 
 
+@pytest.mark.slow
 def test_a_request_past_its_deadline_is_a_504(guarded):
     late = PartialPost(guarded)  # its body never completes: the deadline answers
     status, headers, body = late.answer()
@@ -562,6 +565,7 @@ def test_health_answers_while_a_huge_text_is_checked(guarded):
                                           body["error"]), body
 
 
+@pytest.mark.slow
 def test_overload_answers_every_taken_request_right_and_refuses_the_rest(guarded):
     """benchmarks/measure_overload.py, bounded: 10x the places (2) in clients, 80 requests, 30% abandoned
     by their clients at random; asserts statuses, answers and memory, never time."""
@@ -605,6 +609,7 @@ def test_a_touched_checkpoint_is_no_change_and_a_changed_one_is_the_servers_503(
     assert f"{guarded.checkpoint} changed on disk" in guarded.log()  # the detail is in the log
 
 
+@pytest.mark.slow
 def test_sigterm_answers_or_refuses_what_is_in_flight_and_exits(trained):
     server = start_server(trained.get("target", "target", UPDATES), "--max-texts", "32")
     import aiohttp

@@ -165,6 +165,7 @@ def assert_one_line_error(status, stderr, *needles):
         assert needle in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(trained, data_dir, ct2_export, tmp_path, capsys):
     full = trained.get("token", "target")
     _, folder = ct2_export
@@ -262,6 +263,7 @@ def test_device_choice(trained, data_dir, ct2_export, capsys):
     assert output_lines(result) == want
 
 
+@pytest.mark.slow
 def test_a_write_error_on_standard_output_is_one_line_not_lost_lines(trained, data_dir, tmp_path):
     """The translations go to a file under a 4 KiB file-size limit (a disk filling up): the write that
     crosses it comes back short without an error, and the old code lost the rest silently (exit 0,

@@ -7,6 +7,8 @@ processes: the point is the working folder and a fresh interpreter's import of t
 import os
 import subprocess
 
+import pytest
+
 from cli_helpers import ENV, PLUGIN, TEST_LINES, generate_command, parse_generation, python_module
 
 
@@ -14,6 +16,7 @@ def run_in(folder, command):
     return subprocess.run(command, env=ENV, cwd=folder, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_printed_user_dir_runs_fairseq_generate_from_another_folder(trained, data_dir, tmp_path):
     printed = run_in(tmp_path, python_module("taskmoe_fairseq.user_dir"))
     assert printed.returncode == 0, printed.stderr[-2000:]
