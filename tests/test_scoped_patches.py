@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from cli_helpers import ENV, REPO, generate_command, train_command
 
 # (holder, name): the modules and classes whose attributes the plugin's shims replace
@@ -89,6 +91,7 @@ def changed_attributes(tmp_path, commands=(), env=ENV):
         return json.load(stream), result
 
 
+@pytest.mark.slow
 def test_import_and_a_run_without_expert_parallelism_leave_fairseq_its_own(trained, data_dir, tmp_path):
     save_dir = str(tmp_path / "checkpoints")
     generate = generate_command(data_dir, trained.get("token", "target"), "en-de", beam=1)
@@ -111,6 +114,7 @@ def test_import_and_a_run_without_expert_parallelism_leave_fairseq_its_own(train
     assert len(applied) == 1 and "fairseq.trainer.Trainer.load_checkpoint" in applied[0], result.stdout[-3000:] + result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_the_cpu_torchrun_fix_is_applied_on_import_only_in_a_torchrun_process(tmp_path):
     """fairseq-train infers its world size from torchrun's environment before it builds a task, so
     this fix is applied on import, but only where it can act: a process torchrun started as one of
