@@ -19,7 +19,7 @@ from fairseq.models.transformer import TransformerConfig
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 from fairseq_cli import train
 
-from cli_helpers import run_warm, train_command
+from cli_helpers import run_in_process, train_command
 from model_helpers import build_model, model_args
 from taskmoe_fairseq.errors import TaskMoeError
 from taskmoe_fairseq.models.moe_options import check_quant_noise
@@ -241,7 +241,7 @@ def test_quant_noise_is_refused_when_training_starts(data_dir, tmp_path, routing
 
 def test_quant_noise_refusal_is_one_line_from_the_command(data_dir, tmp_path):
     command = train_command(data_dir, str(tmp_path / "ckpt"), "token", "target", 1, ("--quant-noise-pq", "0.1"))
-    result = run_warm(command, check=False)
+    result = run_in_process(command, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1].startswith(f"taskmoe-fairseq: error: {QUANT_NOISE_REFUSAL}")
 
