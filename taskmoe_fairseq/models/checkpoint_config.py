@@ -76,13 +76,15 @@ def read_config(state, path: str, tool: str, hint: Optional[str] = None, full: b
     if not isinstance(state, dict) or "model" not in state:
         raise usage_error(f"{path}: not a fairseq checkpoint (no 'model' entry)")
     meta = state.get(META)  # a file expert-parallel training wrote
-    if meta and (not shared_file or (isinstance(meta, dict) and meta.get("shard") is not None)):
+    model, task = saved_options(state)
+    # the shared file holds the options; a -rank-N.pt shard only experts (training writes the rank's
+    # "shard" number into both files' entries, so that entry does not tell them apart)
+    if meta and (not shared_file or model is None):
         stem = stem_of(path)
         way_out = (f"{tool} from its shared file {shared_path(stem)}, which reads the shards it needs"
                    if shared_file and stem else f"consolidate it first ({CONSOLIDATE}) and {tool} full.pt")
         raise usage_error(f"{path} is one file of an expert-parallel checkpoint (its experts are in the "
                           f"-rank-N.pt shards): {way_out}")
-    model, task = saved_options(state)
     if not is_taskmoe(model):
         raise usage_error(f"{path}: not a TaskMoE checkpoint (architecture {architecture(model)!r}); "
                           + (hint or f"{tool} works on models trained with --arch {ARCH}"))
