@@ -308,7 +308,7 @@ def test_build_corpus_rejects_bad_options_with_one_line():
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
-        "build_corpus.py: error: --langs must be a non-empty subset of de,fr,es,ru,ja,zh (got de,xx)")
+        "build_corpus.py: error: --langs must be a non-empty subset of de,fr,es,ru,ja,zh,it (got de,xx)")
 
 
 # ----------------------------------------------------------------------------- binarize.py's fairseq-preprocess step

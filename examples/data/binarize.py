@@ -21,9 +21,16 @@ reverse direction (``xx-en``, ``fr-de``) in the ``en-xx`` / ``de-fr`` files itse
 skipped (``--force`` redoes them). The SentencePiece training and the fairseq-preprocess runs live
 in ``binarize_steps/``.
 
+``--extend-from OLD_BIN`` adds pairs to a trained model's data instead (docs/add-language.md): the
+new pairs are encoded with ``OLD_BIN``'s SentencePiece model and binarized against its dictionary
+(both copied unchanged, so every old token keeps its id; the model's new language tag is appended
+after them by fairseq's multilingual task, in ``--langs`` order), ``OLD_BIN``'s pairs are copied
+byte for byte, and a new text that encodes to ``<unk>`` anywhere is refused. ``OLD_BIN`` is only read.
+
 Examples::
 
     python examples/data/binarize.py --raw /tmp/taskmoe_corpus/raw --out /tmp/taskmoe_bin
+    python examples/data/binarize.py --raw it_raw --out bin7 --extend-from bin6 --langs it
     python examples/data/binarize.py --raw my_raw --out my_bin --pairs de-fr,de-en   # my_raw/train.de-fr.de ...
 """
 
@@ -142,6 +149,16 @@ def check_force(raw, out):
 # ----------------------------------------------------------------------------- main
 
 
+def check_no_unknown(sp, pieces, path):
+    """Refuse (UserError, one line) text that the reused SentencePiece model encodes to ``<unk>``:
+    with byte fallback nothing should; a model without it cannot take the new language."""
+    unk = sp.id_to_piece(sp.unk_id())
+    for number, line in enumerate(pieces, 1):
+        if unk in line:
+            raise UserError("%s line %d encodes to %s with the --extend-from SentencePiece model (it lacks byte "
+                            "fallback): binarize all languages together instead" % (path, number, unk))
+
+
 def package_versions():
     """Versions of what produced the files (the binarized format is fairseq's)."""
     from importlib import metadata
@@ -189,6 +206,10 @@ def parse_args(argv=None):
     p.add_argument("--fairseq-preprocess", default=None, metavar="COMMAND",
                    help="run this fairseq-preprocess command as a new process per pair (default: "
                         "fairseq's own, imported once and forked per pair)")
+    p.add_argument("--extend-from", metavar="OLD_BIN", default=None,
+                   help="a binarized folder (binarize.py's --out) whose SentencePiece model and dictionary the new pairs "
+                        "reuse and whose pairs are copied unchanged: data for adding a language to its model "
+                        "(docs/add-language.md); --vocab-size and the SentencePiece options do not apply")
     p.add_argument("--force", action="store_true",
                    help="redo every stage (refused where --out holds files binarize.py did not write)")
     args = p.parse_args(argv)
@@ -204,10 +225,47 @@ def parse_args(argv=None):
     return args
 
 
+def read_extended(old_bin, out, pairs):
+    """``OLD_BIN``'s ``binarize.json`` for ``--extend-from``; raises UserError (one line) when it is not a
+    binarize.py folder, is ``--out`` itself, or already has one of the new ``pairs``."""
+    meta_path = os.path.join(old_bin, "binarize.json")
+    for path in (meta_path, os.path.join(old_bin, "spm.model"), os.path.join(old_bin, "dict.txt")):
+        if not os.path.isfile(path):
+            raise UserError("--extend-from %s has no %s: give the --out folder of an earlier binarize.py run"
+                            % (old_bin, os.path.basename(path)))
+    if os.path.realpath(old_bin) == os.path.realpath(out):
+        raise UserError("--out %s is the --extend-from folder, which is never modified; choose a new --out" % out)
+    with open(meta_path, encoding="utf-8") as f:
+        old = json.load(f)
+    have = set(old.get("lang_pairs", []))
+    clash = ["%s-%s" % p for p in pairs if "%s-%s" % p in have or "%s-%s" % (p[1], p[0]) in have]
+    if clash:
+        raise UserError("--extend-from %s already has %s; --extend-from adds new pairs only" % (old_bin, ",".join(clash)))
+    return old
+
+
+def copy_extended(old_bin, old, out, force):
+    """Copy ``OLD_BIN``'s SentencePiece model, dictionary, binarized pairs and references into ``out``
+    unchanged; returns its pairs ``[(src, tgt)]`` and their line counts."""
+    old_pairs = [tuple(p.split("-")) for p in old.get("lang_pairs", [])]
+    names = ["spm.model", "spm.vocab", "dict.txt"]
+    for pair in old_pairs:
+        splits = [s for s in SPLITS if s in old.get("lines", {}).get("%s-%s" % pair, {})]
+        names += [os.path.basename(p) for p in pair_outputs(old_bin, pair, splits)]
+        names += [os.path.join("raw", pair_name(split, *pair, side)) for split in ("valid", "test") if split in splits
+                  for side in pair]
+    for name in names:
+        src, dst = os.path.join(old_bin, name), os.path.join(out, name)
+        if os.path.isfile(src) and (force or not os.path.exists(dst)):
+            atomic_copy(src, dst)
+    return old_pairs, old.get("lines", {})
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
     pairs = discover(args.raw, args.langs, args.pairs)
+    extended = read_extended(args.extend_from, args.out, pairs) if args.extend_from else None
     langs = languages(pairs)
     english_centric = all(src == "en" for src, _ in pairs)
     if args.force:
@@ -232,6 +290,9 @@ def main(argv=None):
     settings = {"raw": os.path.abspath(args.raw), **selection,
                 "vocab_size": args.vocab_size, "character_coverage": args.character_coverage,
                 "max_train_per_pair": args.max_train_per_pair, "spm_sentences": args.spm_sentences}
+    if extended is not None:  # the SentencePiece model and dictionary are OLD_BIN's
+        settings = {"raw": os.path.abspath(args.raw), **selection, "max_train_per_pair": args.max_train_per_pair,
+                    "extend_from": os.path.abspath(args.extend_from)}
     if old and old.get("settings") != settings:
         if not args.force:  # redoing part of it would leave the previous run's other outputs beside the new ones
             changed = sorted(key for key in settings if (old.get("settings") or {}).get(key) != settings[key])
@@ -244,7 +305,13 @@ def main(argv=None):
     model_path = os.path.join(args.out, "spm.model")
     t = time.time()
     limit = args.max_train_per_pair
-    if force or not os.path.exists(model_path):
+    old_pairs, old_lines = [], {}
+    if extended is not None:
+        old_pairs, old_lines = copy_extended(args.extend_from, extended, args.out, force)
+        vocab, coverage = extended.get("spm", {}).get("vocab_size"), extended.get("spm", {}).get("coverage")
+        log("[spm] reusing %s's SentencePiece model and dictionary (%s)" % (args.extend_from, ",".join(
+            "%s-%s" % p for p in old_pairs)))
+    elif force or not os.path.exists(model_path):
         lines, seen = [], set()
         for pair in pairs:
             first, second = load_pair(args.raw, "train", pair, limit)
@@ -268,7 +335,7 @@ def main(argv=None):
 
     # ---- 2. fairseq dictionary shared by all languages
     dict_path = os.path.join(args.out, "dict.txt")
-    if force or not os.path.exists(dict_path):
+    if extended is None and (force or not os.path.exists(dict_path)):
         n = write_fairseq_dict(sp, dict_path)
         log("[dict] wrote %s (%d pieces)" % (dict_path, n))
 
@@ -290,6 +357,8 @@ def main(argv=None):
                 src = os.path.join(args.raw, pair_name(split, *pair, side))
                 lines = read_lines(src, limit if split == "train" else None)
                 pieces = sp.encode(lines, out_type=str, num_threads=max(1, args.workers))
+                if extended is not None:
+                    check_no_unknown(sp, pieces, src)
                 atomic_write_lines(dst, (" ".join(p) for p in pieces))
                 n_lines = len(lines)
             counts[key][split] = n_lines
@@ -303,6 +372,7 @@ def main(argv=None):
     pre_stats = run_preprocess(args, jobs, dict_path, spm_dir)
     if jobs:
         log("[fairseq] %d pairs in %.1fs" % (len(jobs), time.time() - t))
+    langs = languages(list(old_pairs) + [p for p in pairs if p not in old_pairs])
     for lang in langs:  # every language has the same dictionary file
         atomic_copy(dict_path, os.path.join(args.out, "dict.%s.txt" % lang))
 
@@ -323,12 +393,12 @@ def main(argv=None):
         "spm": {"model": "spm.model", "type": "unigram", "vocab_size": vocab, "coverage": coverage,
                 "byte_fallback": True, "normalization": "identity", "split_digits": True},
         "dictionary": "dict.txt (copied to dict.<lang>.txt for " + ",".join(langs) + ")",
-        "lang_pairs": ["%s-%s" % p for p in pairs],
-        "lines": counts,
+        "lang_pairs": ["%s-%s" % p for p in list(old_pairs) + list(pairs)],
+        "lines": dict(old_lines, **counts),
         "preprocess": dict(old.get("preprocess", {}), **pre_stats),
         "fairseq_hint": "--task translation_multi_simple_epoch --langs %s --lang-pairs %s "
                         "--encoder-langtok tgt --decoder-langtok"
-                        % (",".join(langs), ",".join("%s-%s,%s-%s" % (a, b, b, a) for a, b in pairs)),
+                        % (",".join(langs), ",".join("%s-%s,%s-%s" % (a, b, b, a) for a, b in list(old_pairs) + list(pairs))),
     }
     meta["sha256"] = checksums(args.out)
     atomic_write_text(meta_path, json.dumps(meta, indent=1, ensure_ascii=False) + "\n")

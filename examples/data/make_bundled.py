@@ -9,7 +9,8 @@ Reads a corpus built by ``build_corpus.py`` and writes, under ``--out``:
   characters on both sides, so that a CPU model learns something quickly) and the first
   ``--n-valid`` / ``--n-test`` sentences of the corpus's multi-way valid/test sets (the English
   side is identical, line for line, in every language).
-* ``ATTRIBUTION.md``: where the text comes from, its licences, and how the slice was made.
+* ``ATTRIBUTION.md`` (for another ``--name`` than the default: ``ATTRIBUTION-<name>.md``, so that
+  each archive keeps its own): where the text comes from, its licences, and how the slice was made.
 
 By default only the LibreOffice sources (help and UI, MPL-2.0) are bundled; the Debian
 description translations stay in the full corpus only (``--sources`` changes that).
@@ -205,6 +206,15 @@ def attribution(args, corpus_manifest, counts, archive_name, archive_sha, archiv
     return "\n".join(lines) + "\n"
 
 
+DEFAULT_NAME = "libreoffice-6pairs"
+
+
+def attribution_name(name):
+    """``ATTRIBUTION.md`` for the default archive, ``ATTRIBUTION-<name>.md`` for another (the seventh
+    language's ``libreoffice-en-it``), so that one archive's run never replaces another's attribution."""
+    return "ATTRIBUTION.md" if name == DEFAULT_NAME else "ATTRIBUTION-%s.md" % name
+
+
 def options_string(args):
     return ("--name %s --langs %s --sources %s --train-per-lang %d --max-chars %d "
             "--n-valid %d --n-test %d" % (args.name, ",".join(args.langs), ",".join(args.sources),
@@ -216,7 +226,7 @@ def parse_args(argv=None):
     p = script_parser(__doc__)
     p.add_argument("--corpus", required=True, help="folder written by build_corpus.py --out")
     p.add_argument("--out", default="examples/data/bundled", help="output folder")
-    p.add_argument("--name", default="libreoffice-6pairs",
+    p.add_argument("--name", default=DEFAULT_NAME,
                    help="archive name (<name>.tar.xz, top folder <name>/)")
     add_selection_options(p, sources=LIBREOFFICE_SOURCES)
     p.add_argument("--train-per-lang", type=int, default=4000, help="training pairs per language")
@@ -279,12 +289,12 @@ def main(argv=None):
     atomic_write(os.path.join(args.out, archive_name), archive)
     sha = hashlib.sha256(archive).hexdigest()
     text = attribution(args, corpus_manifest, counts, archive_name, sha, len(archive))
-    atomic_write_text(os.path.join(args.out, "ATTRIBUTION.md"), text)
+    atomic_write_text(os.path.join(args.out, attribution_name(args.name)), text)
     for pair, c in counts.items():
         print("%s: train %d, valid %d, test %d" % (pair, c["train"]["total"],
                                                   c["valid"]["total"], c["test"]["total"]))
-    print("wrote %s (%d bytes, sha256 %s) and ATTRIBUTION.md"
-          % (os.path.join(args.out, archive_name), len(archive), sha))
+    print("wrote %s (%d bytes, sha256 %s) and %s"
+          % (os.path.join(args.out, archive_name), len(archive), sha, attribution_name(args.name)))
     return 0
 
 

@@ -32,7 +32,7 @@ PLACEHOLDER = re.compile(
     r"|#\d+\b")                      # #1
 
 # (min, max) of (len(xx) + 10) / (len(en) + 10), measured in characters
-RATIO_LIMITS = {"de": (0.5, 2.2), "fr": (0.5, 2.2), "es": (0.5, 2.2), "ru": (0.5, 2.2),
+RATIO_LIMITS = {"de": (0.5, 2.2), "fr": (0.5, 2.2), "es": (0.5, 2.2), "it": (0.5, 2.2), "ru": (0.5, 2.2),
                 "ja": (0.2, 1.4), "zh": (0.15, 1.2)}
 
 
