@@ -120,10 +120,31 @@ def extracted_checkpoint(checkpoint: dict, model) -> dict:
     out["model"] = model.state_dict()
     if cfg:
         cfg["model"] = model.args
+        cfg["task"] = task_config_for(cfg.get("task"), list(model.args.taskmoe_langs))
         out["cfg"] = cfg
     else:
         out["args"] = model.args
     return out
+
+
+def task_config_for(task, langs):
+    """The task config of an extracted checkpoint: the full model's, except that an old pair of a model that
+    languages were added to (:mod:`taskmoe_fairseq.models.adding`) keeps the old ``--langs`` and the pairs
+    between them, as the sub-network is the one from before adding."""
+    if task is None:
+        return task
+    given = task.get("langs") if isinstance(task, dict) else getattr(task, "langs", None)
+    if not given or list(given) == langs:
+        return task
+    pairs = task.get("lang_pairs") if isinstance(task, dict) else getattr(task, "lang_pairs", None)
+    pairs = pairs.split(",") if isinstance(pairs, str) else list(pairs or [])
+    kept = [pair for pair in pairs if all(lang in langs for lang in pair.split("-"))]
+    if isinstance(task, dict):
+        return dict(task, langs=langs, lang_pairs=kept if not isinstance(task.get("lang_pairs"), str) else ",".join(kept))
+    task = argparse.Namespace(**vars(task))
+    task.langs = langs
+    task.lang_pairs = ",".join(kept) if isinstance(getattr(task, "lang_pairs", None), str) else kept
+    return task
 
 
 def save_checkpoint(obj, path: str):

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from taskmoe_fairseq.errors import usage_error
+from taskmoe_fairseq.models import adding
 from taskmoe_fairseq.models.moe_options import SIDES, routed_layers
 from taskmoe_fairseq.models.router import gate_key_prefix
 from taskmoe_fairseq.modules import routing_kinds
@@ -117,6 +118,16 @@ def assemble(model_class, args, task, state: Dict[str, torch.Tensor], share: boo
     return model
 
 
+def truncated_dictionary(dictionary, drop: int):
+    """A copy of a fairseq ``Dictionary`` without its last ``drop`` symbols (the added languages' tags)."""
+    smaller = copy.deepcopy(dictionary)
+    for symbol in smaller.symbols[len(smaller.symbols) - drop:]:
+        del smaller.indices[symbol]
+    smaller.symbols = smaller.symbols[: len(smaller.symbols) - drop]
+    smaller.count = smaller.count[: len(smaller.count) - drop]
+    return smaller
+
+
 def extract_model(model, lang_pair: str, merge: bool = False, token_experts=None, token_rows=None):
     """See :meth:`TaskMoeTransformerModel.extract`; returns ``(model, report rows)``.
 
@@ -150,7 +161,7 @@ def extract_model(model, lang_pair: str, merge: bool = False, token_experts=None
             {
                 "layer": routing_kinds.layer_name(side, index),
                 "routing": routing,
-                "experts_before": args.moe_expert_count,
+                "experts_before": len(moe.experts),
                 "experts_kept": [int(e) for e in experts],
                 "gate_weights": [round(float(w), 6) for w in weights],
                 "params_before": sum(p.numel() for p in moe.parameters()) + router.gate_parameters(side, index),
@@ -178,5 +189,17 @@ def extract_model(model, lang_pair: str, merge: bool = False, token_experts=None
         if not key.startswith(replaced):
             state[key] = tensor
     pruned_k = kept_counts.pop() if kept_counts else None
-    new_model = assemble(type(model), extracted_args(args, lang_pair, merge, pruned_k), task, state)
+    new_args = args
+    old_pair = adding.old_pair_model_parts(args, lang_pair)
+    if old_pair is not None:
+        # an old pair of a model that languages were added to: its sub-network as it was before adding
+        # (the old language list; the added tags' embedding rows, the last ones, left out)
+        new_args, added_tags = old_pair
+        for key in adding.EMBEDDING_KEYS:
+            if key in state:
+                state[key] = state[key][: state[key].size(0) - added_tags]
+        dictionary = truncated_dictionary(model.encoder.dictionary, added_tags)
+        task = inference_task(new_args, dictionary, dictionary if model.decoder.dictionary is model.encoder.dictionary
+                              else truncated_dictionary(model.decoder.dictionary, added_tags))
+    new_model = assemble(type(model), extracted_args(new_args, lang_pair, merge, pruned_k), task, state)
     return new_model.to(next(model.parameters()).device), rows

@@ -10,8 +10,8 @@ is stored, so checkpoints written before these checks load as they did.
 The language order is part of the model: language ids index the task gates (``--langs`` order),
 and fairseq's multilingual dictionary appends the ``__xx__`` tags in that order, so another order
 moves every tag to another embedding row. Appending languages at the end (the old order a prefix
-of the new) is the one change a language-adding feature may allow later:
-:func:`language_order_change` takes ``allow_appended``, which nothing passes today.
+of the new) is the one change allowed, and only by ``--moe-add-langs`` naming exactly the appended
+languages (:mod:`taskmoe_fairseq.models.adding`).
 """
 
 import argparse
@@ -26,6 +26,8 @@ MOE_OPTIONS = (
     "encoder_moe_routing", "decoder_moe_routing",
     "moe_task_gate_weights",
 )
+#: what adding languages changes (shapes and which gate rows are old); compared on resume, not when adding
+ADDING_OPTIONS = ("moe_add_langs", "moe_new_experts")
 EXTRACTION_OPTIONS = ("moe_extracted_lang_pair", "moe_merged_experts")
 SIZE_OPTIONS = (
     "encoder_embed_dim", "decoder_embed_dim", "encoder_ffn_embed_dim", "decoder_ffn_embed_dim",
@@ -42,20 +44,21 @@ def language_order_change(saved: Sequence[str], given: Sequence[str], allow_appe
     """Whether ``given`` (this run's ``--langs``) differs from the model's ``saved`` order.
 
     ``allow_appended``: new languages at the end are no change (``saved`` a prefix of ``given``);
-    the single place to relax when a language-adding feature exists (nothing passes it today)."""
+    passed only when ``--moe-add-langs`` adds them (:func:`check_same_model`)."""
     saved, given = list(saved), list(given)
     if allow_appended and given[: len(saved)] == saved:
         return False
     return saved != given
 
 
-def check_language_order(saved: Sequence[str], given: Sequence[str], what: str = "the model") -> None:
-    """Refuse a ``--langs`` order other than the model's.
+def check_language_order(saved: Sequence[str], given: Sequence[str], what: str = "the model",
+                         allow_appended: bool = False) -> None:
+    """Refuse a ``--langs`` order other than the model's (``allow_appended``: but for languages appended at its end).
 
     Raises:
         TaskMoeError: one line naming both orders and the fix.
     """
-    if language_order_change(saved, given):
+    if language_order_change(saved, given, allow_appended):
         raise usage_error(
             f"{what} was trained with --langs {','.join(saved)} but this run has --langs {','.join(given)}; "
             f"pass --langs {','.join(saved)} (language ids and the language tags' dictionary rows follow its order)"
@@ -117,6 +120,11 @@ def as_option(name: str, value) -> str:
     return flag(name) if value is True else f"{flag(name)} {value}"
 
 
+def adding_to(saved: argparse.Namespace, run: argparse.Namespace) -> bool:
+    """Whether ``run`` adds languages to the checkpoint ``saved`` (``--moe-add-langs``, the checkpoint without them)."""
+    return bool(getattr(run, "moe_add_langs", None)) and not getattr(saved, "moe_add_langs", None)
+
+
 def option_differences(saved: argparse.Namespace, run: argparse.Namespace) -> List[str]:
     """Names of the identity options on which ``run`` differs from ``saved``.
 
@@ -128,11 +136,17 @@ def option_differences(saved: argparse.Namespace, run: argparse.Namespace) -> Li
     run_dense = all(getattr(run, f"{side}_moe_freq", 0) == 0 for side in ("encoder", "decoder"))
     if not (saved_dense and not run_dense):
         names = list(MOE_OPTIONS) + names
+    if not adding_to(saved, run):
+        names += list(ADDING_OPTIONS)
     return [name for name in names if _value(saved, name) != _value(run, name)]
 
 
 def _value(args, name):
     value = getattr(args, name, None)
+    if isinstance(value, (list, tuple)):
+        value = ",".join(value)
+    if name in ADDING_OPTIONS and not value:
+        return None  # no languages added: None, [] or 0, however stored
     return None if value is False or value == "" else value  # an unset switch or pair, however stored
 
 
@@ -147,7 +161,13 @@ def check_same_model(saved: argparse.Namespace, run: argparse.Namespace, path: s
     """
     saved_langs, run_langs = getattr(saved, "taskmoe_langs", None), getattr(run, "taskmoe_langs", None)
     if saved_langs and run_langs is not None:
-        check_language_order(saved_langs, run_langs, what=path)
+        adding = adding_to(saved, run)
+        if adding and list(run_langs) != list(saved_langs) + list(run.moe_add_langs):
+            raise usage_error(
+                f"{path} was trained with --langs {','.join(saved_langs)}; --moe-add-langs {','.join(run.moe_add_langs)} "
+                f"needs --langs {','.join(list(saved_langs) + list(run.moe_add_langs))} (the new languages appended)"
+            )
+        check_language_order(saved_langs, run_langs, what=path, allow_appended=adding)
     saved_tags, run_tags = getattr(saved, "taskmoe_language_tags", None), getattr(run, "taskmoe_language_tags", None)
     if saved_tags is not None and run_tags is not None:
         check_language_tags(saved_tags, run_tags, what=path)

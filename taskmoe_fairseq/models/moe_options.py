@@ -59,6 +59,21 @@ def add_moe_args(parser):
                         help="expert parallelism: each rank holds E / P experts of every MoE layer and tokens "
                              "reach them by all-to-all; P divides E and the world size (default 1: every rank "
                              "holds every expert)")
+    parser.add_argument("--moe-add-langs", metavar="LANGS",
+                        help="add languages to a trained model (docs/add-language.md): with --finetune-from-model "
+                             "FULL.pt and --langs <its languages + LANGS appended>; every old parameter is frozen "
+                             "(the old pairs' sub-networks stay bit-identical), only the new tasks' gate rows, "
+                             "the new tags' embeddings and --moe-new-experts train")
+    parser.add_argument("--moe-new-experts", type=int, metavar="N",
+                        help="with --moe-add-langs: N new experts in every task-routed layer, which only the new "
+                             "tasks' gate rows can select (default 0)")
+    parser.add_argument("--moe-new-experts-init-from", metavar="LANG",
+                        help="with --moe-add-langs: the new tasks start as LANG's (an old language): its gate rows, "
+                             "its tag's embedding, new experts copied from the experts its task uses (default: "
+                             "random, as a new model)")
+    parser.add_argument("--moe-add-train-all", action="store_true",
+                        help="with --moe-add-langs: train every parameter instead (the baseline of "
+                             "docs/add-language.md; the old pairs change)")
     parser.add_argument("--moe-extracted-lang-pair", metavar="SRC-TGT",
                         help="set by taskmoe_fairseq.extract: the pair whose sub-network this is")
     parser.add_argument("--moe-merged-experts", action="store_true",
@@ -91,6 +106,21 @@ def set_moe_defaults(args, num_experts: int = 32):
     _default(args, "moe_extracted_lang_pair", None)
     _default(args, "moe_merged_experts", False)
     _default(args, "moe_pruned_token_experts", None)
+    _default(args, "moe_add_langs", None)
+    _default(args, "moe_new_experts", 0)
+    _default(args, "moe_new_experts_init_from", None)
+    _default(args, "moe_add_train_all", False)
+    if isinstance(args.moe_add_langs, str):  # the command line's comma form, kept as a list
+        args.moe_add_langs = [lang.strip() for lang in args.moe_add_langs.split(",") if lang.strip()] or None
+
+
+def added_experts(cfg, side: str) -> int:
+    """New experts (``--moe-new-experts``) in ``side``'s MoE layers: only layers with a learned task
+    gate (source, target, pair routing) hold them; token, sentence and static layers keep E."""
+    routing = getattr(cfg, f"{side}_moe_routing")
+    if not getattr(cfg, "moe_add_langs", None) or routing_kinds.is_static(routing) or not routing_kinds.task_key(routing):
+        return 0
+    return int(getattr(cfg, "moe_new_experts", 0) or 0)
 
 
 def is_moe_layer(cfg, side: str, index: int) -> bool:
@@ -257,7 +287,7 @@ def build_moe_ffn(cfg, side: str) -> nn.Module:
     pruned = pruned_token_experts(cfg, side)
     if pruned == 1:  # one expert kept, gate weight 1: a dense FFN
         return ExtractedFeedForward(block.embed_dim, block.ffn_embed_dim, 1, cfg.activation_fn, activation_dropout)
-    num_experts = pruned or cfg.moe_expert_count
+    num_experts = pruned or cfg.moe_expert_count + added_experts(cfg, side)
     token_gate = None
     if routing == routing_kinds.TOKEN:
         token_gate = TokenTopKGate(

@@ -33,7 +33,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from taskmoe_fairseq.errors import usage_error
-from taskmoe_fairseq.models.moe_options import SIDES, is_extracted, moe_layer_indices, routed_layers
+from taskmoe_fairseq.models import adding
+from taskmoe_fairseq.models.moe_options import SIDES, added_experts, is_extracted, moe_layer_indices, routed_layers
 from taskmoe_fairseq.modules import routing_kinds
 from taskmoe_fairseq.modules.routing_decision import ExpertSets, MoeAux
 from taskmoe_fairseq.modules.sentence_gate import SentenceTopKGate
@@ -87,8 +88,10 @@ class MoeRouter(nn.Module):
                 else:
                     # checkpoints from before the option have no attribute: GShard's renormalised weights
                     renormalize = getattr(cfg, "moe_task_gate_weights", None) in (None, "top-k")
-                    gate = TaskGate(routing_kinds.num_tasks(key, len(self.langs)), num_experts, top_k, renormalize,
-                                    init=getattr(cfg, "moe_task_gate_init", None) or "random")
+                    added = added_experts(cfg, side)
+                    gate = TaskGate(routing_kinds.num_tasks(key, len(self.langs)), num_experts + added, top_k, renormalize,
+                                    init=getattr(cfg, "moe_task_gate_init", None) or "random",
+                                    old_tasks=adding.old_task_mask(cfg, key, self.langs), old_experts=num_experts)
                 self.gates[_gate_name(side, index)] = gate
         # extracted model: (side, task key, task id) that every batch must match
         self.extracted_pair = getattr(cfg, "moe_extracted_lang_pair", None)

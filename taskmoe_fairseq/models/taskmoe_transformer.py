@@ -17,7 +17,7 @@ from fairseq.models.transformer import TransformerModel, base_architecture
 from torch import Tensor
 
 from taskmoe_fairseq.errors import usage_error
-from taskmoe_fairseq.models import identity, upcycling
+from taskmoe_fairseq.models import adding, identity, upcycling
 from taskmoe_fairseq.models.moe_options import SIDES, add_moe_args, check_moe_args, namespace_summary, set_moe_defaults
 from taskmoe_fairseq.models.taskmoe_decoder import TaskMoeTransformerDecoder
 from taskmoe_fairseq.models.router import gate_key_prefix
@@ -69,6 +69,7 @@ class TaskMoeTransformerModel(TransformerModel):
         taskmoe_base_architecture(args)
         check_languages(args, task)
         check_moe_args(args, len(args.taskmoe_langs))
+        adding.check_add_request(args, args.taskmoe_langs)
         model = super().build_model(args, task)
         model.args = args  # the legacy namespace (fairseq's base class keeps its TransformerConfig here)
         if model.encoder.moe_router.needs_language_ids() and not getattr(task, "provides_language_ids", False):
@@ -263,6 +264,20 @@ class TaskMoeTransformerModel(TransformerModel):
         else:
             upcycling.check_dense_checkpoint(self, state_dict, prefix)
         super().upgrade_state_dict_named(state_dict, name)
+        # --moe-add-langs: the checkpoint before adding takes the grown shapes; a model being trained
+        # holds its new rows apart (taskmoe_fairseq.models.adding)
+        if adding.added_langs(self.args):
+            adding.grow_state_dict(self, state_dict, prefix)
+            if not prefix:
+                adding.split_loaded_state(self, state_dict)
+
+    def state_dict(self, *args, **kwargs):
+        """nn.Module's, with the tensors whose new rows train apart (``--moe-add-langs``,
+        :func:`taskmoe_fairseq.models.adding.freeze_for_adding`) combined under their own names: the
+        checkpoint has fairseq's ordinary layout."""
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        return adding.combined_state_dict(self, state, prefix)
 
 
 

@@ -39,11 +39,18 @@ class TaskGate(Float32Params, nn.Module):
     (:class:`StaticTaskGate`: task ``t`` on experts ``(t * k + j) mod E``), those k logits
     :data:`STATIC_INIT_MARGIN` above the others (0), so every task starts on its static experts
     (probability 0.44 each for E = 8, k = 2) and the gate may still move away from them.
+
+    ``old_tasks`` (bool ``[num_tasks]``) and ``old_experts`` (an int below ``num_experts``): a gate that
+    languages were added to (``--moe-add-langs``, :mod:`taskmoe_fairseq.models.adding`). An old task's
+    probabilities are the softmax over its first ``old_experts`` logits only, the new experts' set to 0:
+    the same float operations on the same values as before the experts were added, so an old task
+    selects the same experts with bit-identical weights and never a new expert.
     """
 
     per_sentence = True
 
-    def __init__(self, num_tasks: int, num_experts: int, top_k: int = 2, renormalize: bool = True, init: str = "random"):
+    def __init__(self, num_tasks: int, num_experts: int, top_k: int = 2, renormalize: bool = True, init: str = "random",
+                 old_tasks=None, old_experts=None):
         super().__init__()
         self.renormalize = renormalize
         if init == "static":
@@ -58,11 +65,21 @@ class TaskGate(Float32Params, nn.Module):
         self.task_logits = nn.Parameter(logits)
         self.num_experts = num_experts
         self.top_k = top_k
+        self.old_experts = old_experts if old_experts is not None and old_experts < num_experts else None
+        # derived from the model's args, never stored in a checkpoint; a tuple, not a buffer, so that a model
+        # assembled on the meta device (the server's, extraction's) has it too
+        self.old_tasks = None if old_tasks is None else tuple(bool(old) for old in old_tasks)
 
     def route_tasks(self, tasks: Tensor):
         """Float32 probabilities ``[T, E]``, top-k weights ``[T, K]`` and experts ``[T, K]`` of task ids ``[T]``."""
         with autocast_off(self.task_logits.device):
-            probs = self.task_logits.float()[tasks].softmax(dim=-1)
+            logits = self.task_logits.float()[tasks]
+            probs = logits.softmax(dim=-1)
+            if self.old_experts is not None and self.old_tasks is not None:
+                old = torch.nn.functional.pad(logits[:, : self.old_experts].softmax(dim=-1),
+                                              (0, self.num_experts - self.old_experts))
+                is_old = torch.tensor(self.old_tasks, device=tasks.device)[tasks]
+                probs = torch.where(is_old[:, None], old, probs)
             if self.renormalize:
                 weights, index = top_k_weights(probs, self.top_k)
             else:

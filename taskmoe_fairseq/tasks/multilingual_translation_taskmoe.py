@@ -23,6 +23,7 @@ from fairseq.tasks.translation_multi_simple_epoch import TranslationMultiSimpleE
 
 from taskmoe_fairseq import compat
 from taskmoe_fairseq.errors import usage_error
+from taskmoe_fairseq.models import adding
 from taskmoe_fairseq.models.moe_options import check_quant_noise, check_training_backend
 from taskmoe_fairseq.modules import routing_kinds
 from taskmoe_fairseq.tasks.language_id_dataset import LanguageIdDataset
@@ -133,6 +134,8 @@ class MultilingualTranslationTaskMoeTask(TranslationMultiSimpleEpochTask):
             check_training_backend(args)
             check_quant_noise(args)
             model = super().build_model(args, from_checkpoint)
+            if adding.added_langs(getattr(model, "args", args)):  # adding languages: only the new parameters train
+                adding.freeze_for_adding(model)
             # the trainer's shims this run needs, before fairseq-train builds its Trainer
             compat.apply_for_training(args)
         _check_takes_language_ids(model, args)
