@@ -56,7 +56,7 @@ RUNS = ("add", "finetune", "joint")
 
 def old_model(checkpoint):
     """``(langs, pairs, updates)`` of the old checkpoint."""
-    from taskmoe_fairseq.compat import safe_torch_load
+    from taskmoe_fairseq.safe_loading import safe_torch_load
 
     state = safe_torch_load(checkpoint, mmap=True)
     task = state["cfg"]["task"]
@@ -139,17 +139,22 @@ def generate(options, name, checkpoint, langs, pairs, pair):
 def evaluate(options):
     langs, pairs, updates = old_model(options.old_checkpoint)
     new_pairs = [f"en-{NEW}", f"{NEW}-en"]
-    models = {"old": (options.old_checkpoint, langs, pairs, pairs)}
+    old_pairs_of = options.old_pairs_of.split(",") if options.old_pairs_of else []
+    models = {"old": (options.old_checkpoint, langs, pairs, pairs if not options.old_results else [])}
     runs = {}
     for name in RUNS:
         with open(os.path.join(options.workdir, name, "run.json"), encoding="utf-8") as stream:
             runs[name] = json.load(stream)
-        models[name] = (os.path.join(options.workdir, name, "checkpoint_last.pt"), langs + [NEW], pairs + new_pairs,
-                        pairs + new_pairs)
+        checkpoint = os.path.join(options.workdir, name, runs[name].get("checkpoint", "checkpoint_last.pt"))
+        models[name] = (checkpoint, langs + [NEW], pairs + new_pairs, (pairs if name in old_pairs_of else []) + new_pairs)
     jobs = [(name, pair) for name, (_, _, _, todo) in models.items() for pair in todo]
     with ThreadPoolExecutor(max_workers=options.jobs) as pool:
         outputs = list(pool.map(lambda job: generate(options, job[0], *models[job[0]][:3], job[1]), jobs))
     hyps = dict(zip(jobs, outputs))
+    if options.old_results:  # the old model's hypotheses from an earlier run with the same decoding
+        for pair in pairs:
+            hyps[("old", pair)] = scoring.read_hypotheses(options.old_results.format(pair=pair), "test",
+                                                          len(references(options.data, pair)))
     rows = []
     for pair in pairs + new_pairs:
         target = pair.split("-")[1]
@@ -166,7 +171,7 @@ def evaluate(options):
                     delta, low, high = paired_delta(metric, hyps[(base, pair)], hyps[(name, pair)], refs, options.resamples)
                     entry[f"{metric_name}_delta_vs_{base}"] = round(delta, 2)
                     entry[f"{metric_name}_delta_vs_{base}_95"] = [round(low, 2), round(high, 2)]
-            if name == "add" and pair in pairs:
+            if name == "add" and pair in pairs and ("old", pair) in hyps:
                 entry["hypotheses_identical_to_old"] = hyps[(name, pair)] == hyps[("old", pair)]
             row[name] = entry
         rows.append(row)
@@ -174,6 +179,7 @@ def evaluate(options):
         "what": "adding Italian to the quickstart's six-language model (docs/add-language.md)",
         "command": " ".join(shlex.quote(part) for part in ["python"] + sys.argv),
         "old_checkpoint": options.old_checkpoint, "old_updates": updates, "data": options.data,
+        "old_results": options.old_results,
         "runs": runs,
         "decoding": {"tool": "fairseq-generate", "beam": BEAM, "lenpen": LENPEN, "max_len_a": 1.2, "max_len_b": 10,
                      "batch_size": BATCH, "threads": 1},
@@ -190,6 +196,7 @@ def evaluate(options):
 
 def render(record):
     runs = record["runs"]
+    notes = []
     new_rows = [r for r in record["rows"] if NEW in r["pair"].split("-")]
     old_rows = [r for r in record["rows"] if NEW not in r["pair"].split("-")]
 
@@ -215,17 +222,19 @@ def render(record):
         run = runs[name]
         lines.append(f"| {name} | {run['updates']} | {run['cpu_s'] / 60:.1f} min | {run['wall_s'] / 60:.1f} min | "
                      f"{run.get('trained_parameters') or '?'} |")
+        if run.get("note"):
+            notes.append(f"{name}: {run['note']}")
     lines += ["", "New pairs (base: joint):", "", "| pair | sentences | add | finetune | joint |", "|---|---|---|---|---|"]
     for row in new_rows:
         lines.append(f"| {row['pair']} | {row['sentences']} | {cell(row['add'], 'joint')} | "
                      f"{cell(row['finetune'], 'joint')} | {cell(row['joint'], 'joint')} |")
-    lines += ["", "Old pairs (base: the old model; add: the full grown model, hypotheses compared with the old model's):", "",
-              "| pair | old | add | identical | finetune | joint |", "|---|---|---|---|---|---|"]
+    lines += [""] + [f"* {note}" for note in notes] + ([""] if notes else [])
+    measured = [name for name in RUNS if name in old_rows[0]]
+    lines += ["", "Old pairs (base: the old model; the full models, fairseq-generate):", "",
+              "| pair | old | " + " | ".join(measured) + " |", "|---|---|" + "---|" * len(measured)]
     for row in old_rows:
-        lines.append(f"| {row['pair']} | {cell(row['old'], 'old')} | {cell(row['add'], 'old')} | "
-                     f"{'yes' if row['add'].get('hypotheses_identical_to_old') else 'no'} | "
-                     f"{cell(row['finetune'], 'old')} | {cell(row['joint'], 'old')} |")
-    average = {name: sum(r[name]["chrf_delta_vs_old"] for r in old_rows) / len(old_rows) for name in ("add", "finetune", "joint")}
+        lines.append(f"| {row['pair']} | {cell(row['old'], 'old')} | " + " | ".join(cell(row[name], 'old') for name in measured) + " |")
+    average = {name: sum(r[name]["chrf_delta_vs_old"] for r in old_rows) / len(old_rows) for name in measured}
     lines += ["", "Average chrF change on the old pairs: " + ", ".join(f"{k} {v:+.2f}" for k, v in average.items()) + ".", ""]
     lines += ["Command: `" + record["command"] + "`", ""]
     for name in RUNS:
@@ -245,6 +254,12 @@ def parse_args(argv=None):
     parser.add_argument("--new-experts", type=int, default=2, help="--moe-new-experts of add")
     parser.add_argument("--init-from", default="es", help="--moe-new-experts-init-from of add and finetune")
     parser.add_argument("--jobs", type=int, default=2, help="fairseq-generate runs at a time (one thread each)")
+    parser.add_argument("--old-pairs-of", default="finetune",
+                        help="comma-separated runs whose old-pair translations are measured too (default finetune: what "
+                             "whole-model fine-tuning does to them; add's old pairs are its frozen sub-networks)")
+    parser.add_argument("--old-results", metavar="TEMPLATE",
+                        help="the old model's fairseq-generate results folder per pair, e.g. work/generate/{pair}/full, from "
+                             "a run with this decoding (measure_pruning.py's), instead of translating again")
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--out-json", default="docs/add-language/quickstart.json")
     parser.add_argument("--out-md", default="docs/add-language/quickstart.md")
