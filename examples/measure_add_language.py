@@ -12,7 +12,8 @@ languages, ``--updates`` more updates each where it is fine-tuned):
 
 Each training runs as its own fairseq-train process (one thread) and records its command, updates,
 CPU time (user + sys of the process, the machine being shared) and wall time in
-``WORKDIR/<name>/run.json``. ``--evaluate`` then translates every test set with fairseq-generate
+``WORKDIR/<name>/run.json``. ``--evaluate`` then translates (into ``WORKDIR/generate/<run>/<pair>``; a
+translation found there is reused) every test set with fairseq-generate
 (the quickstart's decoding: beam 4, ``--lenpen 2``, ``--max-len-a 1.2 --max-len-b 10``) with the old
 model and the three new ones, scores chrF and BLEU (examples/scoring.py) with paired-bootstrap 95%
 intervals of each difference, and writes the JSON record and a markdown table.
@@ -123,6 +124,9 @@ def references(data, pair):
 def generate(options, name, checkpoint, langs, pairs, pair):
     source, target = pair.split("-")
     results = os.path.join(options.workdir, "generate", name, pair)
+    expected = len(references(options.data, pair))
+    if os.path.isfile(os.path.join(results, "generate-test.txt")):  # translated already (delete it to redo)
+        return scoring.read_hypotheses(results, "test", expected)
     command = ["fairseq-generate", options.data, *task_options(langs, pairs), "--source-lang", source,
                "--target-lang", target, "--path", checkpoint, "--gen-subset", "test", "--beam", str(BEAM),
                "--lenpen", str(LENPEN), "--max-len-a", "1.2", "--max-len-b", "10", "--batch-size", str(BATCH),
