@@ -159,10 +159,15 @@ def evaluate(options):
         for pair in pairs:
             hyps[("old", pair)] = scoring.read_hypotheses(options.old_results.format(pair=pair), "test",
                                                           len(references(options.data, pair)))
+    import numpy as np
+
+    rng = np.random.default_rng(options.seed)
     rows = []
     for pair in pairs + new_pairs:
         target = pair.split("-")[1]
         refs = references(options.data, pair)
+        # sentence indices shared by every system compared on this pair: a paired bootstrap
+        resamples = rng.integers(0, len(refs), size=(options.resamples, len(refs)))
         row = {"pair": pair, "sentences": len(refs)}
         base = "old" if pair in pairs else "joint"
         for name in models:
@@ -172,7 +177,7 @@ def evaluate(options):
             entry = {"chrf": round(scores["chrf"], 2), "bleu": round(scores["bleu"], 2)}
             if name != base:
                 for metric_name, metric in (("chrf", scoring.chrf_metric()), ("bleu", scoring.bleu_metric(target))):
-                    delta, low, high = paired_delta(metric, hyps[(base, pair)], hyps[(name, pair)], refs, options.resamples)
+                    delta, low, high = paired_delta(metric, hyps[(base, pair)], hyps[(name, pair)], refs, resamples)
                     entry[f"{metric_name}_delta_vs_{base}"] = round(delta, 2)
                     entry[f"{metric_name}_delta_vs_{base}_95"] = [round(low, 2), round(high, 2)]
             if name == "add" and pair in pairs and ("old", pair) in hyps:
@@ -187,7 +192,7 @@ def evaluate(options):
         "runs": runs,
         "decoding": {"tool": "fairseq-generate", "beam": BEAM, "lenpen": LENPEN, "max_len_a": 1.2, "max_len_b": 10,
                      "batch_size": BATCH, "threads": 1},
-        "bootstrap": {"resamples": options.resamples, "interval": 0.95, "base": "old model for old pairs, joint for new"},
+        "bootstrap": {"resamples": options.resamples, "seed": options.seed, "interval": 0.95, "base": "old model for old pairs, joint for new"},
         "signatures": scoring.signatures(sorted({p.split("-")[1] for p in pairs + new_pairs})),
         "machine": {"platform": platform.platform(), **lscpu()},
         "rows": rows,
@@ -265,6 +270,7 @@ def parse_args(argv=None):
                         help="the old model's fairseq-generate results folder per pair, e.g. work/generate/{pair}/full, from "
                              "a run with this decoding (measure_pruning.py's), instead of translating again")
     parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=1, help="bootstrap seed")
     parser.add_argument("--out-json", default="docs/add-language/quickstart.json")
     parser.add_argument("--out-md", default="docs/add-language/quickstart.md")
     options = parser.parse_args(argv)
