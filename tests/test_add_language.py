@@ -6,8 +6,12 @@ only the new parameters trained (the optimizer holds nothing else), the checkpoi
 layout, and the new pairs extract, generate and translate like any other. What cannot be added is
 one line."""
 
+import json
+import math
 import os
 import tarfile
+
+import numpy as np
 
 import pytest
 import torch
@@ -151,6 +155,44 @@ def test_new_pairs_extract_generate_and_translate(added, extended_data, tmp_path
     result = run(python_module("taskmoe_fairseq.translate", "--model", str(tmp_path / "sub" / "en-it.pt"), "--lang-pair",
                                "en-it", "--beam", "2", "--no-progress"), stdin="Open the file.\nSave the document.\n")
     assert len(result.stdout.splitlines()) == 2 and "Traceback" not in result.stderr
+
+
+def test_a_new_pair_exports_to_ctranslate2_as_its_pruned_extraction(added, extended_data, tmp_path):
+    """en-it of the grown token/target model exports like any pair (its token-routed encoder pruned to one
+    expert, the export's rule): the CTranslate2 model scores the references as fairseq-generate
+    (``--score-reference``) scores them with the pruned extracted checkpoint, piece by piece, and
+    ``translate`` runs on the export. (A 3-update model writes empty translations, so the references,
+    not its hypotheses, are what is compared.)"""
+    import ctranslate2
+    import sentencepiece
+
+    from taskmoe_fairseq.export.conventions import CONVENTIONS_FILE, source_tokens, target_prefix
+
+    _, new = added
+    ct2, pruned = str(tmp_path / "ct2"), str(tmp_path / "en-it.pt")
+    pruning = ("--prune-token-experts", "1", "--data-dir", extended_data)
+    run_main("taskmoe_fairseq.export", "--checkpoint", new, "--lang-pair", "en-it", "--format", "ctranslate2",
+             "--output-dir", ct2, *pruning)
+    run_main("taskmoe_fairseq.extract", "--checkpoint", new, "--lang-pair", "en-it", "--output", pruned, *pruning)
+    scored = parse_generation(run_in_process(
+        with_languages(generate_command(extended_data, pruned, "en-it", 1)) + ["--score-reference"]).stdout)
+    assert sorted(scored) == list(range(TEST_LINES))
+    with open(os.path.join(ct2, CONVENTIONS_FILE), encoding="utf-8") as stream:
+        conv = json.load(stream)
+    pieces = sentencepiece.SentencePieceProcessor(model_file=os.path.join(ct2, conv["sentencepiece_model"]))
+    with open(os.path.join(os.path.dirname(extended_data), "raw", "test.en-it.en"), encoding="utf-8") as stream:
+        sources = [source_tokens(conv, pieces.encode(line.rstrip("\n"), out_type=str)) for line in stream]
+    prefix = target_prefix(conv) or []
+    # --score-reference scores the reference as the dataset holds it, the target tag first (generation's forced prefix)
+    assert all(scored[i][0].split()[:len(prefix)] == prefix for i in range(TEST_LINES)), scored[0][0]
+    targets = [scored[i][0].split() for i in range(TEST_LINES)]
+    translator = ctranslate2.Translator(ct2, device="cpu", intra_threads=1)
+    for i, result in enumerate(translator.score_batch(sources, targets)):
+        ours, theirs = np.array(result.log_probs), np.array(scored[i][2]) * math.log(2)  # fairseq prints base 2
+        assert ours.shape == theirs.shape and np.abs(ours - theirs).max() <= 2e-4, f"sentence {i}"
+    translated = run_main("taskmoe_fairseq.translate", "--model", ct2, "--lang-pair", "en-it", "--beam", "1",
+                          "--no-progress", stdin="Open the file.\nSave the document.\n").stdout
+    assert len(translated.splitlines()) == 2
 
 
 def test_a_task_gate_with_added_experts_routes_old_tasks_bit_identically():
