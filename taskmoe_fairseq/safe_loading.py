@@ -44,11 +44,23 @@ def _numpy_globals():
 SAFE_GLOBALS = [argparse.Namespace, *_numpy_globals()]
 
 
+def missing_checkpoint(path: str, what: str = "checkpoint file") -> str:
+    """``PATH: no such <what>``, and where an expert-parallel run saved ``PATH`` as
+    ``<name>-shared.pt`` + ``<name>-rank-N.pt`` instead, which file to pass or how to join them."""
+    stem = path[:-3] if path.endswith(".pt") else None
+    if stem and os.path.isfile(stem + "-shared.pt"):
+        return (f"{path}: no such {what}; expert-parallel training saved it as {stem}-shared.pt with its "
+                "-rank-N.pt shards: extract reads that file, other commands need it consolidated "
+                f"(python -m taskmoe_fairseq.consolidate --checkpoint-dir {os.path.dirname(path) or '.'} "
+                f"--name {os.path.basename(stem)} --output full.pt)")
+    return f"{path}: no such {what}"
+
+
 def describe_load_failure(path: str, error: BaseException) -> str:
     """One-line diagnosis of why ``torch.load(path)`` failed safe loading."""
     message = str(error)
     if not os.path.exists(path):
-        return f"{path}: no such checkpoint file"
+        return missing_checkpoint(path)
     if os.path.getsize(path) == 0 or not zipfile.is_zipfile(path):
         return (
             f"{path}: the checkpoint is truncated or corrupt (not a complete torch archive); "

@@ -17,7 +17,8 @@ import re
 import pytest
 import torch
 
-from cli_helpers import TEST_LINES, assert_same_metrics, generate_command, parse_generation, python_module, run, run_in_process, train_command, train_metrics
+from cli_helpers import (TEST_LINES, assert_same_metrics, generate_command, parse_generation, python_module, run, run_in_process,
+                         run_main, train_command, train_metrics)
 from conftest import DDP_EXTRA
 from rank_runs import assert_ranks, layout_args, log_of, one_process_curve, shared_runs, torchrun
 from taskmoe_fairseq.safe_loading import safe_torch_load
@@ -214,3 +215,19 @@ def test_four_ranks_with_two_expert_shards_train_and_resume(backend, data_dir, s
     shards = [safe_torch_load(path)["model"] for path in paths]
     assert all(len(shard) == 2 * 4 and all(t.size(0) == 4 for t in shard.values()) for shard in shards)  # 2 layers' stacks of 4
     assert not torch.equal(*(shard["decoder.layers.1.moe.experts.fc1_weight"] for shard in shards))
+
+
+def test_a_checkpoint_name_that_expert_parallel_training_split_names_its_shared_file(ep_run, tmp_path):
+    """``checkpoint_last.pt`` of an expert-parallel run does not exist (its parts do): every command that
+    takes a checkpoint says which file extract reads and how to consolidate, instead of only 'no such file'."""
+    missing = os.path.join(ep_run[0], "checkpoint_last.pt")
+    for module, args in (("taskmoe_fairseq.extract", ["--checkpoint", missing, "--lang-pair", "en-de", "--output",
+                                                      str(tmp_path / "x.pt")]),
+                         ("taskmoe_fairseq.translate", ["--model", missing, "--lang-pair", "en-de"]),
+                         ("taskmoe_fairseq.serve", ["--checkpoint", missing])):
+        result = run_main(module, *args, check=False, stdin="")
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, (module, result.stderr)
+        assert f"saved it as {os.path.join(ep_run[0], 'checkpoint_last')}-shared.pt" in lines[0], lines[0]
+        assert "python -m taskmoe_fairseq.consolidate" in lines[0]
+    assert not os.path.exists(tmp_path / "x.pt")

@@ -242,7 +242,7 @@ def test_resuming_a_checkpoint_of_separate_expert_modules_needs_reset_optimizer(
     old_checkpoint(trained.get("token", "target"), save_dir / "checkpoint_last.pt")
     before = sorted(os.listdir(save_dir))
     command = train_command(data_dir, str(save_dir), "token", "target", 13)
-    with pytest.raises(TaskMoeError, match="holds its experts as separate modules .*resume with --reset-optimizer$"):
+    with pytest.raises(TaskMoeError, match="holds its experts as separate modules .*resume with --reset-optimizer, which also starts .*--max-update to the updates still to run\)$"):
         train_in_process(command)
     assert sorted(os.listdir(save_dir)) == before
     train_in_process(command + ["--reset-optimizer"])

@@ -293,3 +293,18 @@ def test_a_write_error_on_standard_output_is_one_line_not_lost_lines(trained, da
     assert result.stderr.splitlines() == [ERROR_PREFIX + "cannot write the translations to standard output: File too "
                                           "large (EFBIG); the output is incomplete: free space or raise the limit and "
                                           "run it again"]
+
+
+@pytest.mark.parametrize("lines, options, message", [
+    ("Open the file.", {}, "takes a list of strings (one sentence each), not str"),
+    (["Open the file.", None], {}, "not a list holding other objects"),
+    (["Open the file."], {"beam": 0}, "beam must be a positive integer, got 0"),
+    (["Open the file."], {"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    (["Open the file."], {"max_len_b": 2.5}, "max_len_b must be a positive integer, got 2.5"),
+])
+def test_translate_lines_refuses_bad_arguments_in_one_line(trained, lines, options, message):
+    """The library function (docs/serving.md): bad arguments are a TaskMoeError, not fairseq's RuntimeError
+    (beam 0) or a string translated one character at a time."""
+    translator = translate.load_translator(trained.get("target", "target", EXPORT_UPDATES), "en-de")
+    with pytest.raises(TaskMoeError, match=re.escape(message)):
+        translate.translate_lines(translator, lines, **options)

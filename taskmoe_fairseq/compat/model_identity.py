@@ -62,7 +62,8 @@ def refuse_per_expert_optimizer_state(filename: str) -> None:
     if any(sharded_checkpoint.EXPERT_KEY.match(key) for key in model):
         raise usage_error(
             f"{filename} holds its experts as separate modules (written before experts were stacked): its weights "
-            "load, its optimizer state does not fit; resume with --reset-optimizer"
+            "load, its optimizer state does not fit; resume with --reset-optimizer, which also starts fairseq's "
+            "update count and learning-rate schedule again (set --max-update to the updates still to run)"
         )
 
 

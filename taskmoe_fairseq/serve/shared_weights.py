@@ -91,7 +91,7 @@ class SharedWeights:
         self.path = os.path.abspath(checkpoint)
         self.device = device
         if not os.path.exists(self.path):
-            raise usage_error(f"{checkpoint}: no such checkpoint file")
+            raise usage_error(safe_loading.missing_checkpoint(checkpoint))
         if not os.path.isfile(self.path):  # a pipe would block the read forever
             raise usage_error(f"{checkpoint} is not a regular file (a folder, pipe or device); pass a checkpoint file")
         self._lock = threading.Lock()

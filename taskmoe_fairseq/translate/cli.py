@@ -272,7 +272,9 @@ def load_translator(model: str, lang_pair: str, data_dir: Optional[str] = None, 
     if os.path.isdir(model):
         return load_ct2(model, lang_pair, spm_model=spm_model, data_dir=data_dir, device=device, device_index=device_index)
     if not os.path.exists(model):
-        raise usage_error(f"{model}: no such checkpoint file or CTranslate2 folder")
+        from taskmoe_fairseq.safe_loading import missing_checkpoint
+
+        raise usage_error(missing_checkpoint(model, "checkpoint file or CTranslate2 folder"))
     if not os.path.isfile(model):  # a pipe would block the read forever
         raise usage_error(f"{model} is neither a checkpoint file nor a CTranslate2 folder (a pipe or device); pass one")
     return load_fairseq(model, lang_pair, data_dir=data_dir, spm_model=spm_model, device=device, device_index=device_index)
@@ -291,7 +293,17 @@ def translate_lines(
 
     The non-empty lines are sorted by length (stable) and decoded ``batch_size`` at a time;
     ``on_batch(n)`` is called after each batch of ``n`` sentences.
+
+    Raises:
+        TaskMoeError: ``lines`` a string or holding a non-string, ``beam``, ``max_len_b`` or ``batch_size``
+            not a positive integer, a line longer than the model takes.
     """
+    if isinstance(lines, (str, bytes)) or not all(isinstance(line, str) for line in lines):
+        raise usage_error("translate_lines takes a list of strings (one sentence each), not "
+                          + (type(lines).__name__ if isinstance(lines, (str, bytes)) else "a list holding other objects"))
+    for name, value in (("beam", beam), ("max_len_b", max_len_b), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise usage_error(f"translate_lines: {name} must be a positive integer, got {value!r}")
     out = [""] * len(lines)
     todo = [i for i, line in enumerate(lines) if line.strip()]
     encoded = {}
