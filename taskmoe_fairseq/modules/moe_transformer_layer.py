@@ -57,13 +57,22 @@ class _MoeLayer:
         self.moe = moe
         self.moe_layer_name = name  # "encoder.1": static, set once at build
 
-    def _feed_forward(self, x: Tensor, padding_mask, expert_index, expert_weight, expert_sets):
-        """The MoE where fairseq's layer runs its FFN: ``[T, B, C] -> [T, B, C]`` and the
-        aux tensors (empty unless token-routed)."""
+    def _moe_sublayer(self, x: Tensor, padding_mask, expert_index, expert_weight, expert_sets, resid_scale=None):
+        """The FFN sublayer of fairseq's layers with the MoE in the FFN's place: layer norm before (pre-norm)
+        or after (post-norm), dropout and the residual (scaled by ``resid_scale``, the decoder's
+        ``--scale-resids``). ``x``: ``[T, B, C]``; returns ``x``, the MoE's output before dropout
+        (fairseq's ``fc_result``) and the aux tensors (empty unless token-routed)."""
+        residual = x
+        if self.normalize_before:
+            x = self.final_layer_norm(x)
         y, decision = self.moe(x, padding_mask, expert_index, expert_weight, expert_sets)
-        if not self.moe.routes_tokens:
-            return y, ()
-        return y, (decision.gate_loss, decision.expert_load, decision.dropped_share)
+        if resid_scale is not None:
+            residual = torch.mul(resid_scale, residual)
+        x = self.residual_connection(self.dropout_module(y), residual)
+        if not self.normalize_before:
+            x = self.final_layer_norm(x)
+        aux = (decision.gate_loss, decision.expert_load, decision.dropped_share) if self.moe.routes_tokens else ()
+        return x, y, aux
 
 
 class MoeEncoderLayer(_MoeLayer, TransformerEncoderLayerBase):
@@ -107,14 +116,9 @@ class MoeEncoderLayer(_MoeLayer, TransformerEncoderLayerBase):
         if not self.normalize_before:
             x = self.self_attn_layer_norm(x)
 
-        residual = x
-        if self.normalize_before:
-            x = self.final_layer_norm(x)
-        x, aux = self._feed_forward(x, encoder_padding_mask, moe_expert_index, moe_expert_weight, moe_expert_sets)
-        fc_result = x
-        x = self.residual_connection(self.dropout_module(x), residual)
-        if not self.normalize_before:
-            x = self.final_layer_norm(x)
+        x, fc_result, aux = self._moe_sublayer(
+            x, encoder_padding_mask, moe_expert_index, moe_expert_weight, moe_expert_sets
+        )
 
         outputs = (x, fc_result) if self.return_fc and not torch.jit.is_scripting() else (x,)
         outputs = outputs + aux
@@ -224,16 +228,9 @@ class MoeDecoderLayer(_MoeLayer, TransformerDecoderLayerBase):
             if not self.normalize_before:
                 x = self.encoder_attn_layer_norm(x)
 
-        residual = x
-        if self.normalize_before:
-            x = self.final_layer_norm(x)
-        x, aux = self._feed_forward(x, moe_padding_mask, moe_expert_index, moe_expert_weight, moe_expert_sets)
-        x = self.dropout_module(x)
-        if self.w_resid is not None:  # --scale-resids
-            residual = torch.mul(self.w_resid, residual)
-        x = self.residual_connection(x, residual)
-        if not self.normalize_before:
-            x = self.final_layer_norm(x)
+        x, _, aux = self._moe_sublayer(  # self.w_resid: --scale-resids
+            x, moe_padding_mask, moe_expert_index, moe_expert_weight, moe_expert_sets, resid_scale=self.w_resid
+        )
 
         self_attn_state = None
         if self.onnx_trace and incremental_state is not None:
