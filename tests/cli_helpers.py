@@ -1,7 +1,6 @@
 """Running the real fairseq CLIs (and ours) on the bundled real-text fixture."""
 
 import contextlib
-import copy
 import io
 import logging
 import os
@@ -52,30 +51,6 @@ _TIMES = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d|\d+:\d\d:\d\d\.\d+|[\d.]+ ?
 def mask_times(log):
     """``log`` with every clock time, duration and speed replaced by ``T`` (to compare two runs)."""
     return _TIMES.sub("T", log)
-
-
-_PARSED_OVERRIDES = {}
-
-
-@contextlib.contextmanager
-def _cached_override_parsing():
-    """fairseq turns every option into a hydra override string and hydra parses each with its
-    ANTLR grammar, most of a second per command; the parse of a string is always the same, so
-    in-process runs parse each string once (a copy per use) while converting their options."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    original = OverridesParser.parse_rule
-
-    def parse_rule(self, text, rule_name):
-        if (text, rule_name) not in _PARSED_OVERRIDES:
-            _PARSED_OVERRIDES[(text, rule_name)] = original(self, text, rule_name)
-        return copy.deepcopy(_PARSED_OVERRIDES[(text, rule_name)])
-
-    OverridesParser.parse_rule = parse_rule
-    try:
-        yield
-    finally:
-        OverridesParser.parse_rule = original
 
 
 # fairseq's commands: the console script's entry point, and where the command's log goes (fairseq-train
@@ -156,8 +131,7 @@ def run_in_process(command, check=True, stdin=None, env=None):
     sys.argv, sys.stdin = argv, io.StringIO(stdin or "")  # fairseq-interactive reads "-" through fileinput
     code = 0
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _environment(env), logs, \
-                _cached_override_parsing():
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _environment(env), logs:
             try:
                 entry_point()
             except SystemExit as exit:  # argparse's usage errors, sys.exit(n) or sys.exit(message)
@@ -291,6 +265,5 @@ def train_in_process(command):
     from fairseq_cli import train
 
     assert command[0] == "fairseq-train"
-    with _cached_override_parsing():
-        cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), command[1:]))
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), command[1:]))
     train.main(cfg)
