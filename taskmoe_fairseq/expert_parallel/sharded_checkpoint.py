@@ -205,7 +205,7 @@ def consolidate(stem: str, shards: Optional[List[int]] = None) -> dict:
     """
     from taskmoe_fairseq.models.checkpoint_config import saved_options  # not at import: compat imports this module first
     # not at the top either: this module is read by commands that import fairseq only after quieting its logging
-    from taskmoe_fairseq.modules.expert_feed_forward import EXPERT_NAMES, STACKED_NAMES
+    from taskmoe_fairseq.modules.expert_feed_forward import stack_expert_state
 
     metas = check_set(stem)
     shared_meta = metas[shared_path(stem)]
@@ -215,15 +215,18 @@ def consolidate(stem: str, shards: Optional[List[int]] = None) -> dict:
     model = dict(state["model"])
     rows: Dict[str, Dict[int, torch.Tensor]] = {}  # stacked key -> {first global expert: rows}
     for shard in range(size) if shards is None else shards:
-        for key, tensor in safe_torch_load(shard_path(stem, shard), mmap=True)["model"].items():
-            stacked, old = STACKED_KEY.match(key), EXPERT_KEY.match(key)
-            if stacked is not None:
-                rows.setdefault(key, {})[shard * per_shard] = tensor
-            elif old is not None and old.group("rest") in EXPERT_NAMES:
-                name = STACKED_NAMES[EXPERT_NAMES.index(old.group("rest"))]
-                rows.setdefault(f"{old.group('layer')}.{name}", {})[shard * per_shard + int(old.group("index"))] = tensor[None]
-            else:
+        experts = dict(safe_torch_load(shard_path(stem, shard), mmap=True)["model"])
+        # a shard written before experts were stacked: its local experts 0..P-1 per layer, stacked as the model's
+        # upgrade stacks them
+        for layer in {match.group("layer") for match in map(EXPERT_KEY.match, list(experts)) if match is not None}:
+            try:
+                stack_expert_state(experts, f"{layer}.")
+            except ValueError as error:
+                raise usage_error(f"{shard_path(stem, shard)}: {error}") from None
+        for key, tensor in experts.items():
+            if STACKED_KEY.match(key) is None:
                 raise usage_error(f"{shard_path(stem, shard)}: unexpected parameter {key} in an expert shard")
+            rows.setdefault(key, {})[shard * per_shard] = tensor
     for key, pieces in rows.items():
         model[key] = _stack(pieces, num_experts)
     out = {key: value for key, value in state.items() if key not in ("model", "last_optimizer_state", META)}
